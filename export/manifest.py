@@ -1,0 +1,104 @@
+"""The artifact manifest: one JSON file per export folder, one entry per exported file.
+
+Every exporter records what it wrote here (format, precision, sha256, size, verification result); the
+benchmark stage and the Flutter bundle read only this file, never a directory listing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from train.atomic import sha256_file, size_bytes, write_json
+
+MANIFEST_NAME = "artifacts.json"
+MANIFEST_VERSION = 1
+STATUSES = ("verified", "exported", "failed")
+
+
+class ManifestError(ValueError):
+    """A manifest that is unreadable, or an entry whose file is missing or altered."""
+
+
+@dataclass
+class ArtifactEntry:
+    """One exported file. `path` is relative to the manifest's folder.
+
+    `runtime` names the Runner that executes it (see export.runners.RUNNERS); `engine` is the quantized
+    engine or execution provider it was built for; `verification` holds what the exporter measured
+    against the float model (method, max_abs_logit_diff, top1_agreement, max_prob_change, n_images).
+    """
+
+    name: str
+    format: str
+    precision: str
+    runtime: str
+    path: str | None
+    status: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    engine: str | None = None
+    source_checkpoint_sha256: str | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ManifestError(f"artifact {self.name}: status must be one of {STATUSES}, got {self.status!r}")
+
+
+def manifest_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / MANIFEST_NAME
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The manifest dict ({'manifest_version', 'artifacts': {name: entry}}), empty if none yet."""
+    path = manifest_path(out_dir)
+    if not path.exists():
+        return {"manifest_version": MANIFEST_VERSION, "artifacts": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: unreadable artifact manifest ({err}); delete it and export again") from err
+    if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
+        raise ManifestError(f"{path}: not an artifact manifest (no 'artifacts' object)")
+    return data
+
+
+def entries(out_dir: str | Path) -> list[ArtifactEntry]:
+    return [ArtifactEntry(**e) for e in read_manifest(out_dir)["artifacts"].values()]
+
+
+def describe_file(out_dir: str | Path, file: str | Path) -> dict[str, Any]:
+    """path (relative), sha256 and size of an artifact that is already in place."""
+    file = Path(file)
+    return {"path": str(file.relative_to(out_dir)) if file.is_absolute() or Path(out_dir) in file.parents
+            else str(file), "sha256": sha256_file(file), "size_bytes": size_bytes(file)}
+
+
+def record(out_dir: str | Path, entry: ArtifactEntry) -> Path:
+    """Insert or replace one entry, atomically (exports run one after another, not concurrently)."""
+    data = read_manifest(out_dir)
+    data["manifest_version"] = MANIFEST_VERSION
+    data["artifacts"][entry.name] = asdict(entry)
+    data["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return write_json(manifest_path(out_dir), data)
+
+
+def verify_file(out_dir: str | Path, entry: ArtifactEntry) -> Path:
+    """The artifact's absolute path, after checking it exists and its sha256 matches the manifest."""
+    if entry.path is None:
+        raise ManifestError(f"artifact {entry.name}: no file was written ({entry.error or entry.status})")
+    path = Path(out_dir) / entry.path
+    if not path.exists():
+        raise ManifestError(f"artifact {entry.name}: {path} is missing; export it again")
+    if entry.sha256 and sha256_file(path) != entry.sha256:
+        raise ManifestError(f"artifact {entry.name}: {path} was altered after export (sha256 mismatch); "
+                            f"export it again")
+    return path

@@ -1,0 +1,219 @@
+"""One Runner per runtime: `load(path)`, then `run(batch) -> logits`.
+
+Export verification and the benchmarks use these same classes, so each runtime has exactly one code
+path. Every runner takes float32 (N, 3, H, W) in [0, 1] (normalization is inside each model) and
+returns float32 (N, classes) logits as NumPy. Heavy runtimes are imported only when used.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+class RunnerError(RuntimeError):
+    """A runtime that is unavailable here or an artifact it cannot load."""
+
+
+class Runner:
+    """Base class. `threads` is the intra-op thread count; `engine` the quantized engine where relevant."""
+
+    runtime = "base"
+
+    def __init__(self, threads: int | None = None, engine: str | None = None) -> None:
+        self.threads = threads
+        self.engine = engine
+        self.model: Any = None
+
+    def load(self, path: str | Path) -> "Runner":
+        raise NotImplementedError
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "threads": self.threads, "engine": self.engine}
+
+
+class _TorchRunner(Runner):
+    """Shared by the eager, TorchScript and lite-interpreter runners: same tensors, different loaders."""
+
+    def _configure(self) -> None:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.engine:
+            if self.engine not in torch.backends.quantized.supported_engines:
+                raise RunnerError(f"quantized engine {self.engine!r} is not in this torch "
+                                  f"(supported: {torch.backends.quantized.supported_engines})")
+            torch.backends.quantized.engine = self.engine
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        return out.detach().float().numpy()
+
+
+class EagerRunner(_TorchRunner):
+    """The float PyTorch model, from a checkpoint: the baseline every artifact is compared with."""
+
+    runtime = "torch-eager"
+
+    def load(self, path: str | Path) -> "EagerRunner":
+        from train.checkpoint import load_checkpoint
+
+        self._configure()
+        self.model = load_checkpoint(path).build_deploy_model()
+        return self
+
+    def use_module(self, module: Any) -> "EagerRunner":
+        """Run an in-memory module (e.g. a freshly quantized one) through the same code path."""
+        self._configure()
+        self.model = module.eval()
+        return self
+
+
+class TorchScriptRunner(_TorchRunner):
+    runtime = "torchscript"
+
+    def load(self, path: str | Path) -> "TorchScriptRunner":
+        import torch
+
+        self._configure()
+        try:
+            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as err:
+            raise RunnerError(f"torch.jit.load cannot load {path}: {err}") from err
+        return self
+
+
+class LiteRunner(_TorchRunner):
+    """The PyTorch Mobile lite interpreter: the same C++ runtime the Flutter plugins embed."""
+
+    runtime = "pytorch-lite"
+
+    def load(self, path: str | Path) -> "LiteRunner":
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        self._configure()
+        try:
+            self.model = _load_for_lite_interpreter(str(path))
+        except Exception as err:
+            raise RunnerError(f"the lite interpreter cannot load {path}: {err}") from err
+        return self
+
+
+class OnnxRunner(Runner):
+    """ONNX Runtime, CPU execution provider, sequential execution."""
+
+    runtime = "onnxruntime"
+
+    def load(self, path: str | Path) -> "OnnxRunner":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.model = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise RunnerError(f"ONNX Runtime cannot load {path}: {err}") from err
+        self.engine = self.engine or "CPUExecutionProvider"
+        self._input = self.model.get_inputs()[0].name
+        return self
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.model.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class ExecuTorchRunner(Runner):
+    """The ExecuTorch runtime's Python bindings (XNNPACK delegate compiled in). Batch size is fixed at
+    export time, so a larger batch runs one image at a time."""
+
+    runtime = "executorch"
+
+    def load(self, path: str | Path) -> "ExecuTorchRunner":
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as err:
+            raise RunnerError(f"executorch is not installed ({err}); pip install executorch") from err
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        try:
+            program = Runtime.get().load_program(Path(path))
+            self.model = program.load_method("forward")
+        except Exception as err:
+            raise RunnerError(f"the ExecuTorch runtime cannot load {path}: {err}") from err
+        self.engine = self.engine or "XnnpackBackend"
+        return self
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        outs = [self.model.execute([torch.from_numpy(np.ascontiguousarray(x[None], dtype=np.float32))])[0]
+                for x in batch]
+        return torch.cat(outs).float().numpy()
+
+
+class CoreMLRunner(Runner):
+    """CoreML prediction. Only macOS has the CoreML framework; elsewhere `load` says so."""
+
+    runtime = "coreml"
+
+    def load(self, path: str | Path) -> "CoreMLRunner":
+        if platform.system() != "Darwin":
+            raise RunnerError("CoreML prediction needs macOS; on this machine CoreML packages are "
+                              "verified by weight reconstruction instead (export.coreml)")
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(path))
+        spec = self.model.get_spec()
+        self._input = spec.description.input[0].name
+        self._logits = "logits"
+        return self
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        outs = []
+        for x in batch:
+            gray = Image.fromarray((x[0] * 255).round().astype(np.uint8), mode="L").convert("RGB")
+            outs.append(np.asarray(self.model.predict({self._input: gray})[self._logits], dtype=np.float32).reshape(-1))
+        return np.stack(outs)
+
+
+RUNNERS: dict[str, Callable[..., Runner]] = {
+    r.runtime: r for r in (EagerRunner, TorchScriptRunner, LiteRunner, OnnxRunner, ExecuTorchRunner, CoreMLRunner)
+}
+
+
+def get_runner(runtime: str, threads: int | None = None, engine: str | None = None) -> Runner:
+    if runtime not in RUNNERS:
+        raise RunnerError(f"unknown runtime {runtime!r}; known: {sorted(RUNNERS)}")
+    return RUNNERS[runtime](threads=threads, engine=engine)
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """The agreement figures every verification and report uses."""
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    return {
+        "n_images": int(reference.shape[0]),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "max_prob_change": float(np.abs(softmax(reference) - softmax(candidate)).max()),
+    }

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny generated data and a tiny checkpoint, so every test runs without ../shared.
+
+Tests that need the real data or reference weights use `shared_data` / `reference_weights`, which skip
+cleanly where ../shared is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import make_checkpoint_dict, save_checkpoint
+from train.model import build_network
+from train.spec import PreprocessSpec
+from train.synthetic import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CXR_SHARED", REPO.parent / "shared"))
+TINY_SIZE = 32  # pixels: ResNet-18 still runs (1x1 at layer4), tests stay fast on 2 cores
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> PreprocessSpec:
+    return PreprocessSpec(input_size=TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """12 synthetic images per class in the COVID-19 Radiography layout (no split given)."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", per_class=12,
+                                  size=TINY_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_spec) -> Path:
+    """A toolkit checkpoint with seeded random weights and BatchNorm statistics that are not trivial
+    (so quantization and export comparisons are meaningful)."""
+    torch.manual_seed(0)
+    net = build_network(num_classes=tiny_spec.num_classes)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 3, TINY_SIZE, TINY_SIZE))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(make_checkpoint_dict(net.state_dict(), tiny_spec, train_config={"note": "test"}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = SHARED / "data" / "cxr4"
+    if not (path / "labels.csv").is_file():
+        pytest.skip(f"real data not available at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_weights() -> Path:
+    path = SHARED / "models" / "cxr4_resnet18_reference.pt"
+    if not path.is_file():
+        pytest.skip(f"reference weights not available at {path}")
+    return path

@@ -1,0 +1,201 @@
+"""The checkpoint format: one dict that rebuilds the model with its preprocessing, read with weights_only.
+
+Accepted on input (every stage goes through `load_checkpoint`):
+  * the toolkit's own format (`format == FORMAT`), written by `python -m train` or `python -m train.convert`;
+  * a plain torchvision ResNet-18 state dict (`conv1.weight`, ..., `fc.weight`);
+  * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`.
+Foreign formats carry no preprocessing, so the caller states it (defaults: the cxr4 spec).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.atomic import atomic_path, sha256_file
+from train.spec import PreprocessSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cxr-toolkit-checkpoint"
+SCHEMA_VERSION = 1
+NOTEBOOK_PREFIXES = ("resnet18.", "model.", "module.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. `source_format` says which of the accepted formats it came from."""
+
+    path: Path | None
+    state_dict: dict[str, torch.Tensor]
+    spec: PreprocessSpec
+    arch: str = "resnet18"
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source_format: str = FORMAT
+    sha256: str | None = None
+
+    def build_network(self) -> torch.nn.Module:
+        """The network with these weights, in eval mode."""
+        from train.model import build_network
+
+        net = build_network(self.arch, num_classes=self.spec.num_classes, **self.arch_args)
+        net.load_state_dict(self.state_dict)
+        return net.eval()
+
+    def build_deploy_model(self) -> torch.nn.Module:
+        """Preprocess + network: the float reference every export is compared with."""
+        from train.model import DeployModel
+
+        return DeployModel(self.build_network(), self.spec).eval()
+
+
+def make_checkpoint_dict(
+    state_dict: dict[str, torch.Tensor],
+    spec: PreprocessSpec,
+    *,
+    arch: str = "resnet18",
+    arch_args: dict[str, Any] | None = None,
+    train_config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    history: list[dict[str, Any]] | None = None,
+    split_fingerprint: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The on-disk dict. Only tensors, numbers, strings, lists and dicts, so weights_only can read it."""
+    d: dict[str, Any] = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "arch": arch,
+        "arch_args": dict(arch_args or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "spec": spec.to_dict(),
+        "train_config": dict(train_config or {}),
+        "metrics": dict(metrics or {}),
+        "history": list(history or []),
+        "split_fingerprint": split_fingerprint,
+        "torch_version": str(torch.__version__),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    d.update(extra or {})
+    return d
+
+
+def save_checkpoint(d: dict[str, Any], path: str | Path) -> Path:
+    """Atomic save: a crash mid-write never leaves a truncated checkpoint under the real name."""
+    with atomic_path(path) as tmp:
+        torch.save(d, tmp)
+    return Path(path)
+
+
+def _read_raw(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint with a .pt file "
+                              f"written by `python -m train` or a ResNet-18 state dict")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .pt file inside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+            f"It must be a file saved with torch.save holding only tensors and plain data "
+            f"(the toolkit never unpickles arbitrary objects)."
+        ) from err
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    for prefix in NOTEBOOK_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Return (state dict, source format) from any accepted layout."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(raw).__name__}")
+    if raw.get("format") == FORMAT:
+        return raw["state_dict"], FORMAT
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(raw.get(key), dict):
+            return _strip_prefix(raw[key]), "notebook"
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        stripped = _strip_prefix(raw)
+        return stripped, "torchvision_state_dict" if stripped is raw else "notebook"
+    raise CheckpointError(
+        f"{path}: not a toolkit checkpoint, a torchvision state dict, or a notebook-style "
+        f"{{'model_state_dict': ...}} dict (top-level keys: {sorted(raw)[:8]})"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Just the weights, from any accepted layout."""
+    return _as_state_dict(_read_raw(path), Path(path))[0]
+
+
+def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path) -> None:
+    if "fc.weight" not in state or "conv1.weight" not in state:
+        raise CheckpointError(f"{path}: no ResNet-18 weights found (no conv1.weight / fc.weight keys)")
+    n_out = state["fc.weight"].shape[0]
+    if n_out != spec.num_classes:
+        raise CheckpointError(
+            f"{path}: the model has {n_out} outputs but there are {spec.num_classes} class names "
+            f"{list(spec.class_names)}; pass --classes with {n_out} names in output order"
+        )
+
+
+def load_checkpoint(path: str | Path, spec: PreprocessSpec | None = None) -> Checkpoint:
+    """Load any accepted checkpoint. `spec` is required knowledge for foreign formats and, if given
+    for a toolkit checkpoint, must agree with the stored one (a silent override would mislabel outputs)."""
+    path = Path(path)
+    raw = _read_raw(path)
+    state, source = _as_state_dict(raw, path)
+    if source == FORMAT:
+        try:
+            stored = PreprocessSpec.from_dict(raw["spec"])
+        except (SpecError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{path}: stored preprocessing spec is invalid: {err}") from err
+        if spec is not None and spec != stored:
+            raise CheckpointError(f"{path}: carries its own preprocessing ({stored.describe()}); "
+                                  f"do not pass a different one")
+        _check_head(state, stored, path)
+        meta = {k: v for k, v in raw.items() if k not in ("state_dict", "spec", "metrics")}
+        return Checkpoint(path, state, stored, raw.get("arch", "resnet18"), dict(raw.get("arch_args", {})),
+                          dict(raw.get("metrics", {})), meta, FORMAT, sha256_file(path))
+    spec = spec or PreprocessSpec()
+    _check_head(state, spec, path)
+    log.info("%s: %s weights; using the stated preprocessing: %s", path, source, spec.describe())
+    return Checkpoint(path, state, spec, "resnet18", {}, {}, {}, source, sha256_file(path))
+
+
+def convert_to_toolkit(src: str | Path, dest: str | Path, spec: PreprocessSpec | None = None) -> Path:
+    """Turn a foreign state dict into the toolkit format with the stated preprocessing."""
+    ckpt = load_checkpoint(src, spec)
+    ckpt.build_network()  # proves the weights fit before anything is written
+    d = make_checkpoint_dict(ckpt.state_dict, ckpt.spec, arch=ckpt.arch, arch_args=ckpt.arch_args,
+                             metrics=ckpt.metrics,
+                             extra={"converted_from": {"path": str(src), "format": ckpt.source_format,
+                                                       "sha256": ckpt.sha256}})
+    return save_checkpoint(d, dest)
+
+
+def find_latest_checkpoint(runs_dir: str | Path = "runs") -> Path | None:
+    """The newest `best.pt` (else `last.pt`) that training wrote under `runs_dir`."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return None
+    found = [p for p in runs_dir.rglob("best.pt") if ".partial" not in p.name]
+    found = found or [p for p in runs_dir.rglob("last.pt") if ".partial" not in p.name]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

@@ -1,0 +1,238 @@
+"""Finding labelled radiographs on disk, splitting them, and reading them as model input.
+
+Layouts read (first match wins):
+  * a CSV file `path,label[,split][,source]` with paths relative to the CSV's folder (or --data-root);
+  * a folder holding `labels.csv` in that form (cxr4 ships one, with split and source);
+  * the COVID-19 Radiography Database layout `<Class>/images/<file>` (class names may contain spaces);
+  * a plain `<Class>/<file>` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from train.spec import DEFAULT_CLASSES, PreprocessSpec, load_unit_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message names the file, class or flag."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    split: str | None = None
+    source: str | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """Every labelled image found, with the class order that labels index into."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    samples: list[Sample]
+    layout: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def has_split(self) -> bool:
+        return all(s.split is not None for s in self.samples)
+
+    def split(self, name: str) -> list[Sample]:
+        if name not in SPLITS:
+            raise DataError(f"--split must be one of {SPLITS}, got {name!r}")
+        return [s for s in self.samples if s.split == name]
+
+    def fingerprint(self) -> str:
+        """Changes whenever any file, label or split assignment changes."""
+        h = hashlib.sha256()
+        for s in sorted(self.samples, key=lambda s: str(s.path)):
+            rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
+            h.update(f"{rel}\t{self.class_names[s.label]}\t{s.split}\n".encode())
+        return h.hexdigest()
+
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        samples = self.samples if split is None else self.split(split)
+        return {c: sum(1 for s in samples if s.label == i) for i, c in enumerate(self.class_names)}
+
+
+def _order_classes(found: Sequence[str], class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """Fixed once: a given order (from a checkpoint) wins; the cxr4 set keeps its canonical order."""
+    if class_names is not None:
+        return tuple(class_names)
+    if set(found) == set(DEFAULT_CLASSES):
+        return DEFAULT_CLASSES
+    return tuple(sorted(found))
+
+
+def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"path", "label"} <= cols:
+            raise DataError(f"{csv_path}: needs columns 'path' and 'label' (found {sorted(cols)})")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{csv_path}: has a header but no rows")
+    classes = _order_classes(sorted({r["label"] for r in rows}), class_names)
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for line, r in enumerate(rows, start=2):
+        if r["label"] not in index:
+            raise DataError(f"{csv_path} line {line}: unknown label {r['label']!r}; "
+                            f"known classes are {list(classes)}")
+        split = (r.get("split") or "").strip() or None
+        if split is not None and split not in SPLITS:
+            raise DataError(f"{csv_path} line {line}: split {split!r} is not one of {SPLITS}")
+        samples.append(Sample(root / r["path"], index[r["label"]], split, (r.get("source") or None)))
+    return DatasetIndex(root, classes, samples, "csv")
+
+
+def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise DataError(f"{root}: no class folders found; expected <Class>/images/<file>, "
+                        f"<Class>/<file> or a labels.csv")
+    classes = _order_classes([d.name for d in dirs], class_names)
+    layout = "covid19-radiography" if any((d / "images").is_dir() for d in dirs) else "class-folders"
+    samples = []
+    for i, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
+                            f"{list(classes)})")
+        img_dir = folder / "images" if (folder / "images").is_dir() else folder
+        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        samples += [Sample(p, i) for p in files]
+    return DatasetIndex(root, classes, samples, layout)
+
+
+def discover(data: str | Path, class_names: Sequence[str] | None = None,
+             data_root: str | Path | None = None) -> DatasetIndex:
+    """Index a dataset in any supported layout and check every class has images."""
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"--data {data}: no such file or folder")
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise DataError(f"--data {data}: a file must be a CSV with path,label[,split] columns")
+        idx = _read_csv(data, Path(data_root) if data_root else data.parent, class_names)
+    elif (data / "labels.csv").is_file():
+        idx = _read_csv(data / "labels.csv", Path(data_root) if data_root else data, class_names)
+    else:
+        idx = _read_folders(data, class_names)
+    empty = [c for c, n in idx.counts().items() if n == 0]
+    if empty:
+        raise DataError(f"{data}: class {empty[0]!r} has no images" + (f" (also empty: {empty[1:]})" if
+                        empty[1:] else "") + "; add images or pass --classes without it")
+    return idx
+
+
+def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
+                  test_frac: float = 0.15) -> DatasetIndex:
+    """Stratified, seeded train/val/test split where the data gives none; the assignment is recorded
+    in every checkpoint through the split fingerprint and in the run folder as splits.csv."""
+    if idx.has_split:
+        return idx
+    from sklearn.model_selection import train_test_split
+
+    labels = [s.label for s in idx.samples]
+    positions = np.arange(len(idx.samples))
+    try:
+        rest, test = train_test_split(positions, test_size=test_frac, stratify=labels, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac),
+                                      stratify=[labels[i] for i in rest], random_state=seed)
+    except ValueError as err:
+        raise DataError(f"{idx.root}: too few images per class for a stratified split ({err}); "
+                        f"add images or give a split column") from err
+    names = {**{int(i): "train" for i in train}, **{int(i): "val" for i in val}, **{int(i): "test" for i in test}}
+    samples = [replace(s, split=names[i]) for i, s in enumerate(idx.samples)]
+    return replace(idx, samples=samples, layout=idx.layout + "+generated-split")
+
+
+def write_splits_csv(idx: DatasetIndex, dest: Path) -> None:
+    from train.atomic import atomic_path
+
+    with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        for s in idx.samples:
+            w.writerow([s.path, idx.class_names[s.label], s.split])
+
+
+def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = True) -> DatasetIndex:
+    """Decode every image once before training so a bad file stops the run at the start, not hours in."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for s in tqdm(idx.samples, desc="checking images", unit="img", disable=not progress, leave=False):
+        try:
+            with Image.open(s.path) as img:
+                img.load()
+            good.append(s)
+        except Exception as err:  # PIL raises many types for corrupt files
+            if not skip_bad:
+                raise DataError(f"{s.path}: unreadable image ({type(err).__name__}: {err}); fix or "
+                                f"remove it, or pass --skip-bad to leave such files out") from err
+            bad.append((str(s.path), f"{type(err).__name__}: {err}"))
+    if bad:
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(p for p, _ in bad[:10]))
+    return replace(idx, samples=good, skipped=idx.skipped + bad)
+
+
+class ImageDataset:
+    """A torch Dataset of (float tensor (3, H, W) in [0, 1], label). Normalization happens in the model."""
+
+    def __init__(self, samples: Sequence[Sample], spec: PreprocessSpec, augment=None) -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        s = self.samples[i]
+        x = torch.from_numpy(load_unit_image(s.path, self.spec))
+        if self.augment is not None:
+            x = self.augment(x)
+        return x, s.label
+
+
+def load_batch(samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:
+    """Stack samples into one float32 (N, 3, H, W) array in [0, 1]: the input every runtime takes."""
+    return np.stack([load_unit_image(s.path, spec) for s in samples]).astype(np.float32)
+
+
+def seeded_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """A reproducible stratified-ish sample of at most n: shuffled per class, then interleaved."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    for lst in by_class.values():
+        rng.shuffle(lst)
+    out: list[Sample] = []
+    queues = [by_class[k] for k in sorted(by_class)]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return out

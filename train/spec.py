@@ -1,0 +1,154 @@
+"""The preprocessing specification: the one place that says how a radiograph becomes model input.
+
+Training stores it in every checkpoint; every export, runtime, report and the Flutter manifest read it
+back from there. Nothing else in the toolkit may hard-code a size, a mean or a class list.
+
+The pipeline is split in two halves so apps cannot get it wrong:
+  outside the model (decode -> grayscale -> resize -> 3 channels -> float in [0, 1]) is `load_unit_image`;
+  inside the model (optional contrast stretch -> (x - mean) / std) is `train.model.Preprocess`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area")
+CHANNEL_MODES = ("gray_to_rgb",)
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """A preprocessing specification that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How images become model input. Frozen: a spec is a fact about trained weights, not a setting."""
+
+    class_names: tuple[str, ...] = DEFAULT_CLASSES
+    input_size: int = 224
+    resize: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channels: str = "gray_to_rgb"
+    contrast_stretch: bool = False
+    version: int = field(default=SPEC_VERSION)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        self.validate()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """Batch-1 NCHW shape an exported model takes."""
+        return (1, 3, self.input_size, self.input_size)
+
+    def validate(self) -> None:
+        if len(self.class_names) < 2:
+            raise SpecError(f"a classifier needs at least 2 class names, got {list(self.class_names)}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise SpecError(f"class names must be unique, got {list(self.class_names)}")
+        if self.input_size < 16:
+            raise SpecError(f"input_size must be at least 16 pixels, got {self.input_size}")
+        if self.resize not in RESIZE_METHODS:
+            raise SpecError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+        if self.channels not in CHANNEL_MODES:
+            raise SpecError(f"channels must be one of {CHANNEL_MODES}, got {self.channels!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise SpecError("mean and std need exactly 3 values (one per RGB channel)")
+        if any(s <= 0 for s in self.std):
+            raise SpecError(f"std values must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SpecError(f"unknown preprocessing fields {unknown}; this toolkit knows {sorted(known)}")
+        return cls(**known)
+
+    def with_overrides(self, **changes: Any) -> "PreprocessSpec":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def describe(self) -> str:
+        stretch = ", per-image contrast stretch" if self.contrast_stretch else ""
+        return (
+            f"grayscale -> {self.resize} resize to {self.input_size}x{self.input_size} -> 3 channels -> "
+            f"[0,1]{stretch} -> normalize mean={list(self.mean)} std={list(self.std)}"
+        )
+
+
+def _pil_resample(method: str) -> int:
+    from PIL import Image
+
+    return {
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST,
+        "area": Image.Resampling.BOX,
+    }[method]
+
+
+def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
+    """Decode any PIL-readable image and return it as an 8-bit grayscale PIL image at the spec's size."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return to_gray_resized(img, spec)
+
+
+def to_gray_resized(img: "Image.Image", spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
+    """Grayscale then resize: the part of preprocessing that needs an image library."""
+    gray = img.convert("L")
+    size = (spec.input_size, spec.input_size)
+    if gray.size != size:
+        gray = gray.resize(size, resample=_pil_resample(spec.resize))
+    return gray
+
+
+def gray_to_unit_array(gray: "Image.Image") -> np.ndarray:  # noqa: F821
+    """8-bit grayscale image -> float32 CHW array in [0, 1] with the gray channel repeated 3 times."""
+    a = np.asarray(gray, dtype=np.float32) / 255.0
+    return np.repeat(a[None, :, :], 3, axis=0)
+
+
+def load_unit_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """The whole outside-the-model preprocessing: file -> float32 array (3, H, W) in [0, 1]."""
+    return gray_to_unit_array(load_gray_image(path, spec))
+
+
+def normalize_array(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The inside-the-model half in NumPy, for runtimes that cannot carry it in their graph.
+
+    `train.model.Preprocess` is the reference; tests keep the two identical.
+    """
+    x = x.astype(np.float32)
+    if spec.contrast_stretch:
+        axes = tuple(range(x.ndim - 3, x.ndim))
+        lo = x.min(axis=axes, keepdims=True)
+        hi = x.max(axis=axes, keepdims=True)
+        x = (x - lo) / np.maximum(hi - lo, 1e-6)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    return (x - mean) / std
