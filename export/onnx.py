@@ -1,15 +1,30 @@
-"""`python -m export.onnx`: one self-contained ONNX file, normalization inside, verified in ONNX Runtime."""
+"""`python -m export.onnx`: one self-contained ONNX file, normalization inside, verified in ONNX Runtime.
+
+Contract: input 'image' float32 (batch, 3, H, W), RGB (gray repeated) in [0, 1], batch dimension dynamic;
+output 'logits' float32 (batch, classes) in the checkpoint's class order (softmax for probabilities).
+model.onnx must reproduce the PyTorch logits within FLOAT_ATOL in ONNX Runtime; the int8 files
+(ONNX Runtime dynamic, and static QDQ calibrated on the train split) come from quantize.onnx_rt and
+are verified by running them, with top-1 agreement and the largest probability change recorded.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from export.common import (FLOAT_ATOL, ExportError, add_common_args, calib_inputs, eval_inputs, failed_entry,
+                           float_proof, int8_proof, reference_logits, remove_path, run_cli, write_proven)
+from export.manifest import ArtifactEntry, record
 from train.atomic import atomic_path
+from train.checkpoint import Checkpoint
+from train.data import Sample
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -36,3 +51,104 @@ def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: 
         onnx.checker.check_model(proto, full_check=True)
     return {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "exporter": "torch.onnx dynamo",
             "onnx_version": onnx.__version__}
+
+
+FILES = {"onnx_fp32": "model.onnx", "onnx_int8_dynamic": "model_int8_dynamic.onnx",
+         "onnx_int8_static": "model_int8_static.onnx"}
+INT8_MODES = ("dynamic", "static")
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    from export.runners import get_runner
+
+    return get_runner("onnxruntime").load(path).run(x)
+
+
+def _prove_fp32(ref: np.ndarray, x: np.ndarray, inputs: str):
+    """Logits within FLOAT_ATOL on the whole batch, and a batch of 1 gives the same (dynamic batch)."""
+    def prove(path: Path) -> dict[str, Any]:
+        verification = float_proof(_run(path, x), ref, "onnxruntime", inputs)
+        single = _run(path, x[:1])
+        if not np.abs(single - ref[:1]).max() <= FLOAT_ATOL:
+            raise ExportError(f"{path.name}: batch 1 gives different logits than batch {len(x)} "
+                              f"(dynamic batch dimension broken)")
+        return {**verification, "batch_sizes_run": sorted({1, len(x)})}
+    return prove
+
+
+def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, method: str):
+    """Calls the quantization stage's ORT functions (quantize.onnx_rt) on the verified float file."""
+    def write(tmp: Path) -> dict[str, Any]:
+        from quantize import onnx_rt
+
+        if mode == "dynamic":
+            info = onnx_rt.dynamic_int8_onnx(src, tmp)
+        else:
+            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method)
+            info["calibration"] = calib[1]
+        info.pop("path", None)  # the temporary name; the entry records the final one
+        return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME}
+    return write
+
+
+def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
+                calib_samples: list[Sample] | None = None, opset: int = OPSET,
+                int8: Sequence[str] = INT8_MODES, calib_method: str = "MinMax", **_: Any) -> list[ArtifactEntry]:
+    """model.onnx (onnx_fp32, logits within FLOAT_ATOL in ONNX Runtime), then the int8 variants made by
+    the quantization stage from that file, each verified in ONNX Runtime against the float model."""
+    unknown = sorted(set(int8) - set(INT8_MODES))
+    if unknown:
+        raise ExportError(f"--int8 {unknown}: choose from {INT8_MODES} (or none)")
+    out_dir = Path(out_dir)
+    x, inputs = eval_inputs(ckpt, eval_samples)
+    ref = reference_logits(ckpt, x)
+    base = {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "input_shape": ["batch", 3,
+            ckpt.spec.input_size, ckpt.spec.input_size], "input_range": [0.0, 1.0],
+            "normalization_in_graph": True, "external_data": False, "spec": ckpt.spec.to_dict()}
+    rows = [write_proven(ckpt, out_dir, name="onnx_fp32", file=FILES["onnx_fp32"], fmt="onnx", precision="fp32",
+                         runtime="onnxruntime", engine="CPUExecutionProvider", details=base,
+                         write=lambda tmp: write_onnx(ckpt.build_deploy_model(), ckpt.spec, tmp, opset),
+                         prove=_prove_fp32(ref, x, inputs))]
+    src = out_dir / FILES["onnx_fp32"]
+    calib = calib_inputs(ckpt, calib_samples) if "static" in int8 and rows[0].status != "failed" else None
+    for mode in INT8_MODES:
+        if mode not in int8:
+            continue
+        name = f"onnx_int8_{mode}"
+        details = {**base, "int8_mode": mode, "calibration_method": calib_method if mode == "static" else None}
+        if rows[0].status == "failed":
+            remove_path(out_dir / FILES[name])  # an int8 file from an earlier run must not outlive its source
+            rows.append(failed_entry(ckpt, name=name, fmt="onnx", precision="int8", runtime="onnxruntime",
+                                     error="not attempted: the float model.onnx (onnx_fp32) failed", details=details))
+            record(out_dir, rows[-1])
+            continue
+        rows.append(write_proven(
+            ckpt, out_dir, name=name, file=FILES[name], fmt="onnx", precision="int8", runtime="onnxruntime",
+            engine="CPUExecutionProvider", details=details, write=_int8_writer(mode, src, calib, calib_method),
+            prove=lambda path: int8_proof(_run(path, x), ref, "onnxruntime", inputs)))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--int8", default="dynamic,static",
+                   help="comma-separated int8 variants from ONNX Runtime's quantizer: dynamic, static, "
+                        "or 'none' (default dynamic,static)")
+    p.add_argument("--calib-method", default="MinMax", choices=("MinMax", "Entropy", "Percentile"),
+                   help="static int8 calibration method (default MinMax)")
+    return p
+
+
+def _int8_option(value: str) -> tuple[str, ...]:
+    return () if value.strip() == "none" else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), export_onnx, argv,
+                   lambda a: {"opset": a.opset, "int8": _int8_option(a.int8), "calib_method": a.calib_method})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

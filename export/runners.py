@@ -146,9 +146,7 @@ class ExecuTorchRunner(Runner):
         except ImportError as err:
             raise RunnerError(f"executorch is not installed ({err}); pip install executorch") from err
         if self.threads:
-            import torch
-
-            torch.set_num_threads(self.threads)
+            self._set_threads(self.threads)
         try:
             program = Runtime.get().load_program(Path(path))
             self.model = program.load_method("forward")
@@ -156,6 +154,19 @@ class ExecuTorchRunner(Runner):
             raise RunnerError(f"the ExecuTorch runtime cannot load {path}: {err}") from err
         self.engine = self.engine or "XnnpackBackend"
         return self
+
+    @staticmethod
+    def _set_threads(threads: int) -> None:
+        """XNNPACK runs on ExecuTorch's own threadpool (torch.set_num_threads does not reach it); the
+        Python bindings expose only an experimental reset, so fall back to torch's setting without it."""
+        try:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(int(threads))
+        except (ImportError, AttributeError):
+            import torch
+
+            torch.set_num_threads(threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -152,8 +152,14 @@ def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
 
     labels = [s.label for s in idx.samples]
     positions = np.arange(len(idx.samples))
+    if not (0 <= test_frac < 1 and 0 < val_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(f"--val-frac {val_frac} and --test-frac {test_frac} must be fractions with "
+                        f"0 < val, 0 <= test and val + test < 1")
     try:
-        rest, test = train_test_split(positions, test_size=test_frac, stratify=labels, random_state=seed)
+        if test_frac > 0:
+            rest, test = train_test_split(positions, test_size=test_frac, stratify=labels, random_state=seed)
+        else:  # no test part wanted: everything not in val trains
+            rest, test = positions, np.array([], dtype=int)
         train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac),
                                       stratify=[labels[i] for i in rest], random_state=seed)
     except ValueError as err:

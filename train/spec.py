@@ -118,9 +118,20 @@ def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  #
         return to_gray_resized(img, spec)
 
 
+def to_gray8(img: "Image.Image") -> "Image.Image":  # noqa: F821
+    """8-bit grayscale. 16-bit images (common for radiographs) are scaled by 255/65535: PIL's own
+    convert("L") clips them at 255, which turns most of a 16-bit X-ray white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max(initial=0) > 255):
+        from PIL import Image
+
+        a = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
+    return img.convert("L")
+
+
 def to_gray_resized(img: "Image.Image", spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
     """Grayscale then resize: the part of preprocessing that needs an image library."""
-    gray = img.convert("L")
+    gray = to_gray8(img)
     size = (spec.input_size, spec.input_size)
     if gray.size != size:
         gray = gray.resize(size, resample=_pil_resample(spec.resize))

@@ -1,0 +1,217 @@
+"""`python -m benchmarks.pipeline`: the whole toolkit in one command on built-in SYNTHETIC data.
+
+Generate data -> train a small model -> export every format -> write the Flutter bundle -> quantization
+report -> benchmark every artifact -> print the table. Everything goes under --out (default runs/demo), so
+the demo never touches the repo's artifacts/ or mobile_assets/. A stage that fails is reported with its
+reason; the stages that need its output are skipped, the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from train.atomic import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+OWNED = ("data", "run", "artifacts", "mobile_assets", "reports", "pipeline.json", "pipeline.md")
+
+
+class PipelineError(ValueError):
+    """A pipeline that cannot start as asked; the message names the flag."""
+
+
+@dataclass
+class Context:
+    """Paths and settings shared by the stages, plus what earlier stages produced."""
+
+    out: Path
+    args: dict[str, Any]
+    data: Path | None = None
+    checkpoint: Path | None = None
+    eval_data: Path | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_data(ctx: Context) -> str:
+    from train.synthetic import make_synthetic_dataset
+
+    ctx.data = make_synthetic_dataset(ctx.out / "data", per_class=ctx.args["per_class"],
+                                      size=ctx.args["input_size"], seed=0)
+    return f"{ctx.args['per_class']} SYNTHETIC images per class in {ctx.data}"
+
+
+def stage_train(ctx: Context) -> str:
+    from train.loop import train_model
+
+    ctx.checkpoint = train_model(ctx.data, ctx.out / "run", epochs=ctx.args["epochs"], batch_size=16, lr=2e-3,
+                                 weights="none", input_size=ctx.args["input_size"], seed=0, device="cpu",
+                                 workers=0, progress=ctx.args["progress"], evaluate=False)
+    splits = ctx.out / "run" / "splits.csv"
+    ctx.eval_data = splits if splits.is_file() else ctx.data  # the exact split training used
+    return f"best checkpoint {ctx.checkpoint}"
+
+
+def _samples(ctx: Context, split: str, n: int):
+    from train.data import assign_splits, discover, seeded_subset
+
+    idx = discover(ctx.eval_data)
+    idx = idx if idx.has_split else assign_splits(idx, seed=0)
+    return seeded_subset(idx.split(split), n, seed=0)
+
+
+def stage_export(ctx: Context) -> str:
+    from export.formats import export_all
+    from train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ctx.checkpoint)
+    done = export_all(ckpt, ctx.out / "artifacts", eval_samples=_samples(ctx, "val", 32),
+                      calib_samples=_samples(ctx, "train", 64))
+    ok = [e.name for e in done if e.status != "failed"]
+    bad = [f"{e.name} ({(e.error or '')[:80]})" for e in done if e.status == "failed"]
+    ctx.results["export"] = {"ok": ok, "failed": bad}
+    return f"{len(ok)} artifacts written" + (f"; failed: {', '.join(bad)}" if bad else "")
+
+
+def stage_bundle(ctx: Context) -> str:
+    from export.bundle import write_bundle
+    from train.checkpoint import load_checkpoint
+
+    path = write_bundle(ctx.out / "artifacts", ctx.args["bundle_dir"] or ctx.out / "mobile_assets",
+                        load_checkpoint(ctx.checkpoint), eval_samples=_samples(ctx, "val", 32), force=True)
+    return f"Flutter bundle in {path}"
+
+
+def stage_quantize(ctx: Context) -> str:
+    from quantize.report import run_quantization_report
+
+    out = ctx.out / "reports" / "quantize"
+    run_quantization_report(ctx.checkpoint, ctx.eval_data, split="val", out_dir=out, calib_size=64,
+                            latency_runs=10, threads=2, progress=ctx.args["progress"])
+    return f"quantization report in {out}"
+
+
+def stage_benchmark(ctx: Context) -> str:
+    from benchmarks.run import run_benchmarks
+
+    out = ctx.out / "reports" / "benchmarks"
+    ctx.results["benchmark"] = run_benchmarks(
+        ctx.out / "artifacts", ctx.checkpoint, ctx.eval_data, split="val", out_dir=out, runs=ctx.args["runs"],
+        warmup=3, progress=ctx.args["progress"], command="python -m benchmarks.pipeline (stage benchmark)")
+    return f"benchmark report in {out}"
+
+
+STAGES: list[tuple[str, Callable[[Context], str], tuple[str, ...]]] = [
+    ("data", stage_data, ()),
+    ("train", stage_train, ("data",)),
+    ("export", stage_export, ("train",)),
+    ("bundle", stage_bundle, ("export",)),
+    ("quantize", stage_quantize, ("train",)),
+    ("benchmark", stage_benchmark, ("export",)),
+]
+
+
+def run_stage(name: str, fn: Callable[[Context], str], ctx: Context) -> dict[str, Any]:
+    """Run one stage; an import error means another engineer's stage is not there ('unavailable')."""
+    print(f"\n=== stage {name} ===", flush=True)
+    t0 = time.perf_counter()
+    try:
+        detail, status = fn(ctx), "ok"
+    except ImportError as err:
+        detail, status = f"stage unavailable: {err}", "unavailable"
+    except Exception as err:  # a failing stage is a report line, not a crash of the whole demo
+        detail, status = f"{type(err).__name__}: {str(err).strip()[:500]}", "failed"
+        log.debug("%s", traceback.format_exc())
+    seconds = time.perf_counter() - t0
+    print(f"=== stage {name}: {status} in {seconds:.1f} s: {detail}", flush=True)
+    return {"stage": name, "status": status, "seconds": round(seconds, 1), "detail": detail}
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse to mix with an earlier run unless --force, which removes only the pipeline's own outputs."""
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; choose a folder")
+    present = [n for n in OWNED if (out / n).exists()]
+    if present and not force:
+        raise PipelineError(f"--out {out} already holds a pipeline run ({', '.join(present)}); pass --force to "
+                            f"replace it or choose another --out")
+    for n in present:
+        p = out / n
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_pipeline(out: Path = Path("runs/demo"), *, epochs: int = 2, per_class: int = 40, input_size: int = 64,
+                 runs: int = 10, force: bool = False, bundle_dir: Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Every stage in order; returns and writes (<out>/pipeline.json, pipeline.md) the stage summary."""
+    if epochs < 1 or per_class < 10 or input_size < 32:
+        raise PipelineError("--epochs must be >= 1, --per-class >= 10 (a split needs a few per class) and "
+                            "--input-size >= 32 (ResNet-18 downsamples 32x)")
+    prepare_out(out, force)
+    ctx = Context(out=out, args={"epochs": epochs, "per_class": per_class, "input_size": input_size, "runs": runs,
+                                 "bundle_dir": bundle_dir, "progress": progress})
+    t0, done, stages = time.perf_counter(), set(), []
+    for name, fn, needs in STAGES:
+        missing = [n for n in needs if n not in done]
+        if missing:
+            stages.append({"stage": name, "status": "skipped", "seconds": 0.0,
+                           "detail": f"needs stage {', '.join(missing)}"})
+            print(f"=== stage {name}: skipped (needs {', '.join(missing)})", flush=True)
+            continue
+        stages.append(run_stage(name, fn, ctx))
+        if stages[-1]["status"] == "ok":
+            done.add(name)
+    summary = {"out": str(out), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in ctx.args.items()},
+               "wall_s": round(time.perf_counter() - t0, 1), "stages": stages,
+               "ok": all(s["status"] == "ok" for s in stages)}
+    write_json(out / "pipeline.json", summary)
+    write_text(out / "pipeline.md", summary_markdown(summary))
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Pipeline on SYNTHETIC data: {'all stages ok' if summary['ok'] else 'SOME STAGES DID NOT RUN'}",
+             "", f"Wall time {summary['wall_s']:.0f} s. Outputs under {summary['out']}.", "",
+             "| stage | status | seconds | detail |", "|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |"
+              for s in summary["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class (default 40)")
+    p.add_argument("--input-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per latency figure (default 10)")
+    p.add_argument("--bundle-dir", type=Path, default=None,
+                   help="where the Flutter bundle goes (default <out>/mobile_assets; the repo's is mobile_assets/)")
+    p.add_argument("--force", action="store_true", help="replace an earlier pipeline run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
+    try:
+        summary = run_pipeline(a.out, epochs=a.epochs, per_class=a.per_class, input_size=a.input_size, runs=a.runs,
+                               force=a.force, bundle_dir=a.bundle_dir, progress=not a.quiet)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = a.out / "reports" / "benchmarks" / "report.md"
+    if report.is_file():
+        print("\n" + report.read_text(encoding="utf-8"))
+    print(summary_markdown(summary))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

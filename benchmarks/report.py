@@ -1,0 +1,167 @@
+"""Benchmark outputs: report.md (tables + decisions), report.json (every figure), report.csv, report.png."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import describe
+from benchmarks.summary import p50, summarize
+from train.atomic import atomic_path, write_json, write_text
+
+BASELINE = "pytorch_fp32"
+CSV_FIELDS = ("name", "format", "precision", "runtime", "engine", "status", "reason", "note", "size_bytes",
+              "gzip_bytes", "load_s", "first_inference_ms", "latency_1t.p50_ms", "latency_1t.p90_ms",
+              "latency_1t.p99_ms", "latency_all.p50_ms", "latency_all.p90_ms", "latency_all.p99_ms",
+              "threads_all", "throughput_ips", "throughput_mode", "rss_before_load_mb", "peak_rss_b1_mb",
+              "peak_rss_mb", "accuracy", "accuracy_change", "macro_f1", "macro_f1_change", "top1_agreement",
+              "max_abs_logit_diff", "worst_recall_change", "worst_recall_class", "output_classes", "path")
+
+
+def fmt(v: Any, spec: str = ".2f", signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, (int, float)):
+        return format(v, ("+" if signed else "") + spec)
+    return str(v)
+
+
+def _get(row: dict[str, Any], dotted: str) -> Any:
+    v: Any = row
+    for part in dotted.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
+def _mb(b: int | None) -> str:
+    return "—" if b is None else f"{b / 1e6:.1f}"
+
+
+def main_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| artifact | format | precision | runtime (engine) | status | size MB (gzip) | ms/img 1 thread | "
+             "ms/img all cores | images/s | accuracy % | change pts | agreement | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        thr = fmt(r.get("throughput_ips"), ".1f")
+        if r.get("throughput_mode", "").startswith("looped"):
+            thr += " (looped b1)"
+        agree = r.get("top1_agreement", r.get("top1_agreement_manifest"))
+        agree_s = fmt(agree, ".3f") + (" (export check)" if "top1_agreement_manifest" in r and not r.get("measured")
+                                       and agree is not None else "")
+        notes = r.get("reason") or r.get("note") or ""
+        lines.append(f"| {r['name']} | {fmt(r.get('format'))} | {fmt(r.get('precision'))} | "
+                     f"{fmt(r.get('runtime'))} ({r.get('engine') or 'default'}) | {r.get('status')} | "
+                     f"{_mb(r.get('size_bytes'))} ({_mb(r.get('gzip_bytes'))}) | {fmt(p50(r))} | "
+                     f"{fmt(p50(r, 'latency_all'))} | {thr} | {fmt(r.get('accuracy'))} | "
+                     f"{fmt(r.get('accuracy_change'), signed=True)} | {agree_s} | {notes.replace('|', '/')} |")
+    return lines
+
+
+def detail_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| artifact | load s | first inference ms | 1 thread p90 / p99 ms | all cores p90 / p99 ms | "
+             "peak RSS MB (b1 / all) | macro-F1 | F1 change | worst recall change |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("measured"):
+            continue
+        worst = (f"{fmt(r.get('worst_recall_change'), signed=True)} ({r['worst_recall_class']})"
+                 if r.get("worst_recall_class") else "—")
+        lines.append(f"| {r['name']} | {fmt(r.get('load_s'))} | {fmt(r.get('first_inference_ms'), '.1f')} | "
+                     f"{fmt(_get(r, 'latency_1t.p90_ms'))} / {fmt(_get(r, 'latency_1t.p99_ms'))} | "
+                     f"{fmt(_get(r, 'latency_all.p90_ms'))} / {fmt(_get(r, 'latency_all.p99_ms'))} | "
+                     f"{fmt(r.get('peak_rss_b1_mb'), '.0f')} / {fmt(r.get('peak_rss_mb'), '.0f')} | "
+                     f"{fmt(r.get('macro_f1'))} | {fmt(r.get('macro_f1_change'), signed=True)} | {worst} |")
+    return lines
+
+
+def decision_lines(result: dict[str, Any]) -> list[str]:
+    rec, lines = result["recommendations"], []
+    drop = rec["max_drop_points"]
+    ph, sv = rec.get("phone"), rec.get("server")
+    lines.append(f"- **Phones**: `{ph['name']}` — {ph['size_mb']:.1f} MB, {ph['p50_ms_1t']:.2f} ms/img at 1 thread, "
+                 f"accuracy {ph['accuracy_change']:+.2f} pts (smallest mobile-runtime artifact within {drop} pts)"
+                 if ph else f"- **Phones**: no measured mobile artifact within {drop} pts of float accuracy")
+    lines.append(f"- **Servers**: `{sv['name']}` — {sv['throughput_ips']:.1f} images/s, accuracy "
+                 f"{sv['accuracy_change']:+.2f} pts (highest throughput within {drop} pts)"
+                 if sv else f"- **Servers**: no measured artifact within {drop} pts of float accuracy")
+    unmeasured = [r["name"] for r in result["rows"] if r.get("runtime") == "coreml" and not r.get("measured")]
+    if unmeasured:
+        lines.append(f"- Not considered (not executed on this OS): {', '.join(unmeasured)}; measure CoreML on macOS.")
+    for t in result["targets"]:
+        lines.append(f"- Target {t['result']}: {t['target']} — {t['detail']}")
+    c = result.get("compute")
+    if c:
+        frac1 = f" = {c['fraction_of_core_peak']:.0%} of one core's peak" if c["fraction_of_core_peak"] else ""
+        frac = f" = {c['fraction_of_all_core_peak']:.0%} of the all-core peak" if c["fraction_of_all_core_peak"] else ""
+        lines.append(f"- Compute: {c['gflop_per_image']:.3f} GFLOP/image (ResNet-18: 1.82 G multiply-adds at 224, "
+                     f"x (input/224)^2). `{c['fastest_1t']}` achieves {c['gflops_1t']:.1f} GFLOP/s at 1 thread"
+                     f"{frac1}; `{c['fastest_throughput']}` {c['gflops_all_cores']:.1f} GFLOP/s at batch "
+                     f"throughput{frac}. Peak assumption: {c['peak_assumption']}.")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s, d, m = result["settings"], result["data"], result["machine"]
+    head = [f"# Benchmarks: {d['n_images']} {d['split']} images from {d['data']} at {d['input_size']}x{d['input_size']}",
+            "", f"Command: `{result.get('command') or 'run_benchmarks(...)'}`", "",
+            f"Machine: {describe(m)}. Load average at the start: {m.get('load_average')}. Process niceness "
+            f"{s['niceness']}. Latency on a shared or busy machine is inflated; re-run on a quiet one to quote it.",
+            "", f"Each artifact ran in a fresh process in its own runtime; {s['warmup']} warm-up runs discarded, "
+            f"{s['runs']} timed runs at batch 1 with 1 thread and with {s['threads_all']} threads (p50 shown); "
+            f"images/s from batches of {s['batch']} over the evaluation set (looped where the runtime takes batch 1 "
+            f"only). Accuracy change and agreement are against the float PyTorch model on the same images.", ""]
+    if d.get("class_error"):
+        head += [f"**Data problem:** {d['class_error']}", ""]
+    body = main_table(result["rows"]) + ["", "## Decision", ""] + decision_lines(result)
+    body += ["", "## Details", ""] + detail_table(result["rows"])
+    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
+    return "\n".join(head + body + ["", f"Libraries: {libs}.", ""])
+
+
+def write_csv(rows: list[dict[str, Any]], dest: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_FIELDS)
+    for r in rows:
+        w.writerow(["" if _get(r, f) is None else _get(r, f) for f in CSV_FIELDS])
+    write_text(dest, buf.getvalue())
+
+
+def plot(rows: list[dict[str, Any]], dest: Path) -> None:
+    """Size against 1-thread latency, one labelled point per measured artifact with its accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.get("measured") and r.get("size_bytes") and p50(r)]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in pts:
+        x, y = r["size_bytes"] / 1e6, p50(r)
+        ax.scatter(x, y, s=60, marker="s" if "int8" in r["name"] else "o")
+        acc = f"{r['accuracy']:.1f}%" if r.get("accuracy") is not None else "acc n/a"
+        ax.annotate(f"{r['name']}\n{acc}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("latency p50, batch 1, 1 thread (ms)")
+    ax.set_title("Artifact size vs latency (label: accuracy); squares = int8")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Summarize in place, then write the four files; returns their paths."""
+    summarize(result, BASELINE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "csv": out_dir / "report.csv",
+             "png": out_dir / "report.png"}
+    write_text(paths["md"], markdown(result))
+    write_json(paths["json"], result)
+    write_csv(result["rows"], paths["csv"])
+    plot(result["rows"], paths["png"])
+    result["outputs"] = {k: str(v) for k, v in paths.items()}
+    return paths

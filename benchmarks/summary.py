@@ -1,0 +1,108 @@
+"""The decisions drawn from benchmark rows: which artifact to ship, whether the speed targets hold, and
+how close the fastest float artifact gets to the CPU's arithmetic peak."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.machine import resnet18_gflop
+
+MOBILE_RUNTIMES = ("pytorch-lite", "executorch", "onnxruntime", "coreml")
+FLOAT_PRECISIONS = ("fp32", "float32", "fp16", "float16", "float")
+INT8_TARGET = 0.35
+
+
+def p50(row: dict[str, Any], key: str = "latency_1t") -> float | None:
+    lat = row.get(key)
+    return lat.get("p50_ms") if isinstance(lat, dict) else None
+
+
+def is_int8(row: dict[str, Any]) -> bool:
+    return "int8" in f"{row.get('precision')} {row['name']}".lower()
+
+
+def is_float(row: dict[str, Any]) -> bool:
+    return str(row.get("precision") or "").lower() in FLOAT_PRECISIONS and not is_int8(row)
+
+
+def usable(row: dict[str, Any], max_drop: float) -> bool:
+    """Measured, not failed, and within the allowed accuracy drop (percentage points)."""
+    return (row.get("measured") and row.get("status") != "failed" and row.get("accuracy_change") is not None
+            and row["accuracy_change"] >= -max_drop)
+
+
+def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dict[str, Any]:
+    """Phone: the smallest mobile-runtime artifact within the drop (ties within 5% of that size go to the
+    fastest at 1 thread). Server: the highest batch throughput within the drop."""
+    ok = [r for r in rows if r["name"] != baseline and usable(r, max_drop)]
+    # '@x86' rows re-run a phone int8 file with a server engine: not what a phone would see
+    mobile = [r for r in ok if r.get("runtime") in MOBILE_RUNTIMES and r.get("size_bytes") and "@" not in r["name"]]
+    out: dict[str, Any] = {"max_drop_points": max_drop, "phone": None, "server": None}
+    if mobile:
+        smallest = min(r["size_bytes"] for r in mobile)
+        near = [r for r in mobile if r["size_bytes"] <= smallest * 1.05]
+        pick = min(near, key=lambda r: p50(r) or float("inf"))
+        out["phone"] = {"name": pick["name"], "size_mb": pick["size_bytes"] / 1e6, "p50_ms_1t": p50(pick),
+                        "accuracy_change": pick["accuracy_change"]}
+    if ok:
+        pick = max(ok, key=lambda r: r.get("throughput_ips") or 0)
+        out["server"] = {"name": pick["name"], "throughput_ips": pick.get("throughput_ips"),
+                         "accuracy_change": pick["accuracy_change"]}
+    return out
+
+
+def targets(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """The issue's two speed targets at batch 1, 1 thread, p50, as PASS / FAIL / N/A lines."""
+    measured = [r for r in rows if r.get("measured") and r.get("status") != "failed" and p50(r)]
+    base = next((r for r in measured if r["name"] == baseline), None)
+    out = []
+    int8 = [r for r in measured if is_int8(r)]
+    if base and int8:
+        best = min(int8, key=p50)
+        ratio = p50(best) / p50(base)
+        out.append({"target": f"fastest int8 <= {INT8_TARGET} x float PyTorch latency (batch 1, 1 thread)",
+                    "result": "PASS" if ratio <= INT8_TARGET else "FAIL", "artifact": best["name"],
+                    "detail": f"{best['name']} {p50(best):.2f} ms vs {p50(base):.2f} ms = {ratio:.2f} x"})
+    else:
+        out.append({"target": "fastest int8 vs float PyTorch", "result": "N/A",
+                    "detail": "no measured int8 artifact or baseline"})
+    ort = [r for r in measured if r.get("runtime") == "onnxruntime" and is_float(r)]
+    others = [r for r in measured if is_float(r) and r.get("runtime") != "onnxruntime" and r["name"] != baseline]
+    if ort and others:
+        ref, best = min(ort, key=p50), min(others, key=p50)
+        ratio = p50(best) / p50(ref)
+        out.append({"target": "fastest float artifact outside ONNX Runtime <= ONNX Runtime float latency "
+                              "(batch 1, 1 thread)", "result": "PASS" if ratio <= 1.0 else "FAIL",
+                    "artifact": best["name"],
+                    "detail": f"{best['name']} {p50(best):.2f} ms vs {ref['name']} {p50(ref):.2f} ms = {ratio:.2f} x"})
+    else:
+        out.append({"target": "fastest float artifact vs ONNX Runtime float", "result": "N/A",
+                    "detail": "needs a measured ONNX Runtime float artifact and another float artifact"})
+    return out
+
+
+def compute_efficiency(rows: list[dict[str, Any]], machine: dict[str, Any], input_size: int) -> dict[str, Any] | None:
+    """Achieved GFLOP/s of the fastest float row, against the peak estimate in machine_info."""
+    floats = [r for r in rows if r.get("measured") and r.get("status") != "failed" and is_float(r) and p50(r)]
+    if not floats:
+        return None
+    gflop = resnet18_gflop(input_size)
+    best = min(floats, key=p50)
+    best_thr = max(floats, key=lambda r: r.get("throughput_ips") or 0)
+    one = gflop / (p50(best) / 1000)
+    many = gflop * (best_thr.get("throughput_ips") or 0)
+    peak1, peak_all = machine.get("peak_gflops_per_core"), machine.get("peak_gflops_all_cores")
+    return {"gflop_per_image": gflop, "fastest_1t": best["name"], "gflops_1t": one,
+            "fraction_of_core_peak": one / peak1 if peak1 else None,
+            "fastest_throughput": best_thr["name"], "gflops_all_cores": many,
+            "fraction_of_all_core_peak": many / peak_all if peak_all else None,
+            "peak_assumption": f"{machine.get('cpu_mhz')} MHz x {machine.get('fp32_flops_per_cycle')} FLOP/cycle "
+                               f"({machine.get('peak_assumption')}); nominal clock, turbo ignored"}
+
+
+def summarize(result: dict[str, Any], baseline: str) -> None:
+    """Add recommendations, targets and compute efficiency to a benchmark result, in place."""
+    rows = result["rows"]
+    result["recommendations"] = recommend(rows, result["settings"]["max_drop"], baseline)
+    result["targets"] = targets(rows, baseline)
+    result["compute"] = compute_efficiency(rows, result["machine"], result["data"]["input_size"])

@@ -1,0 +1,176 @@
+"""The child process that measures one artifact: `python -m benchmarks.worker JOB.json RESULT.json`.
+
+Run once per artifact by `benchmarks.run`, so each runtime starts cold in a fresh process: its thread
+pools, allocator and peak memory never leak into another artifact's figures. The parent passes the
+evaluation images as a float32 [0, 1] .npy file; this process writes the logits it computed to a .npy
+file and every timing to RESULT.json. Warm-up runs are discarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TORCH_RUNTIMES = ("torch-eager", "torchscript", "pytorch-lite")
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process. On Linux VmHWM, because ru_maxrss survives exec and so would
+    report the parent's peak (the parent held torch and every image when it forked this worker)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def percentiles(times_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "runs": len(times_s)}
+
+
+def time_batch1(runner, images: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
+    """Latency at batch 1, cycling through the images so no single input is cached."""
+    n = images.shape[0]
+    for i in range(warmup):
+        runner.run(images[i % n:i % n + 1])
+    times = []
+    for i in range(runs):
+        x = images[i % n:i % n + 1]
+        t0 = time.perf_counter()
+        runner.run(x)
+        times.append(time.perf_counter() - t0)
+    return percentiles(times)
+
+
+def set_threads(runner, runtime: str, threads: int, path: str, engine: str | None):
+    """Switch a loaded runner to `threads`; returns the runner to use (ONNX Runtime needs a new session)."""
+    from export.runners import get_runner
+
+    if runtime in TORCH_RUNTIMES:
+        import torch
+
+        torch.set_num_threads(threads)
+        runner.threads = threads
+        return runner
+    return get_runner(runtime, threads=threads, engine=engine).load(path)
+
+
+def evaluate(runner, images: np.ndarray, batch: int, min_images: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Logits for every image in batches of `batch`, and throughput from timed passes after a warm-up batch."""
+    runner.run(images[:batch])
+    logits, done, elapsed = None, 0, 0.0
+    while logits is None or done < min_images:
+        outs = []
+        for i in range(0, images.shape[0], batch):
+            chunk = images[i:i + batch]
+            t0 = time.perf_counter()
+            outs.append(runner.run(chunk))
+            elapsed += time.perf_counter() - t0
+            done += chunk.shape[0]
+        if logits is None:
+            logits = np.concatenate(outs).astype(np.float32)
+    return logits, {"throughput_ips": done / elapsed, "throughput_images": done,
+                    "throughput_batch": int(min(batch, images.shape[0]))}
+
+
+def _executorch_pool(threads: int) -> int:
+    """Size ExecuTorch's XNNPACK pool once, before it is used: resizing a pool that has already run
+    work crashed the process (SIGSEGV), so the two thread settings run in separate workers."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+    return portable_lib._threadpool_get_thread_count()
+
+
+def _load(job: dict[str, Any], threads: int) -> tuple[Any, dict[str, Any]]:
+    from export.runners import get_runner
+
+    runtime = job["runtime"]
+    res: dict[str, Any] = {"rss_before_load_mb": rss_mb()}
+    t0 = time.perf_counter()
+    runner = get_runner(runtime, threads=threads, engine=job.get("engine"))
+    if runtime == "executorch":
+        runner.threads = _executorch_pool(threads)
+    runner = runner.load(job["path"])
+    res["load_s"] = time.perf_counter() - t0
+    return runner, res
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Every figure for one artifact, in the order a user meets them: load, first answer, steady state.
+    job['phase'] is 'all' (default), '1t' (load to 1-thread latency) or 'many' (all-cores part only)."""
+    images = np.load(job["images"]).astype(np.float32, copy=False)
+    runtime, path, engine, phase = job["runtime"], job["path"], job.get("engine"), job.get("phase", "all")
+    n_all = int(job["threads_all"])
+    runner, res = _load(job, 1 if phase != "many" else n_all)
+    if phase != "many":
+        t0 = time.perf_counter()
+        first = runner.run(images[:1])
+        res["first_inference_ms"] = (time.perf_counter() - t0) * 1000
+        res["output_classes"] = int(first.shape[-1])
+        if job.get("num_classes") and first.shape[-1] != job["num_classes"]:
+            raise ValueError(f"the artifact outputs {first.shape[-1]} classes but the model/data have "
+                             f"{job['num_classes']}")
+        res["latency_1t"] = time_batch1(runner, images, job["runs"], job["warmup"])
+        res["threads_1t"] = 1
+        res["peak_rss_b1_mb"] = peak_rss_mb()
+        res["engine"] = runner.describe().get("engine")
+        if phase == "1t":
+            return res
+        t0 = time.perf_counter()
+        runner = set_threads(runner, runtime, n_all, path, engine)
+        res["load_all_threads_s"] = time.perf_counter() - t0
+    res["threads_all"] = runner.threads
+    res["latency_all"] = time_batch1(runner, images, job["runs"], job["warmup"])
+    logits, thr = evaluate(runner, images, int(job["batch"]), int(job.get("min_throughput_images", 64)))
+    res.update(thr)
+    np.save(job["logits_out"], logits)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m benchmarks.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.simplefilter("ignore")
+    try:
+        result = {"ok": True, **measure(job)}
+    except Exception as err:  # every failure becomes a failed row in the parent, with this reason
+        result = {"ok": False, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:400]}"
+                  if str(err).strip() else type(err).__name__,
+                  "traceback": traceback.format_exc()[-3000:]}
+    result["pid"] = os.getpid()
+    Path(argv[1]).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Verifying a saved .mlpackage without CoreML: read it back, rebuild its weights, run them in PyTorch.
+
+CoreML cannot predict on Linux. What can be checked here, and is:
+  1. the package's interface: image input of the right size, classifier with our class labels, 'logits';
+  2. every conv/linear weight and bias, rebuilt from the saved program (fp16 consts, dequantized
+     constexpr_affine_dequantize / constexpr_blockwise_shift_scale, expanded constexpr_lut_to_dense), is
+     within the error its compression allows of the (BatchNorm-folded) PyTorch tensor it came from:
+       fp16      |w - w'| <= |w| * 2^-11              (round to nearest float16)
+       int8      |w - w'| <= scale / 2 + fp16 slack   (half a quantization step of that channel)
+       palette   |w - w'| <= distance from w to the nearest LUT entry + fp16 slack (nearest-centroid)
+  3. the accuracy drift: the PyTorch graph with those rebuilt weights, run in float16 (weights, activations
+     and the in-model preprocessing constants all float16, as CoreML's fp16 compute does), compared with the
+     float32 model on the evaluation images.
+On macOS the real CoreML predict also runs and is compared. Results say which of these happened.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.common import ExportError
+from train.spec import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+METHOD = "weight reconstruction, not executed"
+LABEL = "verified by weight reconstruction, not executed"
+FP16_REL = 2.0 ** -11
+SLACK_ABS = 1e-7  # float16 subnormal spacing is ~6e-8
+
+
+def read_program(path: str | Path) -> tuple[Any, Any]:
+    """(model spec protobuf, PyMIL program) of a saved package, without loading it into CoreML."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    proto = model.get_spec()
+    prog = load_milproto(model_spec=proto, specification_version=proto.specificationVersion,
+                         file_weights_dir=model.weights_dir)
+    return proto, prog
+
+
+def _value_and_step(var: Any) -> tuple[np.ndarray, str, Any]:
+    """The dense float value of a weight var, the op kind that stores it, and what bounds its error."""
+    op = var.op
+    kind = op.op_type
+    if kind == "const":
+        return np.asarray(var.val, dtype=np.float32), kind, None
+    value = np.asarray(op.materialized_val_inference(), dtype=np.float32)
+    if kind == "constexpr_lut_to_dense":
+        return value, kind, np.sort(np.asarray(op.lut.val, dtype=np.float32).reshape(-1))
+    if kind in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+        scale = np.abs(np.asarray(op.scale.val, dtype=np.float32))
+        if kind == "constexpr_affine_dequantize" and scale.ndim == 1:  # per-channel along `axis`
+            shape = [1] * value.ndim
+            shape[int(op.axis.val)] = -1
+            scale = scale.reshape(shape)
+        for axis, (n, m) in enumerate(zip(value.shape, scale.shape)):  # blockwise: expand blocks
+            if m not in (1, n):
+                scale = np.repeat(scale, n // m, axis=axis)
+        return value, kind, np.broadcast_to(scale, value.shape)
+    return value, kind, None
+
+
+def _nearest_lut_distance(w: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.searchsorted(lut, w), 1, len(lut) - 1)
+    return np.minimum(np.abs(w - lut[idx - 1]), np.abs(w - lut[idx]))
+
+
+def _allowed_error(w: np.ndarray, kind: str, step: Any) -> np.ndarray:
+    fp16 = np.abs(w) * FP16_REL * 2 + SLACK_ABS  # the dequantized value is itself rounded to float16
+    if kind == "constexpr_lut_to_dense":
+        return _nearest_lut_distance(w, step) + fp16 + np.abs(step).max() * FP16_REL
+    if step is not None:
+        return step * 0.5 * (1 + 2 ** -8) + fp16 + step * 127 * FP16_REL
+    return np.abs(w) * FP16_REL + SLACK_ABS
+
+
+def _check_interface(proto: Any, spec: PreprocessSpec, prog: Any) -> dict[str, Any]:
+    desc = proto.description
+    inp = desc.input[0]
+    problems = []
+    if inp.name != "image" or inp.type.WhichOneof("Type") != "imageType":
+        problems.append(f"input is {inp.name!r} of type {inp.type.WhichOneof('Type')}, expected image 'image'")
+    elif (inp.type.imageType.width, inp.type.imageType.height) != (spec.input_size, spec.input_size):
+        problems.append(f"image input is {inp.type.imageType.width}x{inp.type.imageType.height}, "
+                        f"expected {spec.input_size}")
+    outputs = [o.name for o in desc.output]
+    if "logits" not in outputs or desc.predictedFeatureName != "classLabel":
+        problems.append(f"outputs {outputs} / predicted feature {desc.predictedFeatureName!r}: expected a "
+                        f"classifier (classLabel) and 'logits'")
+    classify = [op for op in prog.functions["main"].operations if op.op_type == "classify"]
+    classes = [str(c) for c in classify[0].classes.val] if classify else []
+    if classes != list(spec.class_names):
+        problems.append(f"classifier labels {classes} differ from the checkpoint's {list(spec.class_names)}")
+    meta = dict(desc.metadata.userDefined)
+    if meta.get("classes") is None or "preprocessing" not in meta:
+        problems.append("user_defined_metadata lacks 'classes' or 'preprocessing'")
+    if problems:
+        raise ExportError("CoreML package interface: " + "; ".join(problems))
+    return {"input": f"image {spec.input_size}x{spec.input_size} RGB", "outputs": outputs, "class_labels": classes,
+            "metadata_keys": sorted(meta), "specification_version": int(proto.specificationVersion)}
+
+
+def reconstruct(prog: Any, graph: Any) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], dict[str, Any]]:
+    """Rebuilt weights per PyTorch module name, and the error figures against the PyTorch tensors."""
+    ops = [op for op in prog.functions["main"].operations if op.op_type in ("conv", "linear")]
+    modules = graph.weight_modules()
+    if len(ops) != len(modules):
+        raise ExportError(f"the package has {len(ops)} conv/linear ops, the PyTorch graph {len(modules)}")
+    rebuilt, layers, kinds = {}, [], {}
+    for op, (name, mod) in zip(ops, modules):
+        tensors = [("weight", op.weight, mod.weight)] + ([("bias", op.bias, mod.bias)] if mod.bias is not None else [])
+        got: dict[str, np.ndarray] = {}
+        for what, var, ref_t in tensors:
+            if var is None:
+                raise ExportError(f"{op.name}: no {what} in the package for {name}.{what}")
+            value, kind, step = _value_and_step(var)
+            ref = ref_t.detach().float().numpy()
+            if value.shape != ref.shape:
+                raise ExportError(f"{op.name}: {what} shape {value.shape} != PyTorch {name} {ref.shape}")
+            err = np.abs(value - ref)
+            excess = float((err - _allowed_error(ref, kind, step)).max())
+            layers.append({"tensor": f"{name}.{what}", "storage": kind, "max_abs_error": float(err.max()),
+                           "max_rel_error": float(err.max() / max(np.abs(ref).max(), 1e-12)),
+                           "within_bound": excess <= 0})
+            kinds[kind] = kinds.get(kind, 0) + 1
+            got[what] = value
+        rebuilt[name] = (got["weight"], got.get("bias"))
+    worst = max(layers, key=lambda r: r["max_rel_error"])
+    bad = [r["tensor"] for r in layers if not r["within_bound"]]
+    summary = {"tensors_checked": len(layers), "storage_kinds": kinds,
+               "max_abs_weight_error": max(r["max_abs_error"] for r in layers),
+               "max_rel_weight_error": worst["max_rel_error"], "worst_tensor": worst["tensor"],
+               "weights_within_bound": not bad, "tensors_outside_bound": bad}
+    return rebuilt, summary
+
+
+def drift(graph: Any, rebuilt: dict, x: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
+          batch: int = 16) -> dict[str, Any]:
+    """The PyTorch graph with the rebuilt weights, run entirely in float16, against the float32 model."""
+    from export.runners import compare_logits
+
+    g = copy.deepcopy(graph).eval()
+    mods = dict(g.model.named_modules())
+    with torch.no_grad():
+        for name, (w, b) in rebuilt.items():
+            mods[name].weight.copy_(torch.from_numpy(w))
+            if b is not None:
+                mods[name].bias.copy_(torch.from_numpy(b))
+    g = g.half()
+    with torch.inference_mode():
+        out = np.concatenate([g(torch.from_numpy(x[i:i + batch]).half())[1].float().numpy()
+                              for i in range(0, len(x), batch)])
+    res = {"execution": "PyTorch CPU, float16 weights and activations", **compare_logits(ref, out)}
+    if labels is not None:
+        res["accuracy_float32"] = float((ref.argmax(1) == labels).mean())
+        res["accuracy_rebuilt_fp16"] = float((out.argmax(1) == labels).mean())
+    return res
+
+
+def verify_package(path: Path, graph: Any, spec: PreprocessSpec, variant: str, x: np.ndarray, ref: np.ndarray,
+                   inputs: str, labels: np.ndarray | None) -> dict[str, Any]:
+    """The verification dict for one package; raises ExportError when it does not match its source."""
+    proto, prog = read_program(path)
+    interface = _check_interface(proto, spec, prog)
+    rebuilt, weights = reconstruct(prog, graph)
+    if not weights["weights_within_bound"]:
+        raise ExportError(f"{variant}: rebuilt weights exceed their compression's error bound for "
+                          f"{weights['tensors_outside_bound'][:5]}")
+    result = {"method": METHOD, "label": LABEL, "executed": False, "inputs": inputs, "variant": variant,
+              "passed": True, "interface": interface, "weights": weights,
+              "drift_estimate": drift(graph, rebuilt, x, ref, labels)}
+    for k in ("n_images", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "max_prob_change"):
+        result[k] = result["drift_estimate"][k]
+    if platform.system() == "Darwin":
+        result.update(_predict_on_mac(path, x, ref))
+    return result
+
+
+def _predict_on_mac(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    from export.runners import compare_logits, get_runner
+
+    try:
+        out = get_runner("coreml").load(path).run(x)
+    except Exception as err:  # a mac without the CoreML framework, or an OS too old for the target
+        return {"coreml_predict": f"failed: {type(err).__name__}: {err}"}
+    return {"method": "executed in CoreML (macOS) and by weight reconstruction", "executed": True,
+            "label": "verified by CoreML predict on macOS", "coreml_predict": compare_logits(ref, out)}

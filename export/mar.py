@@ -1,0 +1,243 @@
+"""`python -m export.mar`: a TorchServe archive (`cxr_resnet18.mar`) with the toolkit's own handler.
+
+The archive holds the TorchScript DeployModel (normalization inside), `spec.json`, `index_to_name.json`,
+`cxr_spec.py` (a byte-for-byte copy of `train/spec.py`: one source of truth for decoding and resizing),
+`model-config.yaml` (batching, workers) and `torchserve_handler.py`. Beside it goes a `config.properties`
+that binds every TorchServe endpoint to 127.0.0.1 and keeps token authorization on.
+
+Verification runs the shipped handler in-process on the unpacked archive against the float model;
+`tests/test_torchserve.py` then serves the archive in a real TorchServe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.common import tool_versions
+from export.manifest import ArtifactEntry, describe_file, record
+from export.runners import compare_logits
+from train.atomic import atomic_path, write_json, write_text
+from train import spec as spec_module
+from train.checkpoint import Checkpoint
+from train.data import Sample
+
+log = logging.getLogger(__name__)
+
+ENTRY_NAME = "torchserve_mar"
+MODEL_NAME = "cxr_resnet18"
+MAR_FILE = f"{MODEL_NAME}.mar"
+HANDLER_SRC = Path(__file__).with_name("torchserve_handler.py")
+SPEC_SRC = Path(spec_module.__file__)  # shipped byte for byte as cxr_spec.py
+PROB_TOLERANCE = 1e-4
+TOOLS = ("torch", "pillow", "torch-model-archiver", "torchserve")
+
+
+def script_model(ckpt: Checkpoint) -> tuple[torch.jit.ScriptModule, str]:
+    """TorchScript of the DeployModel; export.lite's helper when present (one scripting path)."""
+    model = ckpt.build_deploy_model()
+    example = torch.rand(ckpt.spec.input_shape)
+    try:
+        from export.lite import script_or_trace
+    except ImportError:
+        return torch.jit.script(model), "script"
+    return script_or_trace(model, example)
+
+
+def model_config_yaml(batch_size: int, max_batch_delay_ms: int, workers: int, threads: int | None) -> str:
+    """model-config.yaml: TorchServe reads batching and worker counts from it at registration."""
+    lines = [f"minWorkers: {workers}", f"maxWorkers: {workers}", f"batchSize: {batch_size}",
+             f"maxBatchDelay: {max_batch_delay_ms}", "responseTimeout: 120"]
+    if threads:
+        lines += ["handler:", f"  threads: {threads}"]
+    return "\n".join(lines) + "\n"
+
+
+def stage_files(ckpt: Checkpoint, staging: Path, *, batch_size: int, max_batch_delay_ms: int,
+                workers: int, threads: int | None) -> dict[str, Any]:
+    """Write everything the archive holds into `staging`; returns what was chosen (for the manifest)."""
+    module, how = script_model(ckpt)
+    torch.jit.save(module, str(staging / "model.pt"))
+    write_json(staging / "spec.json", ckpt.spec.to_dict())
+    write_json(staging / "index_to_name.json", {str(i): c for i, c in enumerate(ckpt.spec.class_names)})
+    shutil.copyfile(SPEC_SRC, staging / "cxr_spec.py")
+    shutil.copyfile(HANDLER_SRC, staging / HANDLER_SRC.name)
+    write_text(staging / "model-config.yaml", model_config_yaml(batch_size, max_batch_delay_ms, workers, threads))
+    return {"torchscript": how, "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay_ms,
+            "workers": workers, "threads": threads, "handler": HANDLER_SRC.name}
+
+
+def run_archiver(staging: Path, export_dir: Path, version: str) -> Path:
+    """torch-model-archiver in a subprocess with a private TMPDIR (it stages in $TMPDIR/<model name>,
+    which concurrent builds would otherwise share)."""
+    tmp = staging / "tmp"
+    tmp.mkdir(exist_ok=True)
+    export_dir.mkdir(exist_ok=True)
+    extra = ",".join(str(staging / f) for f in ("spec.json", "index_to_name.json", "cxr_spec.py"))
+    cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME,
+           "--serialized-file", str(staging / "model.pt"), "--handler", str(staging / HANDLER_SRC.name),
+           "--extra-files", extra, "--config-file", str(staging / "model-config.yaml"),
+           "--version", version, "--export-path", str(export_dir), "--force"]
+    proc = subprocess.run(cmd, env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, text=True,
+                          timeout=600)
+    mar = export_dir / MAR_FILE
+    if proc.returncode != 0 or not mar.is_file():
+        lines = (proc.stderr or proc.stdout or "no output").strip().splitlines()
+        raise RuntimeError(f"torch-model-archiver failed (exit {proc.returncode}): {lines[-1][:500]}")
+    return mar
+
+
+def sample_payloads(ckpt: Checkpoint, eval_samples: list[Sample] | None) -> tuple[list[bytes], str]:
+    """Image bytes to verify with: the PNG/JPEG eval files as they are, else generated PNG/JPEG
+    (grayscale and RGB, several sizes), labelled as generated."""
+    files = [Path(s.path) for s in eval_samples or [] if Path(s.path).suffix.lower() in (".png", ".jpg", ".jpeg")]
+    if files:
+        return [f.read_bytes() for f in files], f"{len(files)} real PNG/JPEG files"
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i, (mode, fmt) in enumerate([("L", "PNG"), ("RGB", "PNG"), ("L", "JPEG"), ("RGB", "JPEG")] * 2):
+        side = ckpt.spec.input_size * (1 + i % 3)
+        shape = (side, side) if mode == "L" else (side, side, 3)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out, f"{len(out)} GENERATED random PNG/JPEG images (grayscale and RGB; no --data given)"
+
+
+def reference_probs(ckpt: Checkpoint, payloads: list[bytes]) -> np.ndarray:
+    """Softmax of the float DeployModel on the toolkit's own decoding (train.spec), the gold standard."""
+    from PIL import Image
+
+    from train.spec import gray_to_unit_array, to_gray_resized
+
+    arrays = []
+    for data in payloads:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            arrays.append(gray_to_unit_array(to_gray_resized(img, ckpt.spec)))
+    with torch.inference_mode():
+        logits = ckpt.build_deploy_model()(torch.from_numpy(np.stack(arrays)))
+    return torch.softmax(logits, dim=1).numpy()
+
+
+def verify_archive(mar: Path, ckpt: Checkpoint, payloads: list[bytes], inputs: str = "") -> dict[str, Any]:
+    """Unpack the archive and run its handler, with its shipped cxr_spec.py, on `payloads`."""
+    import importlib.util
+
+    with tempfile.TemporaryDirectory(prefix="mar-verify-") as tmp:
+        with zipfile.ZipFile(mar) as zf:
+            zf.extractall(tmp)
+        saved = sys.modules.pop("cxr_spec", None)
+        sys.path.insert(0, tmp)
+        try:
+            spec = importlib.util.spec_from_file_location("_mar_handler", Path(tmp) / HANDLER_SRC.name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            results = module.CxrHandler().load(tmp).infer(payloads)
+        finally:
+            sys.path.remove(tmp)
+            sys.modules.pop("cxr_spec", None)
+            if saved is not None:
+                sys.modules["cxr_spec"] = saved
+    bad = [body for status, body in results if status != 200]
+    if bad:
+        raise RuntimeError(f"the archived handler rejected verification images: {bad[:2]}")
+    names = ckpt.spec.class_names
+    got = np.array([[body["probabilities"][c] for c in names] for _, body in results], dtype=np.float64)
+    ref = reference_probs(ckpt, payloads)
+    figures = compare_logits(np.log(ref), np.log(np.clip(got, 1e-30, None)))
+    figures.update(method="archived handler run in-process on the unpacked .mar vs float DeployModel "
+                          "(log-probabilities compared as logits)", inputs=inputs,
+                   max_prob_diff=float(np.abs(ref - got).max()), tolerance=PROB_TOLERANCE)
+    return figures
+
+
+def export_mar(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
+               calib_samples: list[Sample] | None = None, batch_size: int = 8, max_batch_delay_ms: int = 20,
+               workers: int = 1, threads: int | None = 1, version: str = "1.0",
+               serve_config: Path | None = None, ports: dict[str, int] | None = None,
+               enable_model_api: bool = False) -> list[ArtifactEntry]:
+    """Build, verify and record `cxr_resnet18.mar`, and write its TorchServe config. `calib_samples`
+    is unused (float model); it is accepted so every exporter has the same signature."""
+    from export.serve import write_serve_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / MAR_FILE
+    entry = ArtifactEntry(name=ENTRY_NAME, format="torchserve-mar", precision="fp32", runtime="torchserve",
+                          path=None, status="failed", source_checkpoint_sha256=ckpt.sha256,
+                          tool_versions=tool_versions(TOOLS))
+    try:
+        with tempfile.TemporaryDirectory(prefix=".mar-build-", dir=out_dir) as tmp:
+            staging = Path(tmp)
+            entry.details = stage_files(ckpt, staging, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                                        workers=workers, threads=threads)
+            built = run_archiver(staging, staging / "export", version)
+            figures = verify_archive(built, ckpt, *sample_payloads(ckpt, eval_samples))
+            with atomic_path(dest) as part:
+                shutil.move(str(built), part)
+        config = write_serve_config(serve_config or out_dir / "config.properties", model_store=out_dir,
+                                    ports=ports, enable_model_api=enable_model_api, load_models=MAR_FILE)
+        entry.details.update(serve_config=str(config), model_name=MODEL_NAME, model_version=version)
+        entry.verification = figures
+        entry.__dict__.update(describe_file(out_dir, dest))
+        entry.status = "verified" if figures["max_prob_diff"] <= PROB_TOLERANCE else "exported"
+        if entry.status == "exported":
+            entry.error = f"probabilities differ by {figures['max_prob_diff']:.2e} > {PROB_TOLERANCE}"
+    except Exception as err:  # a failed format is a manifest row, not a crash
+        log.exception("TorchServe archive failed")
+        entry.error = f"{type(err).__name__}: {err}"
+    record(out_dir, entry)
+    return [entry]
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from export.common import ExportError
+
+    for flag, least in (("batch_size", 1), ("workers", 1), ("threads", 1), ("max_batch_delay", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise ExportError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    ports = {"inference": args.inference_port, "management": args.management_port, "metrics": args.metrics_port}
+    return {"batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay, "workers": args.workers,
+            "threads": args.threads, "serve_config": args.serve_config, "ports": ports,
+            "enable_model_api": args.enable_model_api}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.common import add_common_args, run_cli
+
+    p = argparse.ArgumentParser(prog="python -m export.mar", description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--serve-config", type=Path, default=None,
+                   help="where to write the TorchServe config.properties (default: OUT/config.properties)")
+    p.add_argument("--batch-size", type=int, default=8, help="TorchServe server-side batch size (default 8)")
+    p.add_argument("--max-batch-delay", type=int, default=20, help="ms TorchServe waits to fill a batch (default 20)")
+    p.add_argument("--workers", type=int, default=1, help="TorchServe worker processes for the model (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (default 1: more threads than free cores is many times "
+                        "slower, and batching already keeps the core busy)")
+    p.add_argument("--inference-port", type=int, default=8080, help="127.0.0.1 port of the inference API")
+    p.add_argument("--management-port", type=int, default=8081, help="127.0.0.1 port of the management API")
+    p.add_argument("--metrics-port", type=int, default=8082, help="127.0.0.1 port of the metrics API")
+    p.add_argument("--enable-model-api", action="store_true",
+                   help="allow registering/deleting models over the management API (off by default)")
+    return run_cli(p, export_mar, argv, _options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`python -m quantize`: float vs every int8 variant (PyTorch dynamic/static, ONNX Runtime dynamic/static)
+on the same images; Markdown + JSON + PNG report; optional release gate (--max-drop)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from quantize.onnx_rt import CALIB_METHODS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt (toolkit format or ResNet-18 state dict)")
+    p.add_argument("--data", required=True, help="dataset folder or labels CSV (needs a train split for "
+                                                 "calibration; folder datasets get a seeded split)")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="split to evaluate on (default val)")
+    p.add_argument("--calib-size", type=int, default=300, help="calibration images from the TRAIN split (default 300)")
+    p.add_argument("--calib-method", default="MinMax", choices=CALIB_METHODS,
+                   help="ONNX Runtime static calibration method (default MinMax)")
+    p.add_argument("--engines", default="qnnpack,x86",
+                   help="comma-separated PyTorch quantized engines for static int8 (default qnnpack,x86); "
+                        "the first one is also used for dynamic int8")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="release gate: exit 1 if any variant loses more than this many accuracy points or any "
+                        "class more recall points")
+    p.add_argument("--out", type=Path, default=Path("reports/quantize"), help="report folder (default reports/quantize)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate on a seeded subset of this many images")
+    p.add_argument("--cam", type=int, default=0, help="Grad-CAM float vs int8 for N images per class (default 0: off)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="run per-layer sensitivity and the float-fallback variant even within budget")
+    p.add_argument("--fallback-layers", type=int, default=2, help="most sensitive layers kept float (default 2)")
+    p.add_argument("--sensitivity-layers", default=None,
+                   help="comma-separated layer names to rank (default: every conv/linear layer, e.g. conv1,fc)")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed runs per variant (default 30)")
+    p.add_argument("--threads", type=int, default=2, help="torch/ORT threads for evaluation (timing uses 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # INFO for this toolkit only: ONNX Runtime's quantizer logs one root INFO line per tensor
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("quantize", "train", "export"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    from quantize.report import DataError, QuantizationError, ReportError, run_quantization_report
+    from train.checkpoint import CheckpointError
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    for flag, value, lo in (("--calib-size", args.calib_size, 1), ("--fallback-layers", args.fallback_layers, 0),
+                            ("--max-images", args.max_images or 1, 1), ("--threads", args.threads, 1)):
+        if value < lo:
+            print(f"error: {flag} must be at least {lo}, got {value}", file=sys.stderr)
+            return 2
+    try:
+        report = run_quantization_report(
+            args.checkpoint, args.data, split=args.split, out_dir=args.out, calib_size=args.calib_size,
+            calib_method=args.calib_method, engines=engines, max_drop=args.max_drop, max_images=args.max_images,
+            cam=args.cam, sensitivity=args.sensitivity, fallback_layers=args.fallback_layers,
+            sensitivity_layers=[n.strip() for n in args.sensitivity_layers.split(",") if n.strip()]
+            if args.sensitivity_layers else None,
+            latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, progress=not args.no_progress)
+    except (ReportError, QuantizationError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report['files']['markdown']}")
+    for name, v in report["variants"].items():
+        m = v["metrics"]
+        print(f"  {name:34s} acc {100 * m['accuracy']:6.2f}% ({m['accuracy_change_points']:+.2f})  agree "
+              f"{100 * m['top1_agreement']:6.2f}%  size {v['size_ratio']:.3f}x  speedup "
+              f"{(v.get('speedup_vs_float') or 0):.1f}x")
+    if not report["gate"]["passed"]:
+        print("quantization budget exceeded:\n  " + "\n  ".join(report["gate"]["violations"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Build every variant the quantization report compares, each loaded in the runtime it ships in.
+
+The report orchestrates across stages: the ONNX variants need the float ONNX file, which comes from
+`export.onnx.write_onnx` (imported lazily so the quantize library itself never depends on export).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from export.runners import EagerRunner, OnnxRunner, Runner
+from quantize import torch_ao
+from quantize.variants import static_from_array
+from train.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    """One model under test: how it runs, how big it is, and what quantization touched."""
+
+    name: str
+    precision: str
+    runtime: str
+    engine: str | None
+    runner: Runner
+    size_bytes: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    touched: dict[str, Any] = field(default_factory=dict)
+    time_engines: tuple[str, ...] = ()   # torch: extra engine settings to time this model with
+    path: Path | None = None             # ONNX file, for a separate 1-thread latency session
+    module: torch.nn.Module | None = None
+
+
+def torch_size(module: torch.nn.Module) -> int:
+    """Serialized bytes of the state dict (int8 modules serialize their packed int8 weights)."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+def torch_touched(model: torch.nn.Module) -> dict[str, Any]:
+    """What quantization changed, read from the modules themselves."""
+    q = torch_ao.quantized_modules(model)
+    left = torch_ao.float_weighted_modules(model)
+    kinds = Counter(v for v in q.values())
+    text = (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "nothing") + \
+        (f"; {len(left)} conv/linear layer(s) left float" if left else "; no conv/linear left float")
+    return {"quantized_modules": len(q), "by_type": dict(kinds), "quantized": sorted(q),
+            "float_weighted_modules": left, "summary": "quantized: " + text}
+
+
+def _torch_variant(name: str, model: torch.nn.Module, engine: str | None, settings: dict[str, Any],
+                   threads: int | None, precision: str = "int8", time_engines: tuple[str, ...] = ()) -> Variant:
+    runner = EagerRunner(threads=threads, engine=engine).use_module(model)
+    return Variant(name, precision, "torch-eager", engine, runner, torch_size(model), settings,
+                   torch_touched(model), time_engines, None, model)
+
+
+def float_variant(ckpt: Checkpoint, threads: int | None) -> Variant:
+    return _torch_variant("float", ckpt.build_deploy_model(), None, {"precision": "fp32"}, threads, "fp32")
+
+
+def torch_dynamic(ckpt: Checkpoint, engine: str, threads: int | None) -> Variant:
+    from train.model import DeployModel
+
+    torch_ao.set_engine(engine)
+    model = DeployModel(torch_ao.dynamic_int8(ckpt.build_network()), ckpt.spec).eval()
+    settings = {"mode": "torch dynamic (quantize_dynamic, nn.Linear, qint8 weights, activations "
+                        "quantized at run time)", "engine": engine}
+    return _torch_variant("torch_dynamic_int8", model, engine, settings, threads)
+
+
+def torch_static(ckpt: Checkpoint, calib: np.ndarray, engine: str, threads: int | None, *,
+                 keep_float: Sequence[str] = (), progress: bool = True,
+                 suffix: str = "") -> Variant:
+    model = static_from_array(ckpt, calib, engine, keep_float=keep_float, progress=progress)
+    settings = {"engine": engine, **torch_ao.qconfig_description(engine), "calibration_images": len(calib),
+                "keep_float": list(keep_float)}
+    others = tuple(e for e in ("x86", "qnnpack") if e != engine
+                   and e in torch.backends.quantized.supported_engines)
+    return _torch_variant(f"torch_static_int8_{engine}{suffix}", model, engine, settings, threads,
+                          time_engines=others)
+
+
+def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: Path,
+                  threads: int | None, progress: bool = True) -> list[Variant]:
+    """Float ONNX (the export stage's writer), then ORT dynamic and static QDQ int8 from it."""
+    from export.onnx import write_onnx  # cross-stage: the report needs the exported float graph
+    from quantize.onnx_rt import dynamic_int8_onnx, graph_summary, static_int8_onnx
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    fp32, dyn, sta = (models_dir / n for n in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx"))
+    export_info = write_onnx(ckpt.build_deploy_model(), ckpt.spec, fp32)
+    dyn_info = dynamic_int8_onnx(fp32, dyn)
+    sta_info = static_int8_onnx(fp32, sta, calib, method=method, per_channel=True, progress=progress)
+    out = []
+    for name, path, prec, info in (("onnx_fp32", fp32, "fp32", {**export_info, **graph_summary(fp32)}),
+                                   ("onnx_int8_dynamic", dyn, "int8", dyn_info),
+                                   ("onnx_int8_static_qdq", sta, "int8", sta_info)):
+        runner = OnnxRunner(threads=threads).load(path)
+        keep = ("mode", "format", "weight_type", "activation_type", "activations", "per_channel",
+                "calibration_method", "calibration_images", "preprocessed", "opset", "onnxruntime_version")
+        settings = {k: info[k] for k in keep if k in info}
+        touched = {k: info[k] for k in ("integer_ops", "qdq_ops", "qdq_weight_ops", "float_weighted_ops",
+                                        "quantized_node_count") if k in info}
+        touched["summary"] = info.get("touched", "float graph: nothing quantized")
+        out.append(Variant(name, prec, "onnxruntime", "CPUExecutionProvider", runner, path.stat().st_size,
+                           settings, touched, (), path))
+    return out
+
+
+def evaluate(v: Variant, images: np.ndarray, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Logits of every image, in the variant's own runtime and engine."""
+    from tqdm import tqdm
+
+    if v.engine and v.runtime != "onnxruntime":
+        torch_ao.set_engine(v.engine)
+    outs = [v.runner.run(images[i:i + batch_size])
+            for i in tqdm(range(0, len(images), batch_size), desc=f"evaluating {v.name}", unit="batch",
+                          disable=not progress, leave=False)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def latency_fns(variants: Sequence[Variant], image: np.ndarray) -> dict[str, Any]:
+    """Batch-1, one-thread callables. A torch int8 model is also timed under the other engine setting
+    (labelled `name@engine`): its kernels were packed for its own engine, which the timing shows."""
+    fns: dict[str, Any] = {}
+    x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32))
+    for v in variants:
+        if v.path is not None:
+            sess = OnnxRunner(threads=1).load(v.path)
+            fns[v.name] = (lambda s=sess: s.run(image[None]))
+            continue
+        for eng in ((v.engine,) if v.engine else (None,)) + v.time_engines:
+            label = v.name if eng == v.engine else f"{v.name}@{eng}"
+            fns[label] = _torch_call(v.module, eng, x)
+    return fns
+
+
+def _torch_call(module: torch.nn.Module, engine: str | None, x: torch.Tensor):
+    def call() -> None:
+        torch.set_num_threads(1)
+        if engine:
+            torch.backends.quantized.engine = engine
+        with torch.inference_mode():
+            module(x)
+    return call

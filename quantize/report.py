@@ -1,0 +1,183 @@
+"""The quantization report: float vs every int8 variant on the same images, each in its own runtime.
+
+Answers what int8 costs before it ships: which classes lose recall, which images flip, how much
+smaller and faster each variant is, and (when a static variant misses the budget) which layers to
+keep in float. Writes report.md, report.json, report.png and logits.npz into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from quantize import builders, metrics, torch_ao
+from quantize.onnx_rt import CALIB_METHODS
+from quantize.torch_ao import QuantizationError
+from quantize.variants import load_calibration
+from train.checkpoint import load_checkpoint
+from train.data import DataError, assign_splits, discover, seeded_subset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SENSITIVITY_BUDGET = 0.3  # accuracy / recall points; used when --max-drop is not given
+TARGETS = {"min_top1_agreement": 0.995, "max_accuracy_drop_points": 0.3, "max_class_recall_drop_points": 1.0,
+           "max_size_ratio": 0.27, "min_speedup": 3.0}
+
+
+class ReportError(ValueError):
+    """Bad input to the report (flag or data); the message names it and says what to do."""
+
+
+def _eval_images(index, split: str, max_images: int | None, seed: int, spec, progress: bool):
+    from tqdm import tqdm
+
+    from train.spec import load_unit_image
+
+    if split == "train":
+        raise ReportError("--split train would evaluate on the images calibration samples from; use --split "
+                          "val (or test)")
+    samples = index.split(split)
+    if not samples:
+        raise ReportError(f"--split {split}: {index.root} has no images in that split "
+                          f"(splits present: {sorted({s.split for s in index.samples})})")
+    total = len(samples)
+    if max_images:
+        samples = seeded_subset(samples, max_images, seed)
+    images = np.stack([load_unit_image(s.path, spec) for s in tqdm(
+        samples, desc=f"loading {split} images", unit="img", disable=not progress, leave=False)])
+    return samples, images.astype(np.float32), np.array([s.label for s in samples]), total
+
+
+def _record(v: builders.Variant, logits: np.ndarray, labels, ref, class_names, float_size: int) -> dict:
+    return {"precision": v.precision, "runtime": v.runtime, "engine": v.engine, "size_bytes": v.size_bytes,
+            "size_ratio": v.size_bytes / float_size, "settings": v.settings, "touched": v.touched,
+            "path": str(v.path) if v.path else None,
+            "metrics": metrics.against_float(labels, ref, logits, class_names)}
+
+
+def _sensitivity(ckpt, calib, variants, results, logits, labels, *, budget, force, k, sample, layers, threads,
+                 progress) -> dict[str, Any]:
+    """For each static torch variant over budget (or all, when forced): rank layers, build a variant
+    that keeps the k most sensitive in float, evaluate it like the others."""
+    from quantize.sensitivity import layer_sensitivity, most_sensitive
+
+    out: dict[str, Any] = {"budget_points": budget, "forced": force, "keep_float_layers": k, "runs": {}}
+    for v in [v for v in variants if v.name.startswith("torch_static_int8_")]:
+        over = metrics.exceeds(results[v.name]["metrics"], budget)
+        if not (force or over):
+            continue
+        ranking = layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress)
+        keep = most_sensitive(ranking, k)
+        fb = builders.torch_static(ckpt, calib, v.engine, threads, keep_float=keep, progress=progress,
+                                   suffix="_fallback")
+        logits[fb.name] = builders.evaluate(fb, logits["__images__"], progress=progress)
+        results[fb.name] = _record(fb, logits[fb.name], labels, logits["float"], ckpt.spec.class_names,
+                                   results["float"]["size_bytes"])
+        variants.append(fb)
+        out["runs"][v.name] = {"over_budget": over, "ranking": ranking, "keep_float": keep, "fallback": fb.name,
+                               "method": "quantize one layer at a time, mean |logit - float logit| on "
+                                         f"{min(sample, len(calib))} calibration (train) images"}
+    return out
+
+
+def _cam(cam: int, ckpt, variants, eval_samples, out_dir: Path) -> tuple[str, dict]:
+    try:
+        from quantize.cam_compare import compare_float_int8  # engineer CAM's module, optional here
+    except ImportError as err:
+        return f"\n## Grad-CAM float vs int8\n\nNot available: {err}\n", {"error": str(err)}
+    static = [v for v in variants if v.name.startswith("torch_static_int8_") and v.module is not None]
+    target = next((v for v in static if v.engine == "qnnpack"), static[0] if static else None)
+    if target is None:
+        return "\n## Grad-CAM float vs int8\n\nNo static int8 torch model was built.\n", {}
+    torch_ao.set_engine(target.engine)
+    md, data = compare_float_int8(ckpt, target.module, eval_samples, out_dir / "cam", per_class=cam)
+    return md, {"int8_variant": target.name, **data}
+
+
+def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: str = "val",
+                            out_dir: Path = Path("reports/quantize"), calib_size: int = 300,
+                            calib_method: str = "MinMax", engines: Sequence[str] = ("qnnpack", "x86"),
+                            max_drop: float | None = None, max_images: int | None = None, cam: int = 0,
+                            sensitivity: bool = False, fallback_layers: int = 2, sensitivity_sample: int = 32,
+                            sensitivity_layers: Sequence[str] | None = None,
+                            latency_runs: int = 30, threads: int = 2, seed: int = 0,
+                            progress: bool = True) -> dict[str, Any]:
+    """Build, evaluate, time and compare every variant; write the report; return its JSON dict.
+    `report['gate']['passed']` is False when `max_drop` is given and some variant breaks it."""
+    from quantize.render import write_report
+
+    if calib_method not in CALIB_METHODS:
+        raise ReportError(f"--calib-method must be one of {CALIB_METHODS}, got {calib_method!r}")
+    if not engines:
+        raise ReportError("--engines needs at least one quantized engine, e.g. qnnpack,x86")
+    for e in engines:
+        torch_ao.check_engine(e)
+    if latency_runs < 1:
+        raise ReportError("--latency-runs must be at least 1")
+    ckpt = load_checkpoint(checkpoint)
+    index = discover(data, class_names=ckpt.spec.class_names)
+    split_note = "given by the data"
+    if not index.has_split:
+        index = assign_splits(index, seed=seed)
+        split_note = f"generated: stratified seeded split (seed {seed}), as training does for such data"
+    torch.set_num_threads(threads)
+    eval_samples, images, labels, split_total = _eval_images(index, split, max_images, seed, ckpt.spec, progress)
+    calib_samples, calib = load_calibration(index, calib_size, ckpt.spec, seed=seed, progress=progress)
+
+    variants = [builders.float_variant(ckpt, threads), builders.torch_dynamic(ckpt, engines[0], threads)]
+    variants += [builders.torch_static(ckpt, calib, e, threads, progress=progress) for e in engines]
+    variants += builders.onnx_variants(ckpt, calib, calib_method, Path(out_dir) / "models", threads, progress)
+    logits: dict[str, np.ndarray] = {v.name: builders.evaluate(v, images, progress=progress) for v in variants}
+    classes = ckpt.spec.class_names
+    float_size = variants[0].size_bytes
+    results = {v.name: _record(v, logits[v.name], labels, logits["float"], classes, float_size) for v in variants}
+
+    budget = max_drop if max_drop is not None else DEFAULT_SENSITIVITY_BUDGET
+    logits["__images__"] = images
+    sens = _sensitivity(ckpt, calib, variants, results, logits, labels, budget=budget, force=sensitivity,
+                        k=fallback_layers, sample=sensitivity_sample, layers=sensitivity_layers,
+                        threads=threads, progress=progress)
+    del logits["__images__"]
+
+    latency = metrics.time_interleaved(builders.latency_fns(variants, images[0]), runs=latency_runs)
+    torch.set_num_threads(threads)
+    for name, r in results.items():
+        r["latency"] = latency.get(name)
+        r["speedup_vs_float"] = latency["float"]["median_ms"] / latency[name]["median_ms"] if name in latency else None
+        same = "onnx_fp32" if r["runtime"] == "onnxruntime" else "float"  # vs the float model of its runtime
+        r["speedup_vs_runtime_float"] = (latency[same]["median_ms"] / latency[name]["median_ms"]
+                                         if name in latency and same in latency else None)
+
+    violations = metrics.budget_violations(results, max_drop) if max_drop is not None else []
+    report = {
+        "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "source_format": ckpt.source_format},
+        "data": {"root": str(index.root), "split": split, "split_source": split_note, "n_images": len(labels),
+                 "split_images": split_total, "max_images": max_images,
+                 "class_names": list(classes), "class_counts": np.bincount(labels, minlength=len(classes)).tolist()},
+        "calibration": {"split": "train", "size": len(calib_samples), "requested": calib_size, "seed": seed,
+                        "onnx_method": calib_method, "torch_observers": {e: torch_ao.qconfig_description(e)
+                                                                         for e in engines},
+                        "samples": [str(s.path) for s in calib_samples],
+                        "sample_splits": sorted({str(s.split) for s in calib_samples})},
+        "timing": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median",
+                   "order": "interleaved rounds", "cpu_count": os.cpu_count(),
+                   "torch_engine_note": "torch int8 kernels are packed for the engine the model was converted "
+                                        "with; '@engine' rows time the same model under the other engine "
+                                        "setting", "all": latency},
+        "torch_version": torch.__version__, "variants": results, "sensitivity": sens, "targets": TARGETS,
+        "gate": {"max_drop_points": max_drop, "violations": violations, "passed": not violations},
+    }
+    if cam > 0:
+        cam_md, report["cam"] = _cam(cam, ckpt, variants, eval_samples, Path(out_dir))
+    else:
+        cam_md = ""
+    write_report(report, logits, labels, Path(out_dir), cam_md)
+    return report
+
+
+__all__ = ["run_quantization_report", "ReportError", "QuantizationError", "DataError"]

@@ -1,0 +1,158 @@
+"""benchmarks: every artifact measured in its own runtime and fresh process; bad inputs become failed rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.__main__ import main as bench_main
+from benchmarks.machine import machine_info, resnet18_gflop
+from benchmarks.metrics import compressed_size
+from benchmarks.run import BASELINE, run_benchmarks
+from export.manifest import ArtifactEntry, describe_file, record
+from export.onnx import write_onnx
+from train.checkpoint import load_checkpoint
+from train.data import assign_splits, discover, load_batch
+from train.synthetic import make_synthetic_dataset
+
+# threads_all=1: two OpenMP threads on a busy 2-core machine spin-wait for seconds; no timing is asserted
+FAST = {"runs": 3, "warmup": 1, "batch": 8, "threads_all": 1, "progress": False}
+
+
+def _entry(out: Path, name: str, fmt: str, runtime: str, file: Path, sha: str | None) -> ArtifactEntry:
+    return ArtifactEntry(name=name, format=fmt, precision="fp32", runtime=runtime, status="verified",
+                         source_checkpoint_sha256=sha, **describe_file(out, file))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_checkpoint) -> Path:
+    """ptl fp32, TorchScript and ONNX fp32 of the tiny checkpoint, recorded in a manifest."""
+    out = tmp_path_factory.mktemp("artifacts")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = ckpt.build_deploy_model()
+    scripted = torch.jit.script(model)
+    scripted.save(str(out / "model.torchscript.pt"))
+    scripted._save_for_lite_interpreter(str(out / "model.ptl"))
+    write_onnx(model, ckpt.spec, out / "model.onnx")
+    for name, fmt, runtime, file in (("ptl_fp32", "ptl", "pytorch-lite", "model.ptl"),
+                                     ("torchscript_fp32", "torchscript", "torchscript", "model.torchscript.pt"),
+                                     ("onnx_fp32", "onnx", "onnxruntime", "model.onnx")):
+        record(out, _entry(out, name, fmt, runtime, out / file, ckpt.sha256))
+    return out
+
+
+@pytest.fixture(scope="module")
+def happy(artifacts, tiny_checkpoint, synthetic_data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    return run_benchmarks(artifacts, tiny_checkpoint, synthetic_data, out_dir=out, **FAST)
+
+
+def _rows(result: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in result["rows"]}
+
+
+def test_every_row_measured_with_sane_figures(happy, artifacts):
+    rows = _rows(happy)
+    assert list(rows) == [BASELINE, "ptl_fp32", "torchscript_fp32", "onnx_fp32"]
+    for name, r in rows.items():
+        assert r["measured"], (name, r.get("reason"))
+        assert r["status"] in ("baseline", "verified")
+        assert r["latency_1t"]["runs"] == 3 and r["latency_all"]["runs"] == 3
+        assert 0 < r["latency_1t"]["p50_ms"] <= r["latency_1t"]["p99_ms"]
+        assert r["throughput_ips"] > 0 and r["peak_rss_mb"] >= r["rss_before_load_mb"] > 0
+        assert r["load_s"] > 0 and r["first_inference_ms"] > 0 and r["threads_1t"] == 1
+        assert 0 < r["gzip_bytes"]
+    for name, file in (("ptl_fp32", "model.ptl"), ("torchscript_fp32", "model.torchscript.pt"),
+                       ("onnx_fp32", "model.onnx")):
+        assert rows[name]["size_bytes"] == (artifacts / file).stat().st_size
+        assert rows[name]["gzip_bytes"] == compressed_size(artifacts / file)
+        assert rows[name]["top1_agreement"] == 1.0, name
+        assert abs(rows[name]["accuracy_change"]) < 1e-9
+        assert rows[name]["max_abs_logit_diff"] < 1e-3
+    assert rows["onnx_fp32"]["engine"] == "CPUExecutionProvider"
+
+
+def test_accuracy_matches_a_recomputation(happy, tiny_checkpoint, synthetic_data):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    idx = assign_splits(discover(synthetic_data, class_names=ckpt.spec.class_names), seed=0)
+    samples = idx.split("val")
+    with torch.inference_mode():
+        logits = ckpt.build_deploy_model()(torch.from_numpy(load_batch(samples, ckpt.spec))).numpy()
+    labels = np.array([s.label for s in samples])
+    expected = float((logits.argmax(1) == labels).mean() * 100)
+    rows = _rows(happy)
+    assert happy["data"]["n_images"] == len(samples)
+    assert rows[BASELINE]["accuracy"] == pytest.approx(expected)
+    assert rows["onnx_fp32"]["accuracy"] == pytest.approx(expected)
+    assert set(rows[BASELINE]["recall"]) == set(ckpt.spec.class_names)
+
+
+def test_report_files_written(happy):
+    out = {k: Path(v) for k, v in happy["outputs"].items()}
+    md = out["md"].read_text()
+    for name in (BASELINE, "ptl_fp32", "torchscript_fp32", "onnx_fp32"):
+        assert f"| {name} |" in md
+    assert "**Phones**" in md and "**Servers**" in md and "GFLOP/s" in md and "Target" in md
+    data = json.loads(out["json"].read_text())
+    assert data["machine"]["logical_cores"] >= 1 and data["settings"]["runs"] == 3
+    assert [r["name"] for r in csv.DictReader(out["csv"].open())] == [r["name"] for r in happy["rows"]]
+    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+    assert data["recommendations"]["phone"]["name"] in ("ptl_fp32", "onnx_fp32")
+    assert {t["result"] for t in data["targets"]} <= {"PASS", "FAIL", "N/A"}
+
+
+def test_missing_altered_unloadable_and_failed_entries_become_failed_rows(artifacts, tiny_checkpoint,
+                                                                          synthetic_data, tmp_path):
+    art = tmp_path / "artifacts"
+    shutil.copytree(artifacts, art)
+    (art / "model.onnx").unlink()
+    with open(art / "model.torchscript.pt", "ab") as fh:
+        fh.write(b"tampered")
+    (art / "junk.ptl").write_bytes(b"not a model at all")
+    record(art, _entry(art, "junk_ptl", "ptl", "pytorch-lite", art / "junk.ptl", None))
+    record(art, ArtifactEntry(name="executorch_int8", format="pte", precision="int8", runtime="executorch",
+                              path=None, status="failed", error="lowering failed: demo"))
+    result = run_benchmarks(art, tiny_checkpoint, synthetic_data, out_dir=tmp_path / "rep", **FAST)
+    rows = _rows(result)
+    assert rows["onnx_fp32"]["status"] == "failed" and "missing" in rows["onnx_fp32"]["reason"]
+    assert rows["torchscript_fp32"]["status"] == "failed" and "sha256" in rows["torchscript_fp32"]["reason"]
+    assert rows["junk_ptl"]["status"] == "failed" and "lite interpreter cannot load" in rows["junk_ptl"]["reason"]
+    assert rows["executorch_int8"]["status"] == "failed" and "demo" in rows["executorch_int8"]["reason"]
+    assert rows["ptl_fp32"]["measured"] and rows["ptl_fp32"]["top1_agreement"] == 1.0
+    assert rows[BASELINE]["measured"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "sha256 mismatch" in md and "missing" in md
+
+
+def test_data_with_other_classes_gives_failed_rows(artifacts, tiny_checkpoint, tmp_path):
+    other = make_synthetic_dataset(tmp_path / "other", per_class=12, size=32, classes=("a", "b", "c", "d"))
+    result = run_benchmarks(artifacts, tiny_checkpoint, other, out_dir=tmp_path / "rep", only=["onnx_fp32"],
+                            **FAST)
+    rows = _rows(result)
+    assert list(rows) == [BASELINE, "onnx_fp32"]
+    for r in rows.values():
+        assert r["status"] == "failed" and "differ from the model" in r["reason"]
+        assert r.get("accuracy") is None and not r["measured"]
+    assert "Data problem" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_errors_name_the_flag(tmp_path, tiny_checkpoint, synthetic_data, capsys):
+    code = bench_main(["--artifacts", str(tmp_path), "--checkpoint", str(tiny_checkpoint),
+                       "--data", str(synthetic_data), "--out", str(tmp_path / "r")])
+    assert code == 2 and "--artifacts" in capsys.readouterr().err
+    code = bench_main(["--artifacts", str(tmp_path), "--checkpoint", str(tmp_path / "nope.pt"),
+                       "--data", str(synthetic_data)])
+    assert code == 2
+
+
+def test_machine_info_and_flop_count():
+    m = machine_info()
+    assert m["logical_cores"] >= 1 and "torch" in m["libraries"]
+    assert resnet18_gflop(224) == pytest.approx(3.64)
+    assert resnet18_gflop(112) == pytest.approx(0.91)

@@ -1,0 +1,168 @@
+"""The Flutter bundle: schema-valid manifest, labels, test vectors that reproduce, safe replacement."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import export.bundle as bundle
+from export.lite import main
+from export.runners import get_runner
+from mobile_assets import SCHEMA_PATH, ManifestValidationError, validate_manifest
+from train.checkpoint import load_checkpoint
+from train.spec import load_unit_image
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_checkpoint, synthetic_data):
+    """One end-to-end `python -m export.lite` run with --data: export, prove, bundle."""
+    root = tmp_path_factory.mktemp("lite_cli")
+    code = main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data),
+                 "--artifacts", str(root / "artifacts"), "--out", str(root / "bundle"), "--calib-size", "16",
+                 "--verify-size", "8", "--eval-size", "12", "--test-vectors", "3", "--no-torchscript"])
+    assert code == 0
+    return root / "artifacts", root / "bundle"
+
+
+def _copy_bundle(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_manifest_validates_and_says_what_apps_need(built, ckpt):
+    _, out = built
+    m = bundle.check_bundle(out)  # schema + every file's sha256
+    assert m["classes"] == list(ckpt.spec.class_names)
+    assert m["input"]["shape"] == [1, 3, 32, 32] and m["input"]["normalization_inside_model"] is True
+    assert m["input"]["value_range"] == [0.0, 1.0] and "softmax" in m["outputs"]["postprocess"]
+    assert m["runtime"]["int8_engine"] == "qnnpack" and isinstance(m["runtime"]["bytecode_version"], int)
+    assert m["runtime"]["optimize_for_mobile"]["status"] in ("applied", "not applied")
+    assert "NOT A MEDICAL DEVICE" in m["notice"]
+    assert {f["path"] for f in m["files"]} >= {"model.ptl", "model_int8.ptl", "labels.txt", "README.md"}
+    ev = m["evaluation"]
+    assert 4 <= ev["n_images"] <= 12 and ev["split"] == "val"
+    assert set(ev["float"]["per_class_recall"]) == set(ckpt.spec.class_names)
+    assert 0 <= ev["int8_vs_float"]["top1_agreement"] <= 1
+    assert (out / "README.md").read_text() == (SCHEMA_PATH.parent / "README.md").read_text()
+
+
+def test_invalid_manifest_fails_validation(built):
+    _, out = built
+    good = json.loads((out / "manifest.json").read_text())
+    for breaks in (lambda m: m.pop("classes"), lambda m: m["input"].update(normalization_inside_model=False),
+                   lambda m: m["files"][0].update(sha256="not-a-hash"), lambda m: m.update(notice="fine to use")):
+        bad = copy.deepcopy(good)
+        breaks(bad)
+        with pytest.raises(ManifestValidationError):
+            validate_manifest(bad)
+
+
+def test_labels_in_output_order(built, ckpt):
+    _, out = built
+    assert (out / "labels.txt").read_text().splitlines() == list(ckpt.spec.class_names)
+
+
+def test_vectors_reproduce_expected_logits_in_lite_interpreter(built, ckpt):
+    _, out = built
+    m = json.loads((out / "manifest.json").read_text())
+    expected = json.loads((out / "test_vectors" / "expected_logits.json").read_text())["logits"]
+    assert len(m["test_vectors"]["vectors"]) == 3
+    previous = torch.backends.quantized.engine
+    try:
+        fp32 = get_runner("pytorch-lite").load(out / "model.ptl")
+        int8 = get_runner("pytorch-lite", engine="qnnpack").load(out / "model_int8.ptl")
+        for v in m["test_vectors"]["vectors"]:
+            x = np.fromfile(out / v["input"], dtype="<f4").reshape(v["shape"])
+            assert np.array_equal(x[0], load_unit_image(out / v["png"], ckpt.spec))  # decode+resize agree
+            assert np.abs(fp32.run(x)[0] - expected["model.ptl"][v["name"]]).max() <= 1e-4
+            assert np.abs(int8.run(x)[0] - expected["model_int8.ptl"][v["name"]]).max() <= 1e-3
+            assert np.abs(np.array(expected["model.ptl"][v["name"]])
+                          - expected["reference (PyTorch eager float)"][v["name"]]).max() <= 1e-4
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def test_refuses_existing_bundle_without_force(built, ckpt, tiny_checkpoint, tmp_path, capsys):
+    art, out = built
+    with pytest.raises(bundle.BundleError, match="already holds a bundle.*--force"):
+        bundle.write_bundle(art, out, ckpt)
+    code = main(["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path / "a"), "--out", str(out)])
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before any export work
+
+
+def test_force_replaces_generated_files_only(built, ckpt, tmp_path):
+    art, out = built
+    target = _copy_bundle(out, tmp_path / "mobile_assets")
+    for source in ("__init__.py", "manifest.schema.json", "notes.txt"):
+        (target / source).write_text(f"source file {source}\n")
+    (target / "model.pte").write_bytes(b"stale ExecuTorch program of an old bundle")
+    bundle.write_bundle(art, target, ckpt, force=True, include=["ptl_fp32"], test_vectors=1)
+    for source in ("__init__.py", "manifest.schema.json", "notes.txt"):
+        assert (target / source).read_text() == f"source file {source}\n"
+    assert not (target / "model.pte").exists() and not (target / "model_int8.ptl").exists()
+    m = bundle.check_bundle(target)
+    assert [x["file"] for x in m["models"]] == ["model.ptl"] and m["evaluation"] is None
+    assert len(list((target / "test_vectors").glob("*.bin"))) == 1
+    assert "SYNTHETIC" in m["test_vectors"]["vectors"][0]["source"]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_failure_before_commit_keeps_old_bundle(built, ckpt, tmp_path, monkeypatch):
+    art, out = built
+    target = _copy_bundle(out, tmp_path / "bundle")
+    before = (target / "manifest.json").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash while writing test vectors")
+
+    monkeypatch.setattr(bundle, "write_test_vectors", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        bundle.write_bundle(art, target, ckpt, force=True)
+    assert (target / "manifest.json").read_bytes() == before
+    bundle.check_bundle(target)
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+def test_failure_during_commit_leaves_no_manifest(built, ckpt, tmp_path, monkeypatch):
+    art, out = built
+    target = _copy_bundle(out, tmp_path / "bundle")
+    real, calls = bundle._replace, []
+
+    def flaky(src, dest):
+        calls.append(dest.name)
+        if len(calls) == 2:
+            raise OSError("simulated disk error mid-move")
+        real(src, dest)
+
+    monkeypatch.setattr(bundle, "_replace", flaky)
+    with pytest.raises(bundle.BundleError, match="simulated disk error"):
+        bundle.write_bundle(art, target, ckpt, force=True, test_vectors=1)
+    assert not (target / "manifest.json").exists()  # the folder no longer claims to hold a bundle
+    assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
+
+
+def test_unwritable_or_file_target_is_a_clear_error(built, ckpt, tmp_path):
+    art, _ = built
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(bundle.BundleError, match="is a file"):
+        bundle.write_bundle(art, blocker, ckpt)
+    with pytest.raises(bundle.BundleError, match="cannot write the bundle"):
+        bundle.write_bundle(art, blocker / "bundle", ckpt)
+
+
+def test_no_verified_model_for_this_checkpoint(ckpt, tmp_path):
+    with pytest.raises(bundle.BundleError, match="no verified ptl_fp32"):
+        bundle.write_bundle(tmp_path / "empty_artifacts", tmp_path / "bundle", ckpt)
+    assert not (tmp_path / "bundle" / "manifest.json").exists()

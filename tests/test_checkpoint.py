@@ -1,0 +1,106 @@
+"""The checkpoint format: round trip, weights_only loading, the three accepted layouts, convert CLI,
+and the ImageNet weights path (never touching the network)."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+
+from train import convert
+from train.checkpoint import CheckpointError, load_checkpoint, make_checkpoint_dict, save_checkpoint
+from train.model import WeightsError, build_network, imagenet_weights_path, init_weights
+from train.spec import PreprocessSpec
+
+
+@pytest.fixture(scope="module")
+def x32():
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _out(ckpt, x):
+    with torch.no_grad():
+        return ckpt.build_deploy_model()(x)
+
+
+def test_round_trip_weights_only(tiny_checkpoint, tiny_spec, x32):
+    raw = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    assert raw["format"] == "cxr-toolkit-checkpoint" and raw["spec"]["input_size"] == 32
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt.spec == tiny_spec and ckpt.source_format == "cxr-toolkit-checkpoint"
+    again = tmp = tiny_checkpoint.parent / "again.pt"
+    save_checkpoint(make_checkpoint_dict(ckpt.state_dict, ckpt.spec), tmp)
+    assert torch.equal(_out(load_checkpoint(again), x32), _out(ckpt, x32))
+
+
+def test_foreign_formats_give_same_model(tiny_checkpoint, tiny_spec, tmp_path, x32):
+    state = load_checkpoint(tiny_checkpoint).state_dict
+    plain, notebook = tmp_path / "plain.pt", tmp_path / "notebook.pt"
+    torch.save(state, plain)
+    torch.save({"model_state_dict": {f"resnet18.{k}": v for k, v in state.items()}, "epoch": 3}, notebook)
+    ref = _out(load_checkpoint(tiny_checkpoint), x32)
+    for path, fmt in ((plain, "torchvision_state_dict"), (notebook, "notebook")):
+        ckpt = load_checkpoint(path, tiny_spec)
+        assert ckpt.source_format == fmt
+        assert torch.equal(_out(ckpt, x32), ref)
+
+
+def test_class_count_mismatch(tiny_checkpoint, tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save(load_checkpoint(tiny_checkpoint).state_dict, plain)
+    spec3 = PreprocessSpec(class_names=("a", "b", "c"), input_size=32)
+    with pytest.raises(CheckpointError, match="4 outputs but there are 3 class names.*--classes"):
+        load_checkpoint(plain, spec3)
+
+
+def test_convert_cli(tiny_checkpoint, tmp_path, x32, capsys):
+    state = load_checkpoint(tiny_checkpoint).state_dict
+    src = tmp_path / "notebook.pt"
+    torch.save({"model_state_dict": {f"resnet18.{k}": v for k, v in state.items()}}, src)
+    out = tmp_path / "converted" / "best.pt"
+    assert convert.main(["--weights", str(src), "--out", str(out), "--size", "32",
+                         "--classes", "A", "B", "C", "D", "--std", "0.5", "0.5", "0.5"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.spec.class_names == ("A", "B", "C", "D") and ckpt.spec.std == (0.5, 0.5, 0.5)
+    assert ckpt.meta["converted_from"]["format"] == "notebook"
+    assert torch.equal(ckpt.build_network()(x32 * 2), load_checkpoint(tiny_checkpoint).build_network()(x32 * 2))
+    bad = tmp_path / "bad.pt"
+    assert convert.main(["--weights", str(src), "--out", str(bad), "--classes", "A", "B"]) == 2
+    assert "4 outputs but there are 2 class names" in capsys.readouterr().err
+    assert not bad.exists()
+
+
+def test_imagenet_weights_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = imagenet_weights_path()
+    assert str(cached).startswith(str(tmp_path))
+    torch.manual_seed(0)
+    fake = build_network(num_classes=1000).state_dict()  # a locally made stand-in for the real file
+    cached.parent.mkdir(parents=True)
+    torch.save(fake, cached)
+    net = build_network(num_classes=4)
+    init_weights(net, "imagenet")
+    assert torch.equal(net.conv1.weight, fake["conv1.weight"])
+    assert net.fc.weight.shape == (4, 512)  # own head kept
+
+
+def test_imagenet_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as err:
+        init_weights(build_network(num_classes=4), "imagenet")
+    msg = str(err.value)
+    assert str(imagenet_weights_path()) in msg and "--weights none" in msg and "TORCH_HOME" in msg
+
+
+def test_local_weights_path_and_bad_path(tiny_checkpoint, tmp_path):
+    net = build_network(num_classes=4)
+    init_weights(net, str(tiny_checkpoint))
+    assert torch.equal(net.conv1.weight, load_checkpoint(tiny_checkpoint).state_dict["conv1.weight"])
+    with pytest.raises(WeightsError, match="not 'imagenet', 'none' or an existing file"):
+        init_weights(net, str(tmp_path / "missing.pt"))

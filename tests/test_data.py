@@ -1,0 +1,143 @@
+"""Data layouts, generated splits and every bad-data error, on tiny SYNTHETIC images."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.data import DataError, assign_splits, check_images, discover, load_batch
+from train.spec import DEFAULT_CLASSES
+from train.synthetic import make_synthetic_dataset
+
+
+def _write_csv(path: Path, rows: list[dict], fields=("path", "label", "split")) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _rows(root: Path, with_split: bool) -> list[dict]:
+    rows = []
+    for i, p in enumerate(sorted(root.rglob("*.png"))):
+        row = {"path": str(p.relative_to(root)), "label": p.parts[len(root.parts)]}
+        if with_split:
+            row["split"] = "val" if i % 4 == 0 else "train"
+        rows.append(row)
+    return rows
+
+
+def test_covid19_layout_with_spaces(synthetic_data):
+    idx = discover(synthetic_data)
+    assert idx.layout == "covid19-radiography"
+    assert idx.class_names == DEFAULT_CLASSES and "Viral Pneumonia" in idx.class_names
+    assert idx.counts() == {c: 12 for c in DEFAULT_CLASSES}
+    assert not idx.has_split
+
+
+def test_plain_folders_sorted_classes(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "plain", per_class=3, size=32, classes=("zeta", "alpha"),
+                                  layout="plain")
+    idx = discover(root)
+    assert idx.layout == "class-folders"
+    assert idx.class_names == ("alpha", "zeta")
+    assert all(s.path.parent.name == idx.class_names[s.label] for s in idx.samples)
+
+
+@pytest.mark.parametrize("with_split", [True, False])
+def test_csv_with_and_without_split(synthetic_data, tmp_path, with_split):
+    fields = ("path", "label", "split") if with_split else ("path", "label")
+    csv_path = _write_csv(tmp_path / "list.csv", _rows(synthetic_data, with_split), fields)
+    idx = discover(csv_path, data_root=synthetic_data)
+    assert idx.layout == "csv" and len(idx.samples) == 48
+    assert idx.has_split is with_split
+    if with_split:
+        assert len(idx.split("val")) == 12
+
+
+def test_labels_csv_in_folder(synthetic_data, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_data, root)
+    _write_csv(root / "labels.csv", _rows(root, True))
+    idx = discover(root)
+    assert idx.layout == "csv" and idx.has_split and idx.class_names == DEFAULT_CLASSES
+
+
+def test_generated_split_is_stratified_and_reproducible(synthetic_data):
+    a = assign_splits(discover(synthetic_data), seed=3)
+    b = assign_splits(discover(synthetic_data), seed=3)
+    c = assign_splits(discover(synthetic_data), seed=4)
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    for split in ("train", "val", "test"):
+        assert all(n >= 1 for n in a.counts(split).values()), split  # every class in every split
+    assert a.layout.endswith("+generated-split")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="no such file or folder"):
+        discover(tmp_path / "nope")
+
+
+def test_empty_class_named(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", per_class=2, size=32)
+    for f in (root / "Normal" / "images").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="'Normal' has no images"):
+        discover(root)
+
+
+def test_unknown_csv_label_named(synthetic_data, tmp_path):
+    rows = _rows(synthetic_data, True)
+    rows[5]["label"] = "Tuberculosis"
+    csv_path = _write_csv(tmp_path / "list.csv", rows)
+    with pytest.raises(DataError, match=r"line 7: unknown label 'Tuberculosis'"):
+        discover(csv_path, class_names=DEFAULT_CLASSES, data_root=synthetic_data)
+
+
+def _corrupt(root: Path) -> tuple[Path, Path]:
+    """One garbage file and one truncated PNG (a real image cut in half)."""
+    garbage = root / "COVID" / "images" / "synthetic-garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    src = next((root / "Normal" / "images").iterdir())
+    truncated = root / "Normal" / "images" / "synthetic-truncated.png"
+    data = src.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    return garbage, truncated
+
+
+def test_unreadable_and_truncated_images(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", per_class=3, size=32)
+    garbage, truncated = _corrupt(root)
+    with pytest.raises(DataError, match=r"synthetic-garbage\.png: unreadable image.*--skip-bad"):
+        check_images(discover(root), progress=False)
+    garbage.unlink()
+    with pytest.raises(DataError, match=r"synthetic-truncated\.png: unreadable image"):
+        check_images(discover(root), progress=False)
+
+
+def test_skip_bad_reports_files(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", per_class=3, size=32)
+    garbage, truncated = _corrupt(root)
+    idx = check_images(discover(root), skip_bad=True, progress=False)
+    assert sorted(p for p, _ in idx.skipped) == sorted([str(garbage), str(truncated)])
+    assert len(idx.samples) == 12
+
+
+def test_load_batch_is_unit_range(synthetic_data, tiny_spec):
+    idx = discover(synthetic_data)
+    x = load_batch(idx.samples[:5], tiny_spec)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert np.array_equal(x[:, 0], x[:, 2])  # grayscale repeated into 3 channels
+
+
+def test_split_without_test_part_and_bad_fractions(synthetic_data):
+    idx = assign_splits(discover(synthetic_data), seed=0, val_frac=0.25, test_frac=0.0)
+    assert not idx.split("test") and len(idx.split("val")) == 12
+    with pytest.raises(DataError, match="--val-frac 0.6 and --test-frac 0.5"):
+        assign_splits(discover(synthetic_data), val_frac=0.6, test_frac=0.5)

@@ -1,0 +1,92 @@
+"""Evaluation: metric correctness on a hand-checked case, and the report files on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from train import evaluate
+from train.checkpoint import load_checkpoint
+from train.data import discover, load_batch
+from train.metrics import classification_metrics
+
+NAMES = ("A", "B", "C")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_unless_passive():
+    """Spinning OpenMP threads on a shared 2-core CPU made these tiny runs ~7x slower (see
+    train/__main__.py); `python -m train` sets OMP_WAIT_POLICY=PASSIVE itself, in-process tests cannot."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metrics_known_case():
+    # true:      A A A A B B B C C C ; predicted: A A A B B B A C C A
+    y = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    pred = [0, 0, 0, 1, 1, 1, 0, 2, 2, 0]
+    logits = np.full((10, 3), -2.0, dtype=np.float32)
+    logits[np.arange(10), pred] = 2.0
+    m = classification_metrics(y, logits, NAMES)
+    assert m["n"] == 10 and m["accuracy"] == pytest.approx(0.7)
+    assert m["confusion_matrix"] == [[3, 1, 0], [1, 2, 0], [1, 0, 2]]
+    a, b, c = (m["per_class"][k] for k in NAMES)
+    assert (a["precision"], a["recall"]) == (pytest.approx(3 / 5), pytest.approx(3 / 4))
+    assert (b["precision"], b["recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert (c["precision"], c["recall"]) == (pytest.approx(1.0), pytest.approx(2 / 3))
+    f1 = [2 * p * r / (p + r) for p, r in ((3 / 5, 3 / 4), (2 / 3, 2 / 3), (1.0, 2 / 3))]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert [a["support"], b["support"], c["support"]] == [4, 3, 3]
+    # class C: its score is high exactly on its 2 hits, low on the 8 others, one of which is a C
+    assert c["auc"] == pytest.approx((2 * 7 + 1 * 3.5) / (3 * 7))
+    p_true = np.exp(2) / (np.exp(2) + 2 * np.exp(-2))
+    p_wrong = np.exp(-2) / (np.exp(2) + 2 * np.exp(-2))
+    assert m["loss"] == pytest.approx(-(7 * np.log(p_true) + 3 * np.log(p_wrong)) / 10, rel=1e-6)
+
+
+def test_perfect_separation_auc_one():
+    y = [0, 1, 2, 0, 1, 2]
+    logits = np.eye(3, dtype=np.float32)[y] * 5
+    m = classification_metrics(y, logits, NAMES)
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["macro_auc"] == 1.0
+
+
+def test_report_files_and_accuracy(tiny_checkpoint, synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "train.explain", None)  # as if engineer CAM's module were absent
+    out = tmp_path / "report"
+    r = evaluate.evaluate_checkpoint(tiny_checkpoint, synthetic_data, split="all", out_dir=out,
+                                     explain_per_class=1, progress=False)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    idx = discover(synthetic_data)
+    with torch.no_grad():
+        pred = ckpt.build_deploy_model()(torch.from_numpy(load_batch(idx.samples, ckpt.spec))).argmax(1)
+    expected = float((pred.numpy() == np.array([s.label for s in idx.samples])).mean())
+    assert r["metrics"]["accuracy"] == pytest.approx(expected)
+    assert r["metrics"]["n"] == 48
+    for f in ("report.md", "metrics.json", "confusion_matrix.png", "roc_curves.png"):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["confusion_matrix"] == r["metrics"]["confusion_matrix"]
+    md = (out / "report.md").read_text()
+    assert "not clinical evidence" in md and "SYNTHETIC" in md and "Viral Pneumonia" in md
+    assert "train.explain is not available" in md
+
+
+def test_cli_split_error(tiny_checkpoint, synthetic_data, tmp_path, capsys):
+    rc = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data),
+                        "--split", "val", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "has no split column" in capsys.readouterr().err
+    rc = evaluate.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(synthetic_data)])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""export.executorch: .pte programs lowered to XNNPACK, run in the ExecuTorch runtime against the float model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("executorch")
+
+import export.executorch as xet  # noqa: E402
+from export.manifest import read_manifest, verify_file  # noqa: E402
+from export.runners import get_runner  # noqa: E402
+from train.checkpoint import load_checkpoint  # noqa: E402
+from train.data import discover, load_batch, seeded_subset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def samples(synthetic_data, ckpt):
+    idx = discover(synthetic_data, ckpt.spec.class_names)
+    return seeded_subset(idx.samples, 4, seed=1), seeded_subset(idx.samples, 8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ckpt, samples):
+    out = tmp_path_factory.mktemp("executorch")
+    rows = xet.export_executorch(ckpt, out, eval_samples=samples[0], calib_samples=samples[1])
+    return out, {r.name: r for r in rows}
+
+
+def test_fp32_pte_matches_float_model_in_runtime(exported, ckpt, samples):
+    out, rows = exported
+    e = rows["executorch_fp32"]
+    assert e.status == "verified" and e.path == "model.pte" and e.runtime == "executorch", e.error
+    assert e.verification["max_abs_logit_diff"] <= 1e-4 and e.verification["passed"]
+    assert e.details["xnnpack_delegate_calls"] >= 1
+    x = load_batch(samples[0][:3], ckpt.spec)
+    ref = get_runner("torch-eager").use_module(ckpt.build_deploy_model()).run(x)
+    got = get_runner("executorch", threads=1).load(out / "model.pte").run(x)  # batch 3 runs image by image
+    assert got.shape == (3, 4) and np.abs(got - ref).max() <= 1e-4
+
+
+def test_int8_pte_runs_and_reports_agreement(exported, ckpt, samples):
+    out, rows = exported
+    e = rows["executorch_int8"]
+    assert e.status == "verified" and e.path == "model_int8.pte" and e.precision == "int8", e.error
+    v = e.verification
+    assert 0 <= v["top1_agreement"] <= 1 and v["max_prob_change"] < 0.5 and v["tolerance"] is None
+    assert "train split" in e.details["quantization"]["calibration"]
+    assert e.size_bytes < 0.4 * rows["executorch_fp32"].size_bytes
+    got = get_runner("executorch").load(out / "model_int8.pte").run(load_batch(samples[0], ckpt.spec))
+    assert got.shape == (4, 4) and np.isfinite(got).all()
+
+
+def test_manifest_matches_files(exported):
+    out, rows = exported
+    manifest = read_manifest(out)["artifacts"]
+    for name, e in rows.items():
+        verify_file(out, e)
+        assert manifest[name]["size_bytes"] == (out / e.path).stat().st_size
+        assert e.tool_versions["executorch"] != "not installed"
+
+
+def test_unknown_variant_is_refused(tmp_path, ckpt):
+    with pytest.raises(xet.ExportError, match="choose from"):
+        xet.export_executorch(ckpt, tmp_path, variants=("fp64",))

@@ -1,0 +1,80 @@
+"""benchmarks.pipeline: stages in order, a failing stage reported and its dependants skipped, --force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import pipeline
+from benchmarks.pipeline import PipelineError, main, run_pipeline
+
+
+def _fake_stages(monkeypatch, calls: list[str]) -> None:
+    def ok(name):
+        def fn(ctx):
+            calls.append(name)
+            return f"{name} done"
+        return fn
+
+    def boom(ctx):
+        calls.append("export")
+        raise RuntimeError("converter exploded")
+
+    def missing(ctx):
+        calls.append("quantize")
+        raise ImportError("No module named 'quantize.nothing'")
+
+    monkeypatch.setattr(pipeline, "STAGES", [
+        ("data", ok("data"), ()), ("train", ok("train"), ("data",)), ("export", boom, ("train",)),
+        ("bundle", ok("bundle"), ("export",)), ("quantize", missing, ("train",)),
+        ("benchmark", ok("benchmark"), ("export",))])
+
+
+def test_failed_stage_is_reported_and_dependants_skipped(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    summary = run_pipeline(tmp_path / "demo", progress=False)
+    status = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert status == {"data": "ok", "train": "ok", "export": "failed", "bundle": "skipped",
+                      "quantize": "unavailable", "benchmark": "skipped"}
+    assert calls == ["data", "train", "export", "quantize"]
+    assert not summary["ok"]
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert "converter exploded" in stages["export"]["detail"]
+    assert "stage unavailable" in stages["quantize"]["detail"]
+    saved = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
+    assert saved["stages"] == summary["stages"]
+    assert "| export | failed |" in (tmp_path / "demo" / "pipeline.md").read_text()
+
+
+def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch, [])
+    out = tmp_path / "demo"
+    (out / "artifacts").mkdir(parents=True)
+    (out / "keep.txt").write_text("user file")
+    with pytest.raises(PipelineError, match="--force"):
+        run_pipeline(out, progress=False)
+    assert main(["--out", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["--out", str(out), "--force", "--quiet"]) == 1  # the fake export stage fails
+    assert (out / "keep.txt").read_text() == "user file"  # --force removes only the pipeline's outputs
+
+
+def test_bad_settings_name_the_flag(tmp_path):
+    with pytest.raises(PipelineError, match="--input-size"):
+        run_pipeline(tmp_path / "x", input_size=8, progress=False)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_tiny(tmp_path):
+    """Every real stage end to end at 32 px (several minutes on a busy 2-core machine)."""
+    summary = run_pipeline(tmp_path / "demo", epochs=1, per_class=12, input_size=32, runs=3, progress=False)
+    assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
+    report = json.loads((tmp_path / "demo" / "reports" / "benchmarks" / "report.json").read_text())
+    names = {r["name"] for r in report["rows"]}
+    assert {"pytorch_fp32", "ptl_fp32", "onnx_fp32"} <= names
+    rows = {r["name"]: r for r in report["rows"]}
+    for name in ("ptl_fp32", "onnx_fp32"):
+        assert rows[name]["measured"] and rows[name]["top1_agreement"] == 1.0, rows[name].get("reason")
+    assert (tmp_path / "demo" / "mobile_assets" / "manifest.json").is_file()

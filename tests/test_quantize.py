@@ -1,0 +1,171 @@
+"""The quantization report on a tiny model: every variant runs in its runtime, the figures in the JSON
+are consistent with the saved logits, calibration comes from the train split only, the fallback keeps
+the named layers float, the gate sets the exit code, and bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quantize.report import ReportError, run_quantization_report
+from quantize.torch_ao import QuantizationError, static_int8
+from train.data import assign_splits, discover
+
+VARIANTS = {"float": "torch-eager", "torch_dynamic_int8": "torch-eager", "torch_static_int8_qnnpack": "torch-eager",
+            "torch_static_int8_x86": "torch-eager", "onnx_fp32": "onnxruntime", "onnx_int8_dynamic": "onnxruntime",
+            "onnx_int8_static_qdq": "onnxruntime"}
+
+
+SENS_LAYERS = ["conv1", "layer1.0.conv1", "layer3.0.downsample.0", "fc"]  # a subset keeps the test fast
+
+
+def _cli(ckpt, data, out, *extra) -> int:
+    from quantize.__main__ import main
+
+    return main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--latency-runs", "2",
+                 "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_checkpoint, synthetic_data):
+    """One full CLI run with both engines, forced sensitivity and a loose gate (so it must exit 0)."""
+    out = tmp_path_factory.mktemp("qreport")
+    code = _cli(tiny_checkpoint, synthetic_data, out, "--calib-size", "24", "--sensitivity", "--fallback-layers",
+                "2", "--sensitivity-layers", ",".join(SENS_LAYERS), "--max-drop", "100", "--cam", "1")
+    return json.loads((out / "report.json").read_text()), out, code
+
+
+def test_every_variant_runs_in_its_runtime(report):
+    rep, out, code = report
+    assert code == 0 and rep["gate"]["passed"]  # loose budget: exit 0
+    assert not torch.is_inference_mode_enabled()  # calibration generators must not leak the mode
+    for name, runtime in VARIANTS.items():
+        assert rep["variants"][name]["runtime"] == runtime
+    assert rep["variants"]["torch_static_int8_qnnpack"]["engine"] == "qnnpack"
+    assert rep["variants"]["torch_static_int8_x86"]["engine"] == "x86"
+    for f in ("report.md", "report.json", "report.png", "logits.npz", "models/model_int8_static.onnx"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["variants"].keys() == rep["variants"].keys()
+    md = (out / "report.md").read_text()
+    assert all(name in md for name in VARIANTS) and "Flip matrices" in md
+
+
+def test_figures_match_the_saved_logits(report):
+    rep, out, _ = report
+    saved = np.load(out / "logits.npz")
+    labels, ref = saved["labels"], saved["float"]
+    assert rep["data"]["n_images"] == len(labels)
+    for name, v in rep["variants"].items():
+        m, logits = v["metrics"], saved[name]
+        assert m["top1_agreement"] == pytest.approx((logits.argmax(1) == ref.argmax(1)).mean())
+        assert m["accuracy"] == pytest.approx((logits.argmax(1) == labels).mean())
+        flips = np.asarray(m["flip_matrix"])
+        assert flips.sum() == len(labels) and len(labels) - np.trace(flips) == m["flipped_images"]
+        assert m["mean_abs_logit_error"] == pytest.approx(np.abs(logits - ref).mean(), rel=1e-4, abs=1e-7)
+        assert v["latency"]["median_ms"] > 0 and v["speedup_vs_float"] > 0
+    assert rep["variants"]["float"]["metrics"]["flipped_images"] == 0
+
+
+def test_what_dynamic_modes_touched_is_read_from_the_models(report):
+    v = report[0]["variants"]
+    assert v["torch_dynamic_int8"]["touched"]["quantized"] == ["net.fc"]  # only the final Linear
+    assert v["torch_dynamic_int8"]["size_ratio"] > 0.95
+    assert v["onnx_int8_dynamic"]["touched"]["integer_ops"]["ConvInteger"] == 20
+    assert v["onnx_int8_dynamic"]["size_ratio"] < 0.3
+    assert v["torch_static_int8_x86"]["touched"]["float_weighted_modules"] == []
+    assert v["torch_static_int8_x86"]["size_ratio"] < 0.27
+
+
+def test_cam_comparison_is_appended(report):
+    rep, out, _ = report
+    assert rep["cam"]["int8_variant"] == "torch_static_int8_qnnpack" and "error" not in rep["cam"]
+    assert "CAM" in (out / "report.md").read_text().split("## Gate")[1]
+
+
+def test_calibration_uses_only_the_train_split(report, synthetic_data):
+    rep = report[0]
+    index = assign_splits(discover(synthetic_data), seed=rep["calibration"]["seed"])
+    split_of = {str(s.path): s.split for s in index.samples}
+    calib = rep["calibration"]["samples"]
+    assert len(calib) == 24 and {split_of[p] for p in calib} == {"train"}
+    evaluated = {str(s.path) for s in index.split("val")}
+    assert not evaluated & set(calib)
+
+
+def test_sensitivity_fallback_keeps_named_layers_float(report):
+    rep = report[0]
+    for engine in ("qnnpack", "x86"):
+        run = rep["sensitivity"]["runs"][f"torch_static_int8_{engine}"]
+        assert sorted(r["layer"] for r in run["ranking"]) == sorted(SENS_LAYERS) and len(run["keep_float"]) == 2
+        errors = [r["mean_abs_logit_error"] for r in run["ranking"]]
+        assert errors == sorted(errors, reverse=True)
+        fb = rep["variants"][run["fallback"]]
+        assert fb["settings"]["keep_float"] == run["keep_float"]
+        assert sorted(fb["touched"]["float_weighted_modules"]) == sorted(f"net.{n}" for n in run["keep_float"])
+        assert fb["latency"]["median_ms"] > 0
+
+
+def test_max_drop_gate_fails_on_a_forced_drop(tmp_path, tiny_checkpoint, synthetic_data, monkeypatch, capsys):
+    """Force one variant to predict the wrong class for every image: the gate must exit 1 and name it."""
+    from quantize import builders
+
+    index = assign_splits(discover(synthetic_data), seed=0)
+    wrong = np.eye(4, dtype=np.float32)[[(s.label + 1) % 4 for s in index.split("val")]]
+    real_evaluate = builders.evaluate
+    monkeypatch.setattr(builders, "evaluate", lambda v, images, **kw: wrong if v.name == "onnx_int8_dynamic"
+                        else real_evaluate(v, images, **kw))
+    code = _cli(tiny_checkpoint, synthetic_data, tmp_path, "--engines", "x86", "--calib-size", "8",
+                "--max-drop", "0.5")
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["variants"]["float"]["metrics"]["accuracy"] > 0  # so predicting every image wrong is a drop
+    assert code == 1 and not rep["gate"]["passed"]
+    err = capsys.readouterr().err
+    assert "budget exceeded" in err and "onnx_int8_dynamic: accuracy drops" in err and "recall drops" in err
+
+
+def _csv_data(tmp_path: Path, synthetic_data: Path, train_classes: set[str]) -> Path:
+    idx = discover(synthetic_data)
+    rows = ["path,label,split"]
+    for i, s in enumerate(idx.samples):
+        name = idx.class_names[s.label]
+        split = "train" if name in train_classes and i % 3 else "val"
+        rows.append(f"{s.path},{name},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "labels.csv"
+
+
+def test_bad_input_errors(tmp_path, tiny_checkpoint, synthetic_data):
+    classes = set(discover(synthetic_data).class_names)
+    no_train = _csv_data(tmp_path, synthetic_data, set())
+    with pytest.raises(QuantizationError, match="no calibration images.*train split"):
+        run_quantization_report(tiny_checkpoint, no_train, out_dir=tmp_path / "r", progress=False)
+    missing = _csv_data(tmp_path, synthetic_data, classes - {"Normal"})
+    with pytest.raises(QuantizationError, match=r"no images of class \['Normal'\].*--calib-size"):
+        run_quantization_report(tiny_checkpoint, missing, out_dir=tmp_path / "r", progress=False)
+    with pytest.raises(QuantizationError, match="not available in this torch build"):
+        run_quantization_report(tiny_checkpoint, synthetic_data, engines=("tpu9",), out_dir=tmp_path / "r")
+    with pytest.raises(ReportError, match="--calib-method must be one of"):
+        run_quantization_report(tiny_checkpoint, synthetic_data, calib_method="KL", out_dir=tmp_path / "r")
+    with pytest.raises(ReportError, match="--split train"):
+        run_quantization_report(tiny_checkpoint, synthetic_data, split="train", out_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_untraceable_model_gives_clear_error():
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: FX cannot trace it
+
+    with pytest.raises(QuantizationError, match="FX cannot trace"):
+        static_int8(Branchy(), [torch.rand(1, 3, 8, 8)], "x86")
+
+
+def test_cli_rejects_bad_flags(tmp_path, tiny_checkpoint, synthetic_data, capsys):
+    assert _cli(tiny_checkpoint, synthetic_data, tmp_path, "--calib-size", "0") == 2
+    assert "--calib-size" in capsys.readouterr().err
+    assert _cli(tmp_path / "nope.pt", synthetic_data, tmp_path) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,251 @@
+"""The TorchServe archive: built from a tiny checkpoint, its handler checked in-process, then served by a
+real TorchServe on 127.0.0.1 (token authorization on) and compared with the float PyTorch model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from export.mar import MAR_FILE, MODEL_NAME, export_mar, main as mar_main, reference_probs
+from export.serve import TorchServe, check_available, free_ports, read_config, wait_ready, write_serve_config
+from train.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+def encode(mode: str, fmt: str, side: int, seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (side, side) if mode == "L" else (side, side, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+GOOD = [encode(m, f, side, seed) for seed, (m, f, side) in enumerate(
+    [("L", "PNG", 32), ("RGB", "PNG", 48), ("L", "JPEG", 64), ("RGB", "JPEG", 40),
+     ("L", "PNG", 100), ("RGB", "JPEG", 32)])]
+BAD = {"garbage": b"this is not an image \x00\x01\x02", "empty": b"", "truncated jpeg": GOOD[2][:60],
+       "bmp (only PNG/JPEG decoders run)": encode("L", "BMP", 32, 0)}
+
+
+def png16(seed: int, side: int = 40) -> tuple[bytes, bytes]:
+    """The same picture as a 16-bit and as an 8-bit grayscale PNG (16-bit value = 8-bit value * 257)."""
+    from PIL import Image
+
+    v = np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint16)
+    out = []
+    for arr in (v * 257, v.astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+GOOD.append(png16(99)[0])
+
+
+def probs_of(body: dict, class_names) -> list[float]:
+    return [body["probabilities"][c] for c in class_names]
+
+
+@pytest.fixture(scope="module")
+def archive(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mar")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    [entry] = export_mar(ckpt, out, eval_samples=None)
+    return ckpt, out, entry
+
+
+def test_archive_is_verified_and_carries_the_spec_code(archive):
+    ckpt, out, entry = archive
+    assert entry.status == "verified", entry.error
+    assert entry.verification["max_prob_diff"] <= TOL and entry.verification["top1_agreement"] == 1.0
+    with zipfile.ZipFile(out / MAR_FILE) as zf:
+        names = set(zf.namelist())
+        assert {"model.pt", "spec.json", "index_to_name.json", "cxr_spec.py", "torchserve_handler.py",
+                "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+        assert zf.read("cxr_spec.py") == (REPO / "train" / "spec.py").read_bytes()  # one source of truth
+        assert b"batchSize: 8" in zf.read("model-config.yaml")
+    config = read_config(out / "config.properties")
+    addresses = [v for k, v in config.items() if k.endswith("_address")]
+    assert len(addresses) == 5 and all(a.startswith(("http://127.0.0.1:", "127.0.0.1")) for a in addresses)
+    assert config["disable_token_authorization"] == "false" and config["enable_model_api"] == "false"
+
+
+def test_handler_answers_each_request_of_a_mixed_batch(archive, tmp_path):
+    """In one batch, bad payloads get 400 and their own message; good ones still get probabilities."""
+    from export.torchserve_handler import CxrHandler, request_bytes
+
+    ckpt, out, _ = archive
+    with zipfile.ZipFile(out / MAR_FILE) as zf:
+        zf.extractall(tmp_path)
+    handler = CxrHandler().load(tmp_path)
+
+    class Ctx:
+        def __init__(self):
+            self.statuses = {}
+
+        def set_response_status(self, code, phrase="", idx=0):
+            self.statuses[idx] = code
+
+    batch = [{"body": GOOD[0]}, {"data": bytearray(BAD["garbage"])}, {"body": BAD["empty"]}, GOOD[1],
+             {"data": BAD["truncated jpeg"]}, {}]
+    ctx = Ctx()
+    bodies = handler.handle(batch, ctx)
+    assert ctx.statuses == {1: 400, 2: 400, 4: 400, 5: 400}
+    assert "no image bytes" in bodies[2]["error"] and "not a PNG or JPEG" in bodies[1]["error"]
+    ref = reference_probs(ckpt, [GOOD[0], GOOD[1]])
+    got = np.array([probs_of(bodies[0], ckpt.spec.class_names), probs_of(bodies[3], ckpt.spec.class_names)])
+    np.testing.assert_allclose(got, ref, atol=TOL)
+    assert request_bytes({"data": b"x"}) == b"x" and request_bytes(bytearray(b"y")) == b"y"
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    """Radiographs often come as 16-bit PNG; PIL's convert('L') alone would clip them to white."""
+    from export.torchserve_handler import decode_image
+    from train.spec import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=40)
+    deep, shallow = png16(5)
+    np.testing.assert_array_equal(decode_image(deep, spec), decode_image(shallow, spec))
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
+    assert mar_main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path)]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    assert not (tmp_path / MAR_FILE).exists()
+
+
+# --- a real TorchServe -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(archive, tmp_path_factory):
+    reason = check_available()
+    if reason:
+        pytest.skip(reason)
+    _, out, _ = archive
+    config = write_serve_config(tmp_path_factory.mktemp("conf") / "test.properties", model_store=out,
+                                ports=free_ports(), enable_model_api=True)  # the test registers over the API
+    ts = TorchServe(out, config, tmp_path_factory.mktemp("ts-work"))
+    try:
+        ts.start(timeout=90)
+        ts.register(MAR_FILE)
+        wait_ready(ts, MODEL_NAME, timeout=90)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.mark.torchserve
+@pytest.mark.slow
+def test_served_probabilities_match_the_float_model(archive, server):
+    ckpt, _, _ = archive
+    ref = reference_probs(ckpt, GOOD)
+    for payload, expected in zip(GOOD, ref):
+        status, body = server.predict(MODEL_NAME, payload)
+        assert status == 200, body
+        np.testing.assert_allclose(probs_of(body, ckpt.spec.class_names), expected, atol=TOL)
+        assert body["label"] == ckpt.spec.class_names[int(np.argmax(expected))]
+
+
+@pytest.mark.torchserve
+@pytest.mark.shared
+def test_served_real_cxr4_jpegs(archive, server, shared_data):
+    ckpt, _, _ = archive
+    with open(shared_data / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("split") == "val"]
+    by_class = {}
+    for r in rows:
+        by_class.setdefault(r["label"], r["path"])
+    payloads = [(shared_data / p).read_bytes() for p in by_class.values()]
+    ref = reference_probs(ckpt, payloads)
+    for payload, expected in zip(payloads, ref):
+        status, body = server.predict(MODEL_NAME, payload)
+        assert status == 200, body
+        np.testing.assert_allclose(probs_of(body, ckpt.spec.class_names), expected, atol=TOL)
+
+
+@pytest.mark.torchserve
+def test_multipart_upload_like_curl_F(archive, server):
+    """`curl -F data=@image.png`: the image arrives as the multipart field 'data'."""
+    from export.serve import request
+
+    ckpt, _, _ = archive
+    boundary = "cxrboundary7MA4YWxk"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + GOOD[1] + f"\r\n--{boundary}--\r\n".encode()
+    status, raw = request(server.inference_port, "POST", f"/predictions/{MODEL_NAME}", body=body,
+                          token=server.keys()["inference"], content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 200, raw
+    got = probs_of(json.loads(raw), ckpt.spec.class_names)
+    np.testing.assert_allclose(got, reference_probs(ckpt, GOOD[1:2])[0], atol=TOL)
+
+
+@pytest.mark.torchserve
+def test_bad_requests_get_400_and_the_worker_survives(archive, server):
+    ckpt, _, _ = archive
+    for name, payload in BAD.items():
+        status, body = server.predict(MODEL_NAME, payload)
+        assert status == 400, (name, body)
+        assert body["status"] == 400 and body["error"], name
+    status, body = server.predict(MODEL_NAME, GOOD[0])
+    assert status == 200
+    np.testing.assert_allclose(probs_of(body, ckpt.spec.class_names), reference_probs(ckpt, GOOD[:1])[0], atol=TOL)
+
+
+@pytest.mark.torchserve
+def test_token_authorization_is_on(server):
+    status, body = server.predict(MODEL_NAME, GOOD[0], token="not-the-key")
+    assert status != 200 and "Token Authorization failed" in str(body)
+    from export.serve import request
+
+    status, _ = request(server.management_port, "GET", "/models")  # no token at all
+    assert status != 200
+
+
+@pytest.mark.torchserve
+@pytest.mark.slow
+def test_concurrent_clients_all_answered_correctly(archive, server):
+    """104 requests from 8 clients, with bad payloads mixed in so they share batches with good ones."""
+    from benchmarks.serve_load import load_test
+
+    ckpt, _, _ = archive
+    payloads = GOOD + [BAD["garbage"]] + GOOD[:3] + [BAD["empty"]]
+    ref = dict(zip(range(len(payloads)), [None] * len(payloads)))
+    good_idx = [i for i, p in enumerate(payloads) if p in GOOD]
+    for i, probs in zip(good_idx, reference_probs(ckpt, [payloads[i] for i in good_idx])):
+        ref[i] = probs
+    stats = load_test(server, MODEL_NAME, payloads, n_requests=104, clients=8)
+    for i, status, body, _ in stats["results"]:
+        expected = ref[i % len(payloads)]
+        if expected is None:
+            assert status == 400 and "error" in body
+        else:
+            assert status == 200, body
+            np.testing.assert_allclose(probs_of(body, ckpt.spec.class_names), expected, atol=TOL)
+    print(f"\nTorchServe load: {stats['requests_per_s']:.1f} req/s, p50 {stats['p50_ms']:.0f} ms, "
+          f"p99 {stats['p99_ms']:.0f} ms ({stats['n_requests']} requests, {stats['clients']} clients)")
+
+
+@pytest.mark.torchserve
+def test_stop_leaves_no_process_behind(server):
+    pids = set(server._pids)
+    assert pids, "the server's java and worker processes were not tracked"
+    server.stop()
+    assert server.leftovers() == []
+    workdir = str(server.workdir)
+    ours = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["status"] != psutil.STATUS_ZOMBIE and workdir in " ".join(p.info["cmdline"] or [])]
+    assert ours == [] and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                  for p in pids)

@@ -1,0 +1,135 @@
+"""`python -m train` end to end on tiny SYNTHETIC data: outputs, checkpoints, resume, --skip-bad, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.__main__ import main as train_main
+from train.checkpoint import load_checkpoint
+from train.loop import TrainError, train_model
+from train.model import build_network, imagenet_weights_path
+from train.synthetic import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(epochs=2, batch_size=8, input_size=32, workers=0, progress=False, weights="none", lr=2e-3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_unless_passive():
+    """Spinning OpenMP threads on a shared 2-core CPU made these tiny runs ~7x slower (see
+    train/__main__.py); `python -m train` sets OMP_WAIT_POLICY=PASSIVE itself, in-process tests cannot."""
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """6 images per class: the smallest set a stratified train/val/test split accepts for 4 classes."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("small") / "data", per_class=6, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> Path:
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("bad") / "data", per_class=8, size=32, seed=1)
+    (root / "Lung_Opacity" / "images" / "synthetic-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+def test_cli_end_to_end_with_imagenet_cache_and_skip_bad(bad_data, tmp_path, monkeypatch):
+    """--weights imagenet from a locally made file in TORCH_HOME; --skip-bad leaves the broken file out
+    and records it; the run folder holds best/last checkpoints, config, history, splits and the report."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = imagenet_weights_path()
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_network(num_classes=1000).state_dict(), cached)
+    out = tmp_path / "run"
+    rc = train_main(["--data", str(bad_data), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                     "--input-size", "32", "--workers", "0", "--weights", "imagenet", "--skip-bad",
+                     "--no-progress"])
+    assert rc == 0
+    for name in ("best.pt", "last.pt", "config.json", "history.json", "splits.csv", "train.log",
+                 "report/report.md", "report/metrics.json", "report/confusion_matrix.png",
+                 "report/roc_curves.png", "report/training_curves.png"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["status"] == "finished" and config["train_config"]["weights"] == "imagenet"
+    assert [s["path"] for s in config["data"]["skipped_images"]] == [
+        str(bad_data / "Lung_Opacity" / "images" / "synthetic-broken.png")]
+    assert "synthetic-broken.png" in (out / "train.log").read_text()
+    assert config["report"]["split"] == "test"  # generated split has a test part
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    best = load_checkpoint(out / "best.pt")
+    assert best.spec.input_size == 32 and best.meta["split_fingerprint"] == config["data"]["split_fingerprint"]
+    assert best.meta["best_metric"] == "macro_f1"
+    assert best.metrics["macro_f1"] == max(h["val_macro_f1"] for h in history)
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert last["resume"]["epoch"] == 1 and "optimizer" in last["resume"] and len(last["history"]) == 1
+    report = (out / "report" / "report.md").read_text()
+    assert "SYNTHETIC" in report and "not clinical evidence" in report
+
+
+def test_resume_continues_exactly(small_data, tmp_path):
+    """Stopped after epoch 1 and resumed == trained for 2 epochs in one go."""
+    kw = dict(TINY, schedule="onecycle", optimizer="adamw", evaluate=False)
+    full = tmp_path / "full"
+    train_model(small_data, full, **kw)
+    part = tmp_path / "part"
+    train_model(small_data, part, stop_after=1, **kw)
+    assert json.loads((part / "config.json").read_text())["status"] == "interrupted"
+    assert len(json.loads((part / "history.json").read_text())) == 1
+    with pytest.raises(TrainError, match="already holds a run"):
+        train_model(small_data, part, **kw)
+    train_model(small_data, part, resume=True, **kw)
+    h_full = json.loads((full / "history.json").read_text())
+    h_part = json.loads((part / "history.json").read_text())
+    assert [h["epoch"] for h in h_part] == [1, 2]
+    for a, b in zip(h_full, h_part):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3, abs=1e-4)
+    sa = torch.load(full / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(part / "last.pt", weights_only=True)["state_dict"]
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-4), k
+
+
+def test_sampler_balance_and_sgd_cosine_layer4(small_data, tmp_path):
+    best = train_model(small_data, tmp_path / "r", **dict(TINY, epochs=1), balance="sampler",
+                       optimizer="sgd", schedule="cosine", freeze="layer4", evaluate=False)
+    ckpt = load_checkpoint(best)
+    assert ckpt.meta["train_config"]["balance"] == "sampler"
+    torch.manual_seed(0)  # the run seeds with 0 right before building the network
+    init = build_network(num_classes=4).state_dict()
+    # --freeze layer4: earlier weights stay at their initialisation, layer4 and the head train
+    assert torch.equal(ckpt.state_dict["conv1.weight"], init["conv1.weight"])
+    assert torch.equal(ckpt.state_dict["layer3.1.conv2.weight"], init["layer3.1.conv2.weight"])
+    assert not torch.equal(ckpt.state_dict["layer4.1.conv2.weight"], init["layer4.1.conv2.weight"])
+    assert not torch.equal(ckpt.state_dict["fc.weight"], init["fc.weight"])
+
+
+def test_resume_without_run_fails(tmp_path, capsys):
+    assert train_main(["--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "last.pt does not exist" in capsys.readouterr().err
+
+
+def test_bad_data_exits_2_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "error: --data" in r.stderr and "no such file or folder" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,122 @@
+"""`python -m train`: train the chest X-ray ResNet-18 (no --data: a small SYNTHETIC demo on the CPU).
+
+Also under torchrun: `torchrun --nproc_per_node=N -m train --data ...` trains with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU shared with other
+# processes (or loader workers) spinning threads steal the cores the real work needs; measured here it
+# made a tiny CPU training run ~7x slower. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from train.checkpoint import CheckpointError  # noqa: E402  (after the OpenMP setting)
+from train.data import DataError
+from train.distributed import DEVICES, DeviceError
+from train.model import FREEZE_MODES, WeightsError
+from train.recipe import BALANCE, OPTIMIZERS, SCHEDULES, TrainError
+from train.spec import RESIZE_METHODS, SpecError
+
+USER_ERRORS = (DataError, WeightsError, CheckpointError, SpecError, TrainError, DeviceError)
+
+# the built-in demo: about a minute on 2 CPU cores, weights from scratch so it works offline
+DEMO = {"epochs": 4, "batch_size": 16, "input_size": 64, "weights": "none", "workers": 0, "lr": 2e-3}
+REAL = {"epochs": 10, "batch_size": 32, "input_size": 224, "weights": "imagenet", "workers": 2, "lr": 1e-3}
+OTHER = {"optimizer": "adamw", "schedule": "onecycle", "freeze": "none", "resize": "bilinear",
+         "contrast_stretch": False, "balance": "loss", "seed": 0, "skip_bad": False, "val_frac": 0.15,
+         "test_frac": 0.15, "weight_decay": 1e-4, "data_root": None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__.strip().splitlines()[0])
+    a = p.add_argument
+    a("--data", help="data folder (<Class>/images/*, <Class>/*, or with labels.csv) or a CSV "
+                     "path,label[,split]; omitted: generate SYNTHETIC data and run the demo")
+    a("--data-root", help="folder the CSV's paths are relative to (default: the CSV's folder)")
+    a("--out", help="run folder (default runs/<data name>-<UTC time>); --resume needs it")
+    a("--epochs", type=int, help="epochs (default 10; demo 4)")
+    a("--batch-size", type=int, help="images per step over all processes (default 32; demo 16)")
+    a("--lr", type=float, help="peak learning rate (default 1e-3; demo 2e-3)")
+    a("--optimizer", choices=OPTIMIZERS, help="default adamw")
+    a("--schedule", choices=SCHEDULES, help="learning-rate schedule, stepped per batch (default onecycle)")
+    a("--weight-decay", type=float, help="default 1e-4")
+    a("--weights", help="imagenet (torchvision, cached in TORCH_HOME), none (random init) or PATH to a "
+                        "state dict/checkpoint (default imagenet; demo none)")
+    a("--freeze", choices=FREEZE_MODES, help="layer4: train only layer4 + head; head: only the head "
+                                             "(default none)")
+    a("--input-size", type=int, help="square input side in pixels (default 224; demo 64)")
+    a("--resize", choices=RESIZE_METHODS, help="resize method (default bilinear)")
+    a("--contrast-stretch", action="store_true", default=None,
+      help="per-image min-max contrast stretch inside the model")
+    a("--balance", choices=BALANCE, help="class imbalance: loss = class-weighted loss, sampler = "
+                                         "weighted sampler, none (default loss)")
+    a("--seed", type=int, help="seed for split, init, shuffling and augmentation (default 0)")
+    a("--device", default="auto", choices=DEVICES, help="auto = CUDA, then MPS, then CPU (default auto)")
+    a("--workers", type=int, help="data loader processes per training process (default 2; demo 0)")
+    a("--skip-bad", action="store_true", default=None,
+      help="skip unreadable images (listed in the log and config.json) instead of stopping")
+    a("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a("--stop-after", type=int, help="end this invocation after N epochs (continue later with --resume)")
+    a("--val-frac", type=float, help="validation share when the data has no split (default 0.15)")
+    a("--test-frac", type=float, help="test share when the data has no split (default 0.15)")
+    a("--no-report", action="store_true", help="skip the evaluation report after training")
+    a("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return p
+
+
+def resolve_args(a: argparse.Namespace) -> dict:
+    """Unset flags take the run's stored value on --resume, else the demo or real-data default."""
+    given = {k: v for k, v in vars(a).items() if v is not None}
+    if a.resume:
+        if not a.out:
+            raise TrainError("--resume needs --out pointing at the run folder to continue")
+        import torch
+
+        last = Path(a.out) / "last.pt"
+        if not last.is_file():
+            raise TrainError(f"--resume: {last} does not exist; start the run without --resume")
+        base = torch.load(last, map_location="cpu", weights_only=True)["train_config"]
+        base = {**REAL, **OTHER, **base}
+    else:
+        base = {**(REAL if a.data else DEMO), **OTHER, "data": None}
+    kw = {**base, **given}
+    if not kw.get("out"):
+        name = Path(a.data).stem if a.data else "synthetic"
+        kw["out"] = f"runs/{name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
+    return kw
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from train.loop import train_model
+
+    try:
+        kw = resolve_args(a)
+        best = train_model(
+            kw["data"], kw["out"], epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"],
+            optimizer=kw["optimizer"], schedule=kw["schedule"], weights=kw["weights"], freeze=kw["freeze"],
+            input_size=kw["input_size"], seed=kw["seed"], device=kw["device"], workers=kw["workers"],
+            progress=not a.no_progress, skip_bad=kw["skip_bad"], resume=a.resume, resize=kw["resize"],
+            contrast_stretch=kw["contrast_stretch"], balance=kw["balance"], val_frac=kw["val_frac"],
+            test_frac=kw["test_frac"], data_root=kw["data_root"], weight_decay=kw["weight_decay"],
+            stop_after=kw.get("stop_after"), evaluate=not a.no_report)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(f"best checkpoint: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

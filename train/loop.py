@@ -1,0 +1,287 @@
+"""The training engine: epochs of train + validate, best/last checkpoints, resume, and the final report.
+
+Single process or DistributedDataParallel under torchrun (see train.distributed); only rank 0 writes.
+The model trained is DeployModel(net, spec), so normalization is in the graph exactly as exported;
+checkpoints hold only net.state_dict() plus plain metadata (readable with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train import distributed as D
+from train import recipe
+from train.atomic import write_json
+from train.checkpoint import make_checkpoint_dict, save_checkpoint
+from train.metrics import classification_metrics, predict_logits
+from train.recipe import TrainError
+
+log = logging.getLogger(__name__)
+
+BEST_METRIC = "macro_f1"  # best.pt = highest validation macro-F1 (ties keep the earlier epoch)
+# settings that define a run; on --resume the stored values are used
+RUN_KEYS = ("data", "data_root", "epochs", "batch_size", "lr", "optimizer", "schedule", "weights", "freeze",
+            "input_size", "resize", "contrast_stretch", "balance", "seed", "skip_bad", "val_frac",
+            "test_frac", "weight_decay")
+
+
+def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 32,
+                lr: float = 1e-3, optimizer: str = "adamw", schedule: str = "cosine", weights: str = "none",
+                freeze: str = "none", input_size: int = 224, seed: int = 0, device: str = "auto",
+                workers: int = 2, progress: bool = True, skip_bad: bool = False, resume: bool = False,
+                resize: str = "bilinear", contrast_stretch: bool = False, balance: str = "loss",
+                val_frac: float = 0.15, test_frac: float = 0.15, data_root: str | Path | None = None,
+                weight_decay: float = 1e-4, stop_after: int | None = None, evaluate: bool = True,
+                synthetic_per_class: int = 60) -> Path:
+    """Train (or resume) a run in `out_dir` and return the path of its best.pt.
+
+    data=None trains on SYNTHETIC images generated into out_dir/synthetic-data (the built-in demo).
+    stop_after=N ends this invocation after N epochs (resume later with resume=True)."""
+    out_dir = Path(out_dir).resolve()
+    cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
+    ctx = D.init(device)
+    handler = _log_to_file(out_dir) if ctx.is_main else None
+    try:
+        cfg = _resolve_config(cfg, out_dir, resume, ctx, synthetic_per_class)
+        return _run(cfg, out_dir, ctx, workers=workers, progress=progress and ctx.is_main,
+                    resume=resume, stop_after=stop_after, evaluate=evaluate)
+    finally:
+        if handler is not None:
+            logging.getLogger("train").removeHandler(handler)
+            handler.close()
+        D.cleanup(ctx)
+
+
+def _log_to_file(out_dir: Path) -> logging.Handler:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("train")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.DistContext,
+                    per_class: int) -> dict[str, Any]:
+    last = out_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise TrainError(f"--resume: {last} does not exist; start the run without --resume")
+        stored = torch.load(last, map_location="cpu", weights_only=True)["train_config"]
+        changed = {k: v for k, v in cfg.items() if k in stored and v is not None and k != "data"
+                   and v != stored[k]}
+        if changed:
+            log.warning("--resume uses the run's stored settings; ignoring %s (stored: %s)", changed,
+                        {k: stored[k] for k in changed})
+        return dict(stored)
+    if last.exists():
+        raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or "
+                         f"choose another --out")
+    recipe.check_choices(cfg)
+    if cfg["data"] is None:
+        synth = out_dir / "synthetic-data"
+        if ctx.is_main and not synth.is_dir():
+            from train.synthetic import make_synthetic_dataset
+
+            log.info("no --data: generating SYNTHETIC images in %s", synth)
+            make_synthetic_dataset(synth, per_class=per_class, size=cfg["input_size"], seed=cfg["seed"])
+        D.barrier(ctx)
+        cfg["data"] = str(synth)
+    else:
+        cfg["data"] = str(Path(cfg["data"]).resolve())
+    cfg["data_root"] = str(Path(cfg["data_root"]).resolve()) if cfg["data_root"] else None
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int, progress: bool,
+         resume: bool, stop_after: int | None, evaluate: bool) -> Path:
+    seed_everything(cfg["seed"])
+    idx, generated = recipe.prepare_index(cfg, progress)
+    spec = recipe.make_spec(cfg, idx.class_names)
+    summary = recipe.data_summary(idx, generated, out_dir)
+    state = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True) if resume else None
+    if state is not None and state["split_fingerprint"] != summary["split_fingerprint"]:
+        raise TrainError(f"--resume: the data under {cfg['data']} changed since this run started (split "
+                         f"fingerprint differs); start a new run with another --out")
+    use_cuda = ctx.device.type == "cuda"
+    model = recipe.make_model(cfg, spec, init=state is None).to(ctx.device)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    loader = recipe.make_train_loader(idx, spec, {**cfg, "workers": workers}, ctx)
+    criterion = recipe.make_criterion(cfg, idx, ctx.device)
+    opt = recipe.make_optimizer(cfg, model)
+    sched = recipe.make_scheduler(cfg, opt, len(loader))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
+    history: list[dict[str, Any]] = []
+    best = {"score": -1.0, "epoch": None, "metrics": {}}
+    if state is not None:
+        model.net.load_state_dict(state["state_dict"])
+        r = state["resume"]
+        opt.load_state_dict(r["optimizer"])
+        sched.load_state_dict(r["scheduler"])
+        scaler.load_state_dict(r["scaler"])
+        history, best = list(state["history"]), dict(r["best"])
+        log.info("resuming %s after epoch %d of %d", out_dir, r["epoch"], cfg["epochs"])
+    run = {"cfg": cfg, "spec": spec, "summary": summary, "ctx": ctx, "out_dir": out_dir}
+    if ctx.is_main:
+        _write_run_files(run, idx, generated, status="training")
+    ddp_model = D.wrap(model, ctx)
+    start = len(history)
+    for epoch in range(start, cfg["epochs"]):
+        if stop_after is not None and epoch - start >= stop_after:
+            log.info("stopping after %d epoch(s) as asked; continue with --resume", stop_after)
+            break
+        row = _train_epoch(ddp_model, loader, criterion, opt, sched, scaler, ctx, epoch, cfg, progress)
+        D.broadcast_buffers(model, ctx)
+        val = _validate(model, idx.split("val"), spec, ctx, workers, cfg["batch_size"], progress)
+        row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")},
+                   val_recall={c: m["recall"] for c, m in val["per_class"].items()})
+        history.append(row)
+        if val[BEST_METRIC] > best["score"]:
+            best = {"score": val[BEST_METRIC], "epoch": epoch + 1, "metrics": val}
+        _log_epoch(row, cfg["epochs"])
+        if ctx.is_main:
+            _save(run, model, history, best, opt, sched, scaler, improved=best["epoch"] == epoch + 1)
+        D.barrier(ctx)
+    ddp_check = D.check_replicas(model, spec.input_size, ctx)
+    best_path = out_dir / "best.pt"
+    if ctx.is_main:
+        done = len(history) >= cfg["epochs"]
+        report = None
+        if done and evaluate:
+            report = _final_report(best_path, idx, workers, progress, out_dir)
+        _write_run_files(run, idx, False, status="finished" if done else "interrupted", history=history,
+                         best=best, ddp_check=ddp_check, report=report)
+    D.barrier(ctx)
+    return best_path
+
+
+def _train_epoch(model, loader, criterion, opt, sched, scaler, ctx: D.DistContext, epoch: int,
+                 cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    # reseeded per epoch: augmentation and worker RNG depend only on (seed, epoch), so --resume
+    # replays exactly what an uninterrupted run would have done
+    torch.manual_seed(cfg["seed"] * 1000 + epoch)
+    loader.generator.manual_seed(cfg["seed"] * 1000 + epoch)
+    loader.sampler.set_epoch(epoch)
+    model.train()
+    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", disable=not progress)
+    for x, y in bar:
+        y = y.to(ctx.device, non_blocking=True)
+        loss, logits = train_step(model, x, y, criterion, opt, sched, scaler, ctx.device)
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    seconds = time.perf_counter() - t0
+    loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen], ctx)
+    return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "lr": opt.param_groups[0]["lr"], "train_images": int(seen), "train_seconds": round(seconds, 2),
+            "images_per_s": round(seen / max(seconds, 1e-9), 2)}
+
+
+def train_step(model, x, y, criterion, opt, sched, scaler, device: torch.device):
+    """One optimisation step (AMP and channels-last on CUDA only). Returns (loss, logits)."""
+    use_cuda = device.type == "cuda"
+    x = x.to(device, non_blocking=True)
+    if use_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, enabled=use_cuda):
+        logits = model(x)
+        loss = criterion(logits, y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach(), logits.detach()
+
+
+def _validate(model, samples, spec, ctx: D.DistContext, workers: int, batch_size: int,
+              progress: bool) -> dict[str, Any]:
+    """Each rank predicts its shard; the logits are gathered so every rank computes the same metrics."""
+    mine = D.shard(len(samples), ctx)
+    logits = predict_logits(model, [samples[i] for i in mine], spec, device=ctx.device,
+                            batch_size=batch_size, workers=workers, progress=progress, desc="validate",
+                            channels_last=ctx.device.type == "cuda")
+    parts = D.all_gather_objects((mine, logits), ctx)
+    full = np.zeros((len(samples), spec.num_classes), dtype=np.float32)
+    for ids, lg in parts:
+        full[ids] = lg
+    return classification_metrics([s.label for s in samples], full, spec.class_names)
+
+
+def _log_epoch(row: dict[str, Any], epochs: int) -> None:
+    log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f | %.1f img/s",
+             row["epoch"], epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+             row["val_accuracy"], row["val_macro_f1"], row["images_per_s"])
+
+
+def _save(run: dict[str, Any], model, history, best, opt, sched, scaler, improved: bool) -> None:
+    cfg, spec, summary = run["cfg"], run["spec"], run["summary"]
+    common = dict(train_config=cfg, history=history, split_fingerprint=summary["split_fingerprint"])
+    epoch = len(history)
+    if improved:
+        extra = {"epoch": epoch, "best_metric": BEST_METRIC}
+        save_checkpoint(make_checkpoint_dict(model.net.state_dict(), spec, metrics=best["metrics"],
+                                             extra=extra, **common), run["out_dir"] / "best.pt")
+    resume = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "scaler": scaler.state_dict(), "best": best}
+    metrics = history[-1] if history else {}
+    write_json(run["out_dir"] / "history.json", history)  # readable while the run goes on
+    save_checkpoint(make_checkpoint_dict(model.net.state_dict(), spec, metrics=metrics,
+                                         extra={"epoch": epoch, "resume": resume}, **common),
+                    run["out_dir"] / "last.pt")
+
+
+def _final_report(best_path: Path, idx, workers: int, progress: bool, out_dir: Path) -> dict[str, Any]:
+    from train.evaluate import evaluate_checkpoint
+
+    split = "test" if idx.split("test") else "val"
+    result = evaluate_checkpoint(best_path, idx, split=split, out_dir=out_dir / "report", workers=workers,
+                                 progress=progress)
+    log.info("report on the %s split: %s", split, out_dir / "report" / "report.md")
+    return {"split": split, "path": str(out_dir / "report" / "report.md"),
+            "accuracy": result["metrics"]["accuracy"], "macro_f1": result["metrics"]["macro_f1"]}
+
+
+def _write_run_files(run: dict[str, Any], idx, generated: bool, *, status: str, history=None, best=None,
+                     ddp_check=None, report=None) -> None:
+    from train.data import write_splits_csv
+
+    out_dir, ctx = run["out_dir"], run["ctx"]
+    if generated:
+        write_splits_csv(idx, out_dir / "splits.csv")
+    config = {"status": status, "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "train_config": run["cfg"], "spec": run["spec"].to_dict(), "data": run["summary"],
+              "device": str(ctx.device), "world_size": ctx.world_size, "torch_version": torch.__version__,
+              "best_metric": BEST_METRIC}
+    if best is not None:
+        config["best"] = {"epoch": best["epoch"], BEST_METRIC: best["score"],
+                          "accuracy": best["metrics"].get("accuracy")}
+    if ddp_check is not None:
+        config["ddp_check"] = ddp_check
+    if report is not None:
+        config["report"] = report
+    write_json(out_dir / "config.json", config)
+    if history is not None:
+        write_json(out_dir / "history.json", history)

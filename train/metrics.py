@@ -1,0 +1,70 @@
+"""Predictions and classification metrics shared by per-epoch validation and the evaluation report."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from train.data import ImageDataset, Sample
+from train.spec import PreprocessSpec
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *,
+                   device: torch.device, batch_size: int = 64, workers: int = 0, progress: bool = False,
+                   desc: str = "predict", channels_last: bool = False) -> np.ndarray:
+    """(N, classes) float32 logits of a model that takes [0, 1] input, in `samples` order."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(ImageDataset(samples, spec), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    n = spec.num_classes
+    return torch.cat(out).numpy() if out else np.zeros((0, n), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(y_true: Sequence[int], logits: np.ndarray,
+                           class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall(sensitivity)/F1/support/one-vs-rest AUC, confusion
+    matrix (rows = true class, columns = predicted), and the mean cross-entropy."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    labels = list(range(len(class_names)))
+    probs = softmax(logits.astype(np.float64))
+    pred = probs.argmax(axis=1)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        positives = int((y == k).sum())
+        auc = float(roc_auc_score(y == k, probs[:, k])) if 0 < positives < len(y) else None
+        per_class[name] = {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                           "support": int(s[k]), "auc": auc}
+    aucs = [c["auc"] for c in per_class.values() if c["auc"] is not None]
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else 0.0
+    return {
+        "n": int(len(y)),
+        "loss": loss,
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "macro_f1": float(np.mean(f)),
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+    }
