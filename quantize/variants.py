@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +49,7 @@ def make_int8_model(ckpt: Checkpoint, mode: str = "static", engine: str = "qnnpa
     return DeployModel(qnet, ckpt.spec).eval()
 
 
-def load_calibration(index, n: int, spec, seed: int = 0, progress: bool = True) -> tuple[list[Sample], "np.ndarray"]:
+def load_calibration(index, n: int, spec, seed: int = 0, progress: bool = True) -> tuple[list[Sample], np.ndarray]:
     """A seeded sample of the TRAIN split only (never the images a report evaluates on), loaded as
     float32 (N, 3, H, W) in [0, 1]. Every class must be present, or the ranges miss its images."""
     import numpy as np

@@ -68,3 +68,19 @@ def reference_weights() -> Path:
     if not path.is_file():
         pytest.skip(f"reference weights not available at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_checkpoint):
+    """The tiny checkpoint, loaded: what every exporter takes."""
+    from train.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def synthetic_index(synthetic_data, ckpt):
+    """The synthetic dataset indexed in the tiny checkpoint's class order."""
+    from train.data import discover
+
+    return discover(synthetic_data, ckpt.spec.class_names)

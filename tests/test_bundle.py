@@ -14,13 +14,7 @@ import export.bundle as bundle
 from export.lite import main
 from export.runners import get_runner
 from mobile_assets import SCHEMA_PATH, ManifestValidationError, validate_manifest
-from train.checkpoint import load_checkpoint
 from train.spec import load_unit_image
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import export.formats as formats
 from export.__main__ import main as export_main
 from export.manifest import ArtifactEntry, read_manifest, record, verify_file
 from train.atomic import sha256_file, size_bytes
-from train.checkpoint import load_checkpoint
-from train.data import discover, seeded_subset
+from train.data import seeded_subset
 
 FIXED_NAMES = {"ptl_fp32", "ptl_int8", "torchscript_fp32", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static",
                "coreml_fp16", "coreml_w8", "coreml_palette6", "coreml_palette4", "executorch_fp32",
@@ -22,13 +21,8 @@ FIXED_NAMES = {"ptl_fp32", "ptl_int8", "torchscript_fp32", "onnx_fp32", "onnx_in
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def samples(synthetic_data, ckpt):
-    idx = discover(synthetic_data, ckpt.spec.class_names)
+def samples(synthetic_index):
+    idx = synthetic_index
     return seeded_subset(idx.samples, 4, seed=1), seeded_subset(idx.samples, 8, seed=0)
 
 

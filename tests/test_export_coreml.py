@@ -16,13 +16,7 @@ pytest.importorskip("coremltools")
 import export.coreml as xcm  # noqa: E402
 from export.coreml_verify import LABEL, METHOD, read_program, verify_package  # noqa: E402
 from export.manifest import read_manifest, verify_file  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
 from train.data import discover, seeded_subset  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ pytest.importorskip("executorch")
 import export.executorch as xet  # noqa: E402
 from export.manifest import read_manifest, verify_file  # noqa: E402
 from export.runners import get_runner  # noqa: E402
-from train.checkpoint import load_checkpoint  # noqa: E402
-from train.data import discover, load_batch, seeded_subset  # noqa: E402
+from train.data import load_batch, seeded_subset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def samples(synthetic_data, ckpt):
-    idx = discover(synthetic_data, ckpt.spec.class_names)
+def samples(synthetic_index):
+    idx = synthetic_index
     return seeded_subset(idx.samples, 4, seed=1), seeded_subset(idx.samples, 8, seed=0)
 
 

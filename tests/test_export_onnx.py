@@ -8,18 +8,12 @@ import pytest
 import export.onnx as xonnx
 from export.manifest import read_manifest, verify_file
 from export.runners import get_runner
-from train.checkpoint import load_checkpoint
-from train.data import discover, load_batch, seeded_subset
+from train.data import load_batch, seeded_subset
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def samples(synthetic_data, ckpt):
-    idx = discover(synthetic_data, ckpt.spec.class_names)
+def samples(synthetic_index):
+    idx = synthetic_index
     return seeded_subset(idx.samples, 6, seed=1), seeded_subset(idx.samples, 8, seed=0)
 
 
