@@ -190,8 +190,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.strip().splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
-    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class (default 40)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8: enough to learn the synthetic task)")
+    p.add_argument("--per-class", type=int, default=60, help="synthetic images per class (default 60)")
     p.add_argument("--input-size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per latency figure (default 10)")
     p.add_argument("--bundle-dir", type=Path, default=None,
