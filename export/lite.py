@@ -253,7 +253,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
     """Write and prove model.ptl (ptl_fp32) and, unless int8='none', model_int8.ptl (ptl_int8)."""
     import tempfile
 
-    from quantize.torch_ao import set_engine
+    from quantize.torch_ao import qconfig_description, set_engine
     from quantize.variants import make_int8_model
 
     if int8 not in INT8_MODES:
@@ -281,6 +281,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
         qref = _reference(qmodel, x)
         qmodule, qinfo = _choose_module(qmodel, x, qref, None)
         details = {**base, "int8_mode": int8, "calibration": calib_note, "quantized_engine": engine,
+                   "observers": qconfig_description(engine) if int8 == "static" else None,
                    "recommended_runtime_engine": engine,
                    "engine_note": f"quantized for '{engine}'; set torch.backends.quantized.engine='{engine}' "
                                   f"(phones: qnnpack). On x86 desktops the 'x86' engine runs it much faster "

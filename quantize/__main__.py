@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from quantize.onnx_rt import CALIB_METHODS
+from quantize.torch_ao import REDUCE_RANGE_CHOICES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="qnnpack,x86",
                    help="comma-separated PyTorch quantized engines for static int8 (default qnnpack,x86); "
                         "the first one is also used for dynamic int8")
+    p.add_argument("--reduce-range", default="auto", choices=REDUCE_RANGE_CHOICES,
+                   help="7-bit activations for x86/fbgemm static int8: auto (default) = only on x86 CPUs without "
+                        "VNNI, where 8-bit activations can saturate; 'on' when the model will serve on such CPUs")
     p.add_argument("--max-drop", type=float, default=None,
                    help="release gate: exit 1 if any variant loses more than this many accuracy points or any "
                         "class more recall points")
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             cam=args.cam, sensitivity=args.sensitivity, fallback_layers=args.fallback_layers,
             sensitivity_layers=[n.strip() for n in args.sensitivity_layers.split(",") if n.strip()]
             if args.sensitivity_layers else None,
-            latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, progress=not args.no_progress)
+            latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, reduce_range=args.reduce_range,
+            progress=not args.no_progress)
     except (ReportError, QuantizationError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -82,9 +82,11 @@ def torch_dynamic(ckpt: Checkpoint, engine: str, threads: int | None) -> Variant
 
 def torch_static(ckpt: Checkpoint, calib: np.ndarray, engine: str, threads: int | None, *,
                  keep_float: Sequence[str] = (), progress: bool = True,
-                 suffix: str = "") -> Variant:
-    model = static_from_array(ckpt, calib, engine, keep_float=keep_float, progress=progress)
-    settings = {"engine": engine, **torch_ao.qconfig_description(engine), "calibration_images": len(calib),
+                 suffix: str = "", reduce_range: str = "auto") -> Variant:
+    model = static_from_array(ckpt, calib, engine, keep_float=keep_float, progress=progress,
+                              reduce_range=reduce_range)
+    settings = {"engine": engine, **torch_ao.qconfig_description(engine, reduce_range),
+                "calibration_images": len(calib),
                 "keep_float": list(keep_float)}
     others = tuple(e for e in ("x86", "qnnpack") if e != engine
                    and e in torch.backends.quantized.supported_engines)

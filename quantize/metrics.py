@@ -76,10 +76,12 @@ def budget_violations(variants: dict[str, dict[str, Any]], max_drop: float) -> l
     return out
 
 
-def exceeds(metrics: dict[str, Any], budget: float) -> bool:
-    """True when a variant breaks the budget (used to trigger the sensitivity fallback)."""
+def exceeds(metrics: dict[str, Any], budget: float, class_budget: float | None = None) -> bool:
+    """True when a variant loses more than `budget` accuracy points or any class more than
+    `class_budget` (default: the same) recall points (used to trigger the sensitivity fallback)."""
     worst_class = max((-d["recall_change_points"] for d in metrics["per_class"].values()), default=0.0)
-    return -metrics["accuracy_change_points"] > budget or worst_class > budget
+    limit = budget if class_budget is None else class_budget
+    return -metrics["accuracy_change_points"] > budget or worst_class > limit
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int = 30, warmup: int = 3) -> dict[str, dict]:

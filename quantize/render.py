@@ -87,13 +87,16 @@ def _flips(rep: dict[str, Any]) -> list[str]:
 def _sensitivity(rep: dict[str, Any]) -> list[str]:
     s = rep["sensitivity"]
     if not s["runs"]:
-        return [f"No static variant exceeded the {s['budget_points']}-point budget, so no layer was kept in "
-                f"float (pass --sensitivity to run the analysis anyway)."]
+        b = s["budget_points"]
+        return [f"Every static variant kept within the budget (accuracy drop ≤ {b['accuracy']} points, no class "
+                f"recall drop > {b['class_recall']} points, top-1 agreement ≥ {100 * b['min_top1_agreement']:.1f}%), "
+                f"so no layer was kept in float (pass --sensitivity to run the analysis anyway)."]
     out = []
     for base, r in s["runs"].items():
         b, f = rep["variants"][base], rep["variants"][r["fallback"]]
         lat_b, lat_f = (b.get("latency") or {}).get("median_ms"), (f.get("latency") or {}).get("median_ms")
-        out += [f"**{base}** ({'over budget' if r['over_budget'] else 'forced'}; {r['method']}). "
+        reasons = "; ".join(r.get("reasons") or ["over budget" if r["over_budget"] else "forced"])
+        out += [f"**{base}** ({reasons}; {r['method']}). "
                 f"Most sensitive layers:", "", "| rank | layer | mean abs logit error | agreement |",
                 "|---|---|---|---|"]
         out += [f"| {x['rank']} | {x['layer']} | {x['mean_abs_logit_error']:.4f} | {100 * x['top1_agreement']:.1f}% |"
@@ -116,6 +119,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         f"per class {dict(zip(d['class_names'], d['class_counts']))}",
         f"- calibration: {c['size']} images sampled (seed {c['seed']}) from the **train** split only; "
         f"ONNX Runtime method {c['onnx_method']}",
+        *[f"- {e} activations: {o['activation']}" for e, o in c.get("torch_observers", {}).items()],
         f"- latency: batch {t['batch']}, {t['threads']} thread, median of {t['runs']} runs in interleaved rounds "
         f"(all variants in the same run, {t['cpu_count']} CPUs, shared machine: absolute figures are noisy)",
         f"- torch {rep['torch_version']}", "",

@@ -24,7 +24,6 @@ from train.data import DataError, assign_splits, discover, seeded_subset
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SENSITIVITY_BUDGET = 0.3  # accuracy / recall points; used when --max-drop is not given
 TARGETS = {"min_top1_agreement": 0.995, "max_accuracy_drop_points": 0.3, "max_class_recall_drop_points": 1.0,
            "max_size_ratio": 0.27, "min_speedup": 3.0}
 
@@ -60,26 +59,47 @@ def _record(v: builders.Variant, logits: np.ndarray, labels, ref, class_names, f
             "metrics": metrics.against_float(labels, ref, logits, class_names)}
 
 
+def _drop_budget(max_drop: float | None) -> tuple[float, float]:
+    """(accuracy, class recall) points a static variant may lose: --max-drop for both, else the targets."""
+    if max_drop is not None:
+        return max_drop, max_drop
+    return TARGETS["max_accuracy_drop_points"], TARGETS["max_class_recall_drop_points"]
+
+
+def _misses(m: dict[str, Any], budget: tuple[float, float]) -> list[str]:
+    """Why a static variant needs the float fallback: over the drop budget, or under the agreement target."""
+    acc, cls = budget
+    why = ([f"loses more than {acc} accuracy points or a class more than {cls} recall points"]
+           if metrics.exceeds(m, acc, cls) else [])
+    if m["top1_agreement"] < TARGETS["min_top1_agreement"]:
+        why.append(f"top-1 agreement {100 * m['top1_agreement']:.2f}% is under "
+                   f"{100 * TARGETS['min_top1_agreement']:.1f}%")
+    return why
+
+
 def _sensitivity(ckpt, calib, variants, results, logits, labels, *, budget, force, k, sample, layers, threads,
-                 progress) -> dict[str, Any]:
-    """For each static torch variant over budget (or all, when forced): rank layers, build a variant
-    that keeps the k most sensitive in float, evaluate it like the others."""
+                 progress, reduce_range) -> dict[str, Any]:
+    """For each static torch variant that misses the budget or the agreement target (or all, when
+    forced): rank layers, build a variant that keeps the k most sensitive in float, evaluate it."""
     from quantize.sensitivity import layer_sensitivity, most_sensitive
 
-    out: dict[str, Any] = {"budget_points": budget, "forced": force, "keep_float_layers": k, "runs": {}}
+    out: dict[str, Any] = {"budget_points": {"accuracy": budget[0], "class_recall": budget[1],
+                                             "min_top1_agreement": TARGETS["min_top1_agreement"]}, "forced": force, "keep_float_layers": k, "runs": {}}
     for v in [v for v in variants if v.name.startswith("torch_static_int8_")]:
-        over = metrics.exceeds(results[v.name]["metrics"], budget)
-        if not (force or over):
+        why = _misses(results[v.name]["metrics"], budget)
+        if not (force or why):
             continue
-        ranking = layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress)
+        ranking = layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress,
+                                    reduce_range=reduce_range)
         keep = most_sensitive(ranking, k)
         fb = builders.torch_static(ckpt, calib, v.engine, threads, keep_float=keep, progress=progress,
-                                   suffix="_fallback")
+                                   suffix="_fallback", reduce_range=reduce_range)
         logits[fb.name] = builders.evaluate(fb, logits["__images__"], progress=progress)
         results[fb.name] = _record(fb, logits[fb.name], labels, logits["float"], ckpt.spec.class_names,
                                    results["float"]["size_bytes"])
         variants.append(fb)
-        out["runs"][v.name] = {"over_budget": over, "ranking": ranking, "keep_float": keep, "fallback": fb.name,
+        out["runs"][v.name] = {"over_budget": bool(why), "reasons": why or ["forced (--sensitivity)"],
+                               "ranking": ranking, "keep_float": keep, "fallback": fb.name,
                                "method": "quantize one layer at a time, mean |logit - float logit| on "
                                          f"{min(sample, len(calib))} calibration (train) images"}
     return out
@@ -106,7 +126,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                             sensitivity: bool = False, fallback_layers: int = 2, sensitivity_sample: int = 32,
                             sensitivity_layers: Sequence[str] | None = None,
                             latency_runs: int = 30, threads: int = 2, seed: int = 0,
-                            progress: bool = True) -> dict[str, Any]:
+                            reduce_range: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Build, evaluate, time and compare every variant; write the report; return its JSON dict.
     `report['gate']['passed']` is False when `max_drop` is given and some variant breaks it."""
     from quantize.render import write_report
@@ -117,6 +137,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
         raise ReportError("--engines needs at least one quantized engine, e.g. qnnpack,x86")
     for e in engines:
         torch_ao.check_engine(e)
+        torch_ao.activation_reduce_range(e, reduce_range)  # rejects a bad --reduce-range before any work
     if latency_runs < 1:
         raise ReportError("--latency-runs must be at least 1")
     ckpt = load_checkpoint(checkpoint)
@@ -130,18 +151,19 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
     calib_samples, calib = load_calibration(index, calib_size, ckpt.spec, seed=seed, progress=progress)
 
     variants = [builders.float_variant(ckpt, threads), builders.torch_dynamic(ckpt, engines[0], threads)]
-    variants += [builders.torch_static(ckpt, calib, e, threads, progress=progress) for e in engines]
+    variants += [builders.torch_static(ckpt, calib, e, threads, progress=progress, reduce_range=reduce_range)
+                 for e in engines]
     variants += builders.onnx_variants(ckpt, calib, calib_method, Path(out_dir) / "models", threads, progress)
     logits: dict[str, np.ndarray] = {v.name: builders.evaluate(v, images, progress=progress) for v in variants}
     classes = ckpt.spec.class_names
     float_size = variants[0].size_bytes
     results = {v.name: _record(v, logits[v.name], labels, logits["float"], classes, float_size) for v in variants}
 
-    budget = max_drop if max_drop is not None else DEFAULT_SENSITIVITY_BUDGET
+    budget = _drop_budget(max_drop)
     logits["__images__"] = images
     sens = _sensitivity(ckpt, calib, variants, results, logits, labels, budget=budget, force=sensitivity,
                         k=fallback_layers, sample=sensitivity_sample, layers=sensitivity_layers,
-                        threads=threads, progress=progress)
+                        threads=threads, progress=progress, reduce_range=reduce_range)
     del logits["__images__"]
 
     latency = metrics.time_interleaved(builders.latency_fns(variants, images[0]), runs=latency_runs)
@@ -160,8 +182,9 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                  "split_images": split_total, "max_images": max_images,
                  "class_names": list(classes), "class_counts": np.bincount(labels, minlength=len(classes)).tolist()},
         "calibration": {"split": "train", "size": len(calib_samples), "requested": calib_size, "seed": seed,
-                        "onnx_method": calib_method, "torch_observers": {e: torch_ao.qconfig_description(e)
+                        "onnx_method": calib_method, "torch_observers": {e: torch_ao.qconfig_description(e, reduce_range)
                                                                          for e in engines},
+                        "reduce_range": reduce_range, "cpu_has_vnni": torch_ao.cpu_has_vnni(),
                         "samples": [str(s.path) for s in calib_samples],
                         "sample_splits": sorted({str(s.split) for s in calib_samples})},
         "timing": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median",

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def layer_sensitivity(ckpt: Checkpoint, calib: np.ndarray, engine: str, *, sample_size: int = 32,
-                      layers: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                      layers: Sequence[str] | None = None, progress: bool = True,
+                      reduce_range: str = "auto") -> list[dict[str, Any]]:
     """Rank layers by the logit error their quantization alone causes, worst first.
 
     `calib` is float32 (N, 3, H, W) in [0, 1] from the training split; the first `sample_size` images
@@ -43,7 +44,7 @@ def layer_sensitivity(ckpt: Checkpoint, calib: np.ndarray, engine: str, *, sampl
     rows = []
     for name in tqdm(names, desc=f"layer sensitivity ({engine})", unit="layer", disable=not progress,
                      leave=False):
-        qnet = static_int8(net, [x], engine, only=[name])
+        qnet = static_int8(net, [x], engine, only=[name], reduce_range=reduce_range)
         with torch.inference_mode():
             out = qnet(x).numpy()
         rows.append({"layer": name,

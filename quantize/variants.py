@@ -33,7 +33,7 @@ def calibration_batches(ckpt: Checkpoint, samples: Sequence[Sample], batch_size:
 
 def make_int8_model(ckpt: Checkpoint, mode: str = "static", engine: str = "qnnpack",
                     calib_samples: Sequence[Sample] | None = None, keep_float: Sequence[str] = (),
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, reduce_range: str = "auto") -> nn.Module:
     """DeployModel whose network is int8: takes the same [0, 1] input as the float model."""
     if mode not in MODES:
         raise QuantizationError(f"int8 mode must be one of {MODES}, got {mode!r}")
@@ -45,7 +45,7 @@ def make_int8_model(ckpt: Checkpoint, mode: str = "static", engine: str = "qnnpa
             raise QuantizationError("static int8 needs calibration images: pass --data with a train split "
                                     "(or use --int8 dynamic, which needs none)")
         qnet = static_int8(net, calibration_batches(ckpt, list(calib_samples), progress=progress), engine,
-                           keep_float=keep_float)
+                           keep_float=keep_float, reduce_range=reduce_range)
     return DeployModel(qnet, ckpt.spec).eval()
 
 
@@ -87,9 +87,10 @@ def normalized_batches(spec, array, batch_size: int = 32, progress: bool = True)
 
 
 def static_from_array(ckpt: Checkpoint, array, engine: str = "qnnpack", keep_float: Sequence[str] = (),
-                      only: Sequence[str] | None = None, progress: bool = True) -> nn.Module:
+                      only: Sequence[str] | None = None, progress: bool = True,
+                      reduce_range: str = "auto") -> nn.Module:
     """Static int8 DeployModel calibrated on an already loaded [0, 1] array (loaded once, used for
     both engines, ONNX Runtime and the sensitivity search)."""
     qnet = static_int8(ckpt.build_network(), normalized_batches(ckpt.spec, array, progress=progress), engine,
-                       keep_float=keep_float, only=only)
+                       keep_float=keep_float, only=only, reduce_range=reduce_range)
     return DeployModel(qnet, ckpt.spec).eval()

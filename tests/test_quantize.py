@@ -169,3 +169,67 @@ def test_cli_rejects_bad_flags(tmp_path, tiny_checkpoint, synthetic_data, capsys
     assert "--calib-size" in capsys.readouterr().err
     assert _cli(tmp_path / "nope.pt", synthetic_data, tmp_path) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        _cli(tiny_checkpoint, synthetic_data, tmp_path, "--reduce-range", "maybe")
+    assert exit_.value.code == 2 and "--reduce-range" in capsys.readouterr().err
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_reduce_range_halves_the_activation_grid():
+    """'on' quantizes x86 activations to 7 bits: the same observed range gets a scale about twice as big."""
+    torch.manual_seed(0)
+    net, calib = _ConvNet().eval(), [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    on = static_int8(net, calib, "x86", reduce_range="on")
+    off = static_int8(net, calib, "x86", reduce_range="off")
+    assert 1.8 < on.conv.scale / off.conv.scale < 2.2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        ref = net(x)
+        assert (off(x) - ref).abs().mean() < (on(x) - ref).abs().mean()  # the lost bit costs accuracy
+
+
+def test_reduce_range_auto_follows_the_cpu(monkeypatch):
+    from quantize import torch_ao
+
+    for vnni in (True, False):
+        monkeypatch.setattr(torch_ao, "cpu_has_vnni", lambda v=vnni: v)
+        assert torch_ao.activation_reduce_range("x86") is (not vnni)
+        assert torch_ao.activation_reduce_range("fbgemm") is (not vnni)
+        assert torch_ao.activation_reduce_range("qnnpack") is False
+        assert torch_ao.qconfig_description("x86")["activation_reduce_range"] == str(not vnni).lower()
+    assert torch_ao.activation_reduce_range("qnnpack", "on") is True
+    with pytest.raises(QuantizationError, match="--reduce-range must be one of"):
+        torch_ao.activation_reduce_range("x86", "sometimes")
+
+
+def test_report_records_the_activation_range(report):
+    from quantize.torch_ao import cpu_has_vnni
+
+    rep, out, _ = report
+    assert rep["calibration"]["reduce_range"] == "auto" and rep["calibration"]["cpu_has_vnni"] == cpu_has_vnni()
+    x86 = rep["variants"]["torch_static_int8_x86"]["settings"]
+    assert x86["activation_reduce_range"] == str(not cpu_has_vnni()).lower()
+    assert rep["variants"]["torch_static_int8_qnnpack"]["settings"]["activation_reduce_range"] == "false"
+    assert "x86 activations: HistogramObserver" in (out / "report.md").read_text()
+
+
+def test_fallback_is_triggered_by_low_agreement_as_well_as_drop():
+    from quantize.report import _misses
+
+    within = {"accuracy_change_points": 0.0, "top1_agreement": 0.999,
+              "per_class": {"A": {"recall_change_points": 0.0}}}
+    assert _misses(within, (0.3, 1.0)) == []
+    assert "agreement 99.39%" in _misses({**within, "top1_agreement": 0.9939}, (0.3, 1.0))[0]
+    one_image = {**within, "per_class": {"A": {"recall_change_points": -0.44}}}
+    assert _misses(one_image, (0.3, 1.0)) == []  # the target allows a class to lose up to 1 recall point
+    assert "recall points" in _misses(one_image, (0.3, 0.3))[0]  # --max-drop 0.3 applies to classes too
