@@ -36,7 +36,7 @@ class Variant:
     size_bytes: int
     settings: dict[str, Any] = field(default_factory=dict)
     touched: dict[str, Any] = field(default_factory=dict)
-    time_engines: tuple[str, ...] = ()   # torch: extra engine settings to time this model with
+    time_engines: tuple[str, ...] = ()   # torch: other engines to time this model's TorchScript file under
     path: Path | None = None             # ONNX file, for a separate 1-thread latency session
     module: torch.nn.Module | None = None
 
@@ -134,8 +134,8 @@ def evaluate(v: Variant, images: np.ndarray, batch_size: int = 32, progress: boo
 
 
 def latency_fns(variants: Sequence[Variant], image: np.ndarray) -> dict[str, Any]:
-    """Batch-1, one-thread callables. A torch int8 model is also timed under the other engine setting
-    (labelled `name@engine`): its kernels were packed for its own engine, which the timing shows."""
+    """Batch-1, one-thread callables. A torch int8 model is also timed as a TorchScript file loaded under
+    each other engine (labelled `name@engine`), which is what a server or app that loads the file runs."""
     fns: dict[str, Any] = {}
     x = torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32))
     for v in variants:
@@ -143,10 +143,25 @@ def latency_fns(variants: Sequence[Variant], image: np.ndarray) -> dict[str, Any
             sess = OnnxRunner(threads=1).load(v.path)
             fns[v.name] = (lambda s=sess: s.run(image[None]))
             continue
-        for eng in ((v.engine,) if v.engine else (None,)) + v.time_engines:
-            label = v.name if eng == v.engine else f"{v.name}@{eng}"
-            fns[label] = _torch_call(v.module, eng, x)
+        fns[v.name] = _torch_call(v.module, v.engine, x)
+        for eng in v.time_engines:
+            fns[f"{v.name}@{eng}"] = _torch_call(loaded_under(v.module, eng, x), eng, x)
     return fns
+
+
+def loaded_under(module: torch.nn.Module, engine: str, example: torch.Tensor) -> torch.nn.Module:
+    """`module` traced, saved and loaded back with `engine` set. Loading re-packs int8 weights for the
+    current engine's kernels; an in-memory model keeps the packing it was converted with."""
+    previous = torch.backends.quantized.engine
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(module, example), buf)
+    buf.seek(0)
+    try:
+        torch_ao.set_engine(engine)
+        return torch.jit.load(buf)
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _torch_call(module: torch.nn.Module, engine: str | None, x: torch.Tensor):

@@ -233,3 +233,29 @@ def test_fallback_is_triggered_by_low_agreement_as_well_as_drop():
     one_image = {**within, "per_class": {"A": {"recall_change_points": -0.44}}}
     assert _misses(one_image, (0.3, 1.0)) == []  # the target allows a class to lose up to 1 recall point
     assert "recall points" in _misses(one_image, (0.3, 0.3))[0]  # --max-drop 0.3 applies to classes too
+
+
+def test_engine_rows_time_the_file_reloaded_under_that_engine(report):
+    """An int8 model loaded from TorchScript under another engine computes the same outputs."""
+    from quantize.builders import loaded_under
+
+    timing = report[0]["timing"]["all"]
+    assert timing["torch_static_int8_qnnpack@x86"]["median_ms"] > 0
+    assert timing["torch_static_int8_x86@qnnpack"]["median_ms"] > 0
+    under = report[0]["variants"]["torch_static_int8_qnnpack"]["speedup_vs_float_loaded_under"]
+    assert under["x86"] == pytest.approx(timing["float"]["median_ms"] / timing["torch_static_int8_qnnpack@x86"]["median_ms"])
+    assert "loaded under x86" in (report[1] / "report.md").read_text()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    model = static_int8(_ConvNet().eval(), [torch.randn(4, 3, 16, 16) for _ in range(3)], "qnnpack")
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    with torch.no_grad():
+        expected = model(x)
+    reloaded = loaded_under(model, "x86", x)
+    assert torch.backends.quantized.engine == "qnnpack"  # the caller's engine is restored
+    torch.backends.quantized.engine = "x86"
+    with torch.no_grad():
+        got = reloaded(x)
+    torch.backends.quantized.engine = before
+    assert torch.allclose(got, expected, atol=0.05)
