@@ -150,12 +150,13 @@ def latency_fns(variants: Sequence[Variant], image: np.ndarray) -> dict[str, Any
 
 
 def loaded_under(module: torch.nn.Module, engine: str, example: torch.Tensor) -> torch.nn.Module:
-    """`module` traced, saved and loaded back with `engine` set. Loading re-packs int8 weights for the
-    current engine's kernels; an in-memory model keeps the packing it was converted with."""
+    """`module` made TorchScript as `export.lite` ships it, saved and loaded back with `engine` set. Loading
+    re-packs int8 weights for the current engine's kernels; an in-memory model keeps its original packing."""
+    from export.lite import script_or_trace  # cross-stage: time the same TorchScript the export ships
+
     previous = torch.backends.quantized.engine
     buf = io.BytesIO()
-    with torch.no_grad():
-        torch.jit.save(torch.jit.trace(module, example), buf)
+    torch.jit.save(script_or_trace(module, example)[0], buf)
     buf.seek(0)
     try:
         torch_ao.set_engine(engine)

@@ -249,13 +249,15 @@ def test_engine_rows_time_the_file_reloaded_under_that_engine(report):
     x = torch.randn(4, 3, 16, 16)
     model = static_int8(_ConvNet().eval(), [torch.randn(4, 3, 16, 16) for _ in range(3)], "qnnpack")
     before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "qnnpack"
-    with torch.no_grad():
-        expected = model(x)
-    reloaded = loaded_under(model, "x86", x)
-    assert torch.backends.quantized.engine == "qnnpack"  # the caller's engine is restored
-    torch.backends.quantized.engine = "x86"
-    with torch.no_grad():
-        got = reloaded(x)
-    torch.backends.quantized.engine = before
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        with torch.no_grad():
+            expected = model(x)
+        reloaded = loaded_under(model, "x86", x)
+        assert torch.backends.quantized.engine == "qnnpack"  # the caller's engine is restored
+        torch.backends.quantized.engine = "x86"
+        with torch.no_grad():
+            got = reloaded(x)
+    finally:
+        torch.backends.quantized.engine = before
     assert torch.allclose(got, expected, atol=0.05)
