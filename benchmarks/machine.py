@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from train.cpu import cpu_description
+
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                      "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
 LIBRARIES = ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "executorch", "coremltools", "torchao")
@@ -17,16 +19,9 @@ RESNET18_GMACS_224 = 1.82  # multiply-adds per 224x224 image (torchvision's figu
 
 
 def _cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
+    from train.cpu import cpuinfo
+
+    return cpuinfo(path)
 
 
 def library_versions() -> dict[str, str]:
@@ -84,6 +79,7 @@ def machine_info() -> dict[str, Any]:
         "peak_gflops_all_cores": round(peak_core * physical, 1) if peak_core else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "libraries": library_versions(),
+        "int8": cpu_description(),
     }
 
 

@@ -80,12 +80,16 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
     rec, lines = result["recommendations"], []
     drop = rec["max_drop_points"]
     ph, sv = rec.get("phone"), rec.get("server")
+    agree = 100 * rec.get("min_top1_agreement", 0.995)
+    rule = f"verified on real images, within {drop} pts of float accuracy and >= {agree:.1f}% top-1 agreement"
     lines.append(f"- **Phones**: `{ph['name']}` — {ph['size_mb']:.1f} MB, {ph['p50_ms_1t']:.2f} ms/img at 1 thread, "
-                 f"accuracy {ph['accuracy_change']:+.2f} pts (smallest mobile-runtime artifact within {drop} pts)"
-                 if ph else f"- **Phones**: no measured mobile artifact within {drop} pts of float accuracy")
+                 f"accuracy {ph['accuracy_change']:+.2f} pts (smallest mobile-runtime artifact {rule})"
+                 if ph else f"- **Phones**: no measured mobile artifact is {rule}")
     lines.append(f"- **Servers**: `{sv['name']}` — {sv['throughput_ips']:.1f} images/s, accuracy "
-                 f"{sv['accuracy_change']:+.2f} pts (highest throughput within {drop} pts)"
-                 if sv else f"- **Servers**: no measured artifact within {drop} pts of float accuracy")
+                 f"{sv['accuracy_change']:+.2f} pts (highest throughput {rule})"
+                 if sv else f"- **Servers**: no measured artifact is {rule}")
+    for name, why in (rec.get("excluded") or {}).items():
+        lines.append(f"- Not recommended: `{name}`: {why}")
     unmeasured = [r["name"] for r in result["rows"] if r.get("runtime") == "coreml" and not r.get("measured")]
     if unmeasured:
         lines.append(f"- Not considered (not executed on this OS): {', '.join(unmeasured)}; measure CoreML on macOS.")

@@ -25,6 +25,7 @@ from benchmarks.metrics import compressed_size, score_rows
 from export.manifest import ArtifactEntry, ManifestError, entries, manifest_path, verify_file
 from train.atomic import size_bytes
 from train.checkpoint import Checkpoint, load_checkpoint
+from train.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ LOOPED_RUNTIMES = ("executorch", "coreml")  # exported with a fixed batch of 1
 SPLIT_PHASES = {"executorch": ("1t", "many")}
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(ToolkitError, ValueError):
     """Inputs the benchmark cannot start from (no manifest, no images); the message says what to do."""
 
 

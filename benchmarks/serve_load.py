@@ -21,6 +21,7 @@ import numpy as np
 
 from export.serve import TorchServe, ServeError, check_available, wait_ready
 from train.atomic import write_json
+from train.errors import cli_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -83,6 +84,7 @@ def run_serve_load(model_store: Path, *, config: Path | None = None, model: str 
     return stats
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", type=Path, default=Path("artifacts"),

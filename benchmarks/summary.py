@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.machine import resnet18_gflop
+from quantize.targets import MIN_TOP1_AGREEMENT
 
 MOBILE_RUNTIMES = ("pytorch-lite", "executorch", "onnxruntime", "coreml")
 FLOAT_PRECISIONS = ("fp32", "float32", "fp16", "float16", "float")
 INT8_TARGET = 0.35
+MIN_AGREEMENT = MIN_TOP1_AGREEMENT  # top-1 agreement with the float model a recommended artifact must keep
 
 
 def p50(row: dict[str, Any], key: str = "latency_1t") -> float | None:
@@ -26,9 +28,26 @@ def is_float(row: dict[str, Any]) -> bool:
 
 
 def usable(row: dict[str, Any], max_drop: float) -> bool:
-    """Measured, not failed, and within the allowed accuracy drop (percentage points)."""
-    return (row.get("measured") and row.get("status") != "failed" and row.get("accuracy_change") is not None
-            and row["accuracy_change"] >= -max_drop)
+    """Verified on real images at export, measured here, within the allowed accuracy drop (percentage points)
+    and at or above the agreement target with the float model on this benchmark's images."""
+    return bool(row.get("measured") and row.get("status") != "failed" and row.get("manifest_status") == "verified"
+                and row.get("accuracy_change") is not None and row["accuracy_change"] >= -max_drop
+                and (row.get("top1_agreement") or 0.0) >= MIN_AGREEMENT)
+
+
+def why_not_usable(row: dict[str, Any], max_drop: float) -> str | None:
+    """The first reason a measured row cannot be recommended, for the report."""
+    if not row.get("measured") or row.get("status") == "failed":
+        return None
+    if row.get("manifest_status") != "verified":
+        return f"not verified on real images at export ({row.get('manifest_status')})"
+    if row.get("accuracy_change") is None:
+        return "no accuracy measured"
+    if row["accuracy_change"] < -max_drop:
+        return f"accuracy drop {-row['accuracy_change']:.2f} points > {max_drop}"
+    if (row.get("top1_agreement") or 0.0) < MIN_AGREEMENT:
+        return f"top-1 agreement {100 * (row.get('top1_agreement') or 0):.2f}% < {100 * MIN_AGREEMENT:.1f}%"
+    return None
 
 
 def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dict[str, Any]:
@@ -37,17 +56,20 @@ def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dic
     ok = [r for r in rows if r["name"] != baseline and usable(r, max_drop)]
     # '@x86' rows re-run a phone int8 file with a server engine: not what a phone would see
     mobile = [r for r in ok if r.get("runtime") in MOBILE_RUNTIMES and r.get("size_bytes") and "@" not in r["name"]]
-    out: dict[str, Any] = {"max_drop_points": max_drop, "phone": None, "server": None}
+    out: dict[str, Any] = {"max_drop_points": max_drop, "min_top1_agreement": MIN_AGREEMENT, "phone": None,
+                           "server": None,
+                           "excluded": {r["name"]: why for r in rows if r["name"] != baseline
+                                        and (why := why_not_usable(r, max_drop))}}
     if mobile:
         smallest = min(r["size_bytes"] for r in mobile)
         near = [r for r in mobile if r["size_bytes"] <= smallest * 1.05]
         pick = min(near, key=lambda r: p50(r) or float("inf"))
         out["phone"] = {"name": pick["name"], "size_mb": pick["size_bytes"] / 1e6, "p50_ms_1t": p50(pick),
-                        "accuracy_change": pick["accuracy_change"]}
+                        "accuracy_change": pick["accuracy_change"], "top1_agreement": pick.get("top1_agreement")}
     if ok:
         pick = max(ok, key=lambda r: r.get("throughput_ips") or 0)
         out["server"] = {"name": pick["name"], "throughput_ips": pick.get("throughput_ips"),
-                         "accuracy_change": pick["accuracy_change"]}
+                         "accuracy_change": pick["accuracy_change"], "top1_agreement": pick.get("top1_agreement")}
     return out
 
 

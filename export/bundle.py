@@ -26,6 +26,7 @@ from export.runners import get_runner
 from train.atomic import sha256_file, size_bytes
 from train.checkpoint import Checkpoint
 from train.data import Sample, seeded_subset
+from train.errors import ToolkitError
 from train.spec import load_unit_image
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ NOTICE = ("RESEARCH SOFTWARE, NOT A MEDICAL DEVICE. This model has not been vali
           "image source, so its accuracy on other images is unknown.")
 
 
-class BundleError(RuntimeError):
+class BundleError(ToolkitError, RuntimeError):
     """A bundle that cannot be written as asked; the message names the folder or artifact."""
 
 
@@ -60,22 +61,26 @@ def _stage(bundle_dir: Path) -> Path:
                           f"writable folder") from err
 
 
-def pick_models(artifacts_dir: Path, ckpt: Checkpoint, include: Sequence[str] | None) -> list[ArtifactEntry]:
-    """Model entries of *this* checkpoint that exported or verified, with their files unaltered."""
+def pick_models(artifacts_dir: Path, ckpt: Checkpoint, include: Sequence[str] | None,
+                allow_unverified: bool = False) -> list[ArtifactEntry]:
+    """Model entries of *this* checkpoint verified on real images, with their files unaltered. `allow_unverified` (the SYNTHETIC demo only) also takes
+    'exported' entries, and the bundle says so."""
+    accepted = ("verified", "exported") if allow_unverified else ("verified",)
     chosen = []
     for e in entries(artifacts_dir):
         if e.name not in MODEL_FILES or (include is not None and e.name not in include):
             continue
-        if e.status not in ("verified", "exported"):
-            log.warning("skipping %s: status %s (%s)", e.name, e.status, e.error)
+        if e.status not in accepted:
+            log.warning("skipping %s: status %s (%s)", e.name, e.status, e.error or e.status_reason)
         elif e.source_checkpoint_sha256 != ckpt.sha256:
             log.warning("skipping %s: exported from another checkpoint", e.name)
         else:
             verify_file(artifacts_dir, e)
             chosen.append(e)
     if not any(e.name == "ptl_fp32" for e in chosen):
-        raise BundleError(f"{artifacts_dir}/artifacts.json has no verified ptl_fp32 entry for checkpoint "
-                          f"{ckpt.path}; run `python -m export.lite --checkpoint {ckpt.path}` first")
+        raise BundleError(f"{artifacts_dir}/artifacts.json has no ptl_fp32 entry verified on real images for "
+                          f"checkpoint {ckpt.path}; run `python -m export.lite --checkpoint {ckpt.path} --data "
+                          f"REAL_IMAGES` first (a bundle only ships files verified on real X-rays)")
     return sorted(chosen, key=lambda e: list(MODEL_FILES).index(e.name))
 
 
@@ -172,7 +177,7 @@ def evaluate_models(stage: Path, ckpt: Checkpoint, models: list[ArtifactEntry],
 def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
     d = e.details
     return {"name": e.name, "file": MODEL_FILES[e.name], "format": e.format, "precision": e.precision,
-            "runtime": e.runtime, "quantized_engine": e.engine if e.precision == "int8" else None,
+            "runtime": e.runtime, "status": e.status, "status_reason": e.status_reason, "quantized_engine": e.engine if e.precision == "int8" else None,
             "recommended_runtime_engine": d.get("recommended_runtime_engine"),
             "bytecode_version": d.get("bytecode_version"), "conversion": d.get("conversion"),
             "optimize_for_mobile": d.get("optimize_for_mobile"), "operators": d.get("operators"),
@@ -263,7 +268,7 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, ckpt: Checkp
                  eval_samples: Sequence[Sample] | None = None, force: bool = False,
                  include: Sequence[str] | None = None, test_vectors: int = 3, model_name: str | None = None,
                  model_version: str | None = None, metrics_samples: Sequence[Sample] | None = None,
-                 eval_info: dict[str, Any] | None = None) -> Path:
+                 eval_info: dict[str, Any] | None = None, allow_unverified: bool = False) -> Path:
     """Write the Flutter bundle for `ckpt` from `artifacts_dir`. `eval_samples` (real images) give the
     test-vector images and, unless `metrics_samples` is given, the evaluation metrics."""
     from mobile_assets import APP_README_PATH, validate_manifest
@@ -271,7 +276,7 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, ckpt: Checkp
 
     artifacts_dir, bundle_dir = Path(artifacts_dir), Path(bundle_dir)
     _check_target(bundle_dir, force)
-    models = pick_models(artifacts_dir, ckpt, include)
+    models = pick_models(artifacts_dir, ckpt, include, allow_unverified)
     stage = _stage(bundle_dir)
     try:
         for e in models:

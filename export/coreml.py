@@ -33,6 +33,7 @@ from export.common import ExportError, add_common_args, eval_inputs, failed_entr
 from export.manifest import ArtifactEntry, record
 from train.checkpoint import Checkpoint
 from train.data import Sample
+from train.errors import cli_errors
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
         return rows
     from export.coreml_verify import verify_package
 
-    x, inputs = eval_inputs(ckpt, eval_samples)
+    inputs = eval_inputs(ckpt, eval_samples)
+    x = inputs.x
     ref = reference_logits(ckpt, x)
     labels = np.array([s.label for s in eval_samples]) if eval_samples else None
     graph = CoreMLGraph(ckpt.build_deploy_model())
@@ -221,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), export_coreml, argv,
                    lambda a: {"variants": tuple(v.strip() for v in a.variants.split(",") if v.strip()),

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import ExportError
+from export.common import ExportError, InputSet, checked_on
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 METHOD = "weight reconstruction, not executed"
-LABEL = "verified by weight reconstruction, not executed"
+LABEL = "checked by weight reconstruction, not executed (CoreML runs only on macOS)"
 FP16_REL = 2.0 ** -11
 SLACK_ABS = 1e-7  # float16 subnormal spacing is ~6e-8
 
@@ -168,7 +168,7 @@ def drift(graph: Any, rebuilt: dict, x: np.ndarray, ref: np.ndarray, labels: np.
 
 
 def verify_package(path: Path, graph: Any, spec: PreprocessSpec, variant: str, x: np.ndarray, ref: np.ndarray,
-                   inputs: str, labels: np.ndarray | None) -> dict[str, Any]:
+                   inputs: InputSet, labels: np.ndarray | None) -> dict[str, Any]:
     """The verification dict for one package; raises ExportError when it does not match its source."""
     proto, prog = read_program(path)
     interface = _check_interface(proto, spec, prog)
@@ -176,7 +176,8 @@ def verify_package(path: Path, graph: Any, spec: PreprocessSpec, variant: str, x
     if not weights["weights_within_bound"]:
         raise ExportError(f"{variant}: rebuilt weights exceed their compression's error bound for "
                           f"{weights['tensors_outside_bound'][:5]}")
-    result = {"method": METHOD, "label": LABEL, "executed": False, "inputs": inputs, "variant": variant,
+    result = {"method": METHOD, "label": LABEL, "executed": False, **checked_on(inputs, "coreml", "mlprogram"),
+              "variant": variant,
               "passed": True, "interface": interface, "weights": weights,
               "drift_estimate": drift(graph, rebuilt, x, ref, labels)}
     for k in ("n_images", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "max_prob_change"):

@@ -25,12 +25,16 @@ import torch
 from torch import nn
 
 from export.common import (FLOAT_ATOL, ExportError, add_common_args, calib_inputs, eval_inputs, failed_entry,
-                           float_proof, int8_proof, reference_logits, run_cli, write_proven)
+                           float_proof, int8_proof, reference_logits, require_calibration, run_cli, write_proven)
 from export.manifest import ArtifactEntry, record
 from train.checkpoint import Checkpoint
 from train.data import Sample
+from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
+
+DELEGATE = "XnnpackBackend"
+ALTERNATIVES = "pass --variants fp32"
 
 VARIANTS = {"fp32": ("executorch_fp32", "model.pte", "fp32"), "int8": ("executorch_int8", "model_int8.pte", "int8")}
 INT8_SCHEME = {"quantizer": "executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer",
@@ -102,6 +106,8 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ExportError(f"--variants {unknown}: choose from {list(VARIANTS)}")
+    if "int8" in variants:
+        require_calibration(calib_samples, "ExecuTorch int8", ALTERNATIVES)
     out_dir = Path(out_dir)
     try:
         import executorch.exir  # noqa: F401  (the lowering needs it; the runtime is checked by the runner)
@@ -112,7 +118,8 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
         for row in rows:
             record(out_dir, row)
         return rows
-    x, inputs = eval_inputs(ckpt, eval_samples)
+    inputs = eval_inputs(ckpt, eval_samples)
+    x = inputs.x
     ref = reference_logits(ckpt, x)
     example = _example(ckpt.spec)
     base = {"input_shape": list(ckpt.spec.input_shape), "input_range": [0.0, 1.0], "batch": "fixed at 1",
@@ -124,17 +131,18 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
         note = ("XNNPACK's float kernels reorder sums; the default 1e-4 holds in practice"
                 if tolerance == FLOAT_ATOL else f"tolerance raised to {tolerance} by the caller")
         rows.append(write_proven(ckpt, out_dir, name="executorch_fp32", file="model.pte", fmt="executorch",
-                                 precision="fp32", runtime="executorch", engine="XnnpackBackend", details=base,
+                                 precision="fp32", runtime="executorch", engine=DELEGATE, details=base,
                                  write=_writer(ckpt.build_deploy_model, example),
-                                 prove=lambda p: float_proof(_run(p, x), ref, "executorch", inputs, tolerance, note)))
+                                 prove=lambda p: float_proof(_run(p, x), ref, "executorch", inputs, tolerance, note,
+                                                             engine=DELEGATE)))
     if "int8" in variants:
         calib, calib_note = calib_inputs(ckpt, calib_samples)
         details = {**base, "quantization": {**INT8_SCHEME, "calibration": calib_note}}
         rows.append(write_proven(ckpt, out_dir, name="executorch_int8", file="model_int8.pte", fmt="executorch",
-                                 precision="int8", runtime="executorch", engine="XnnpackBackend", details=details,
+                                 precision="int8", runtime="executorch", engine=DELEGATE, details=details,
                                  write=_writer(lambda: quantize_pt2e(ckpt.build_deploy_model(), example, calib),
                                                example),
-                                 prove=lambda p: int8_proof(_run(p, x), ref, "executorch", inputs)))
+                                 prove=lambda p: int8_proof(_run(p, x), ref, "executorch", inputs, engine=DELEGATE)))
     return rows
 
 
@@ -147,10 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _variants_option(value: str) -> tuple[str, ...]:
+    variants = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ExportError(f"--variants {value!r}: choose from {', '.join(VARIANTS)} (comma-separated)")
+    return variants
+
+
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), export_executorch, argv,
-                   lambda a: {"variants": tuple(v.strip() for v in a.variants.split(",") if v.strip()),
-                              "tolerance": a.tolerance})
+                   lambda a: {"variants": _variants_option(a.variants), "tolerance": a.tolerance},
+                   static_int8=lambda o: "int8" in o["variants"], alternatives=ALTERNATIVES)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from export.common import ExportError, failed_entry, tool_versions
 from export.manifest import ArtifactEntry, read_manifest, record
 from train.atomic import write_json
 from train.checkpoint import Checkpoint
-from train.data import Sample
+from train.cpu import cpu_description
+from train.data import Sample, images_origin
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "formats": names,
         "options": options or {}, "eval_images": len(eval_samples) if eval_samples else "generated",
-        "calibration_images": len(calib_samples) if calib_samples else "generated (synthetic)",
+        "eval_images_origin": images_origin(eval_samples) if eval_samples else "generated",
+        "calibration_images": len(calib_samples) if calib_samples else None,
+        "machine": cpu_description(),
         "tool_versions": tool_versions(), "registry": [asdict(FORMATS[n]) for n in names],
         "results": {r.name: r.status for r in rows}})
     return rows

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from export.lite import INT8_MODES, LiteExportError, check_bytecode_version, export_lite, export_torchscript
+from quantize.torch_ao import X86_ISA_CHOICES
 from train.checkpoint import Checkpoint
+from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +30,24 @@ def _resolve_checkpoint(checkpoint: str | None, runs_dir: Path) -> Path:
 
 
 def _data_splits(data: Path, ckpt: Checkpoint, calib_size: int, verify_size: int, eval_size: int | None):
-    """(calibration: train split, verification subset, metrics set) from --data, in the checkpoint's class order."""
+    """(calibration: train split, verification subset, metrics set) from --data, in the checkpoint's class
+    order; the verification subset is the one `python -m export` uses (export.common.split_samples)."""
+    from export.common import split_samples
     from train.data import assign_splits, discover, seeded_subset
 
+    verify, calib = split_samples(data, ckpt, calib_size, verify_size)
     idx = discover(data, ckpt.spec.class_names)
-    idx = assign_splits(idx) if not idx.has_split else idx
+    idx = idx if idx.has_split else assign_splits(idx)
     val = idx.split("val") or idx.split("test")
-    train = idx.split("train")
-    if not val or not train:
-        from train.data import DataError
-
-        raise DataError(f"--data {data}: needs train and val images (found {len(train)} train, {len(val)} val)")
     metrics = val if eval_size is None else seeded_subset(val, eval_size, seed=1)
-    return seeded_subset(train, calib_size), seeded_subset(val, verify_size), metrics
+    return calib, verify, metrics
 
 
 def _check_writable(folder: Path, flag: str) -> None:
     import tempfile
 
+    if folder.exists() and not folder.is_dir():
+        raise LiteExportError(f"{flag} {folder} is a file; pass a folder (it is created if missing)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -59,34 +61,44 @@ def run_lite(*, checkpoint: str | None, out: Path, artifacts: Path, int8: str, e
              bytecode_version: int | None, data: Path | None, calib_size: int, verify_size: int,
              eval_size: int | None, force: bool, classes: list[str] | None, input_size: int | None,
              torchscript: bool, bundle: bool, test_vectors: int, model_name: str | None,
-             model_version: str | None, runs_dir: Path = Path("runs")) -> int:
+             model_version: str | None, x86_isa: str = "auto", runs_dir: Path = Path("runs")) -> int:
     """The whole command: export and prove the .ptl files, then write the bundle. Returns the exit code."""
     from export.bundle import _check_target, write_bundle
-    from quantize.torch_ao import check_engine
+    from export.common import print_entries, require_calibration, training_data_of
+    from train.data import images_origin
+    from quantize.torch_ao import check_engine, resolve_x86_isa
     from train.checkpoint import load_checkpoint
     from train.spec import PreprocessSpec
 
     check_bytecode_version(bytecode_version)
     if int8 != "none":
         check_engine(engine)
+        resolve_x86_isa(x86_isa)
     spec = PreprocessSpec().with_overrides(class_names=tuple(classes) if classes else None,
                                            input_size=input_size) if (classes or input_size) else None
     ckpt = load_checkpoint(_resolve_checkpoint(checkpoint, runs_dir), spec)
+    calib = verify = metrics = None
+    if data is None:
+        data = training_data_of(ckpt)
+        if data is not None:
+            log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
+        elif int8 == "static":
+            require_calibration(None, f"static int8 (model_int8.ptl) from {ckpt.path}",
+                                "pass --int8 dynamic or --int8 none")
+    if data is not None:
+        calib, verify, metrics = _data_splits(data, ckpt, calib_size, verify_size, eval_size)
+    if bundle and images_origin(verify) != "real":
+        raise LiteExportError("the Flutter bundle ships only models verified on real images: pass --data with real "
+                              "X-rays" + (" (these are SYNTHETIC)" if verify else "") + ", or --no-bundle to only "
+                              "export")
     if bundle:
         _check_target(out, force)  # fail before minutes of export, not after
     _check_writable(artifacts, "--artifacts")
-    calib = verify = metrics = None
-    if data is not None:
-        calib, verify, metrics = _data_splits(data, ckpt, calib_size, verify_size, eval_size)
     results = export_lite(ckpt, artifacts, eval_samples=verify, calib_samples=calib, int8=int8, engine=engine,
-                          bytecode_version=bytecode_version)
+                          bytecode_version=bytecode_version, x86_isa=x86_isa)
     if torchscript:
         results += export_torchscript(ckpt, artifacts, eval_samples=verify)
-    for e in results:
-        v = e.verification
-        print(f"{e.name:17s} {e.status:9s} {e.path or '-':22s} "
-              + (f"{e.size_bytes / 1e6:6.1f} MB  max|dlogit| {v.get('max_abs_logit_diff', float('nan')):.2e}  "
-                 f"top-1 agreement {v.get('top1_agreement', float('nan')):.3f}" if e.status != "failed" else e.error))
+    print_entries(results)
     if any(e.status == "failed" for e in results):
         print(f"error: an export failed its proof; nothing was bundled (see {artifacts}/artifacts.json)",
               file=sys.stderr)
@@ -113,10 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 model: static (calibrated, all convs int8), dynamic (Linear only), none")
     p.add_argument("--engine", default="qnnpack", help="quantized engine the int8 model is built for "
                                                         "(qnnpack = ARM phones; x86/fbgemm/onednn also exist)")
+    p.add_argument("--x86-isa", default="auto", choices=X86_ISA_CHOICES,
+                   help="only with --engine x86/fbgemm/onednn: x86 CPUs the int8 model must stay exact on (avx2 = "
+                        "every x86-64 CPU, 7-bit weights; vnni = CPUs with VNNI/AMX; auto = this machine)")
     p.add_argument("--bytecode-version", type=int, help="write this lite-interpreter bytecode version for older "
                                                         "app runtimes (e.g. 7); default: what this torch writes")
-    p.add_argument("--data", type=Path, help="labelled images: train split calibrates int8, val split verifies, "
-                                             "evaluates and gives test vectors (default: generated inputs)")
+    p.add_argument("--data", type=Path, help="labelled real images: train split calibrates int8, val split verifies, "
+                                             "evaluates and gives test vectors (default: the training data the "
+                                             "checkpoint records; static int8 stops without either)")
     p.add_argument("--calib-size", type=int, default=256, help="train images used to calibrate int8 (default 256)")
     p.add_argument("--verify-size", type=int, default=32, help="val images for the lite-interpreter proof (default 32)")
     p.add_argument("--eval-size", type=int, help="val images for the bundle's metrics (default: the whole val split)")
@@ -133,22 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    from export.bundle import BundleError
-    from quantize.torch_ao import QuantizationError
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.spec import SpecError
-
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for flag, value in (("--calib-size", a.calib_size), ("--verify-size", a.verify_size),
                         ("--eval-size", a.eval_size), ("--test-vectors", a.test_vectors)):
         if value is not None and value < 1:
-            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
-            return 2
-    try:
-        return run_lite(**{k: v for k, v in vars(a).items()})
-    except (CheckpointError, LiteExportError, BundleError, DataError, QuantizationError, SpecError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            raise LiteExportError(f"{flag} must be at least 1, got {value}")
+    return run_lite(**vars(a))

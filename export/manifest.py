@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from train.atomic import sha256_file, size_bytes, write_json
+from train.errors import ToolkitError
 
 MANIFEST_NAME = "artifacts.json"
 MANIFEST_VERSION = 1
+# verified: run in its own runtime on real images (--data) and within its bound;
+# exported: written and runs, but checked only on generated or SYNTHETIC inputs (status_reason says which);
+# failed:   not written (error says why).
 STATUSES = ("verified", "exported", "failed")
 
 
-class ManifestError(ValueError):
+class ManifestError(ToolkitError, ValueError):
     """A manifest that is unreadable, or an entry whose file is missing or altered."""
 
 
@@ -46,6 +50,7 @@ class ArtifactEntry:
     tool_versions: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    status_reason: str | None = None  # why an artifact that runs is 'exported' and not 'verified'
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:

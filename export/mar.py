@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import tool_versions
+from export.common import remove_path, status_for, tool_versions
 from export.manifest import ArtifactEntry, describe_file, record
 from export.runners import compare_logits
 from train.atomic import atomic_path, write_json, write_text
 from train import spec as spec_module
 from train.checkpoint import Checkpoint
-from train.data import Sample
+from train.cpu import cpu_description
+from train.data import Sample, images_origin
+from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,11 @@ def export_mar(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
                                         workers=workers, threads=threads)
             built = run_archiver(staging, staging / "export", version)
             figures = verify_archive(built, ckpt, *sample_payloads(ckpt, eval_samples))
+            figures.update(inputs_origin=images_origin(eval_samples) if eval_samples else "generated",
+                           runtime="torchserve handler", engine=None, machine=cpu_description())
+            if not figures["max_prob_diff"] <= PROB_TOLERANCE:
+                raise RuntimeError(f"the archived handler's probabilities differ from the float model by "
+                                   f"{figures['max_prob_diff']:.2e} > {PROB_TOLERANCE}")
             with atomic_path(dest) as part:
                 shutil.move(str(built), part)
         config = write_serve_config(serve_config or out_dir / "config.properties", model_store=out_dir,
@@ -195,11 +202,11 @@ def export_mar(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
         entry.details.update(serve_config=str(config), model_name=MODEL_NAME, model_version=version)
         entry.verification = figures
         entry.__dict__.update(describe_file(out_dir, dest))
-        entry.status = "verified" if figures["max_prob_diff"] <= PROB_TOLERANCE else "exported"
-        if entry.status == "exported":
-            entry.error = f"probabilities differ by {figures['max_prob_diff']:.2e} > {PROB_TOLERANCE}"
+        entry.status, entry.status_reason = status_for(figures)
     except Exception as err:  # a failed format is a manifest row, not a crash
         log.exception("TorchServe archive failed")
+        remove_path(dest)  # a stale archive from an earlier run must not pass for this one
+        entry.status, entry.path, entry.sha256, entry.size_bytes = "failed", None, None, None
         entry.error = f"{type(err).__name__}: {err}"
     record(out_dir, entry)
     return [entry]
@@ -218,6 +225,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             "enable_model_api": args.enable_model_api}
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     from export.common import add_common_args, run_cli
 

@@ -19,12 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.common import (FLOAT_ATOL, ExportError, add_common_args, calib_inputs, eval_inputs, failed_entry,
-                           float_proof, int8_proof, reference_logits, remove_path, run_cli, write_proven)
+from export.common import (FLOAT_ATOL, ExportError, InputSet, add_common_args, calib_inputs, eval_inputs,
+                           failed_entry, float_proof, int8_proof, reference_logits, remove_path,
+                           require_calibration, run_cli, write_proven)
 from export.manifest import ArtifactEntry, record
+from quantize.torch_ao import resolve_x86_isa
 from train.atomic import atomic_path
 from train.checkpoint import Checkpoint
 from train.data import Sample
+from train.errors import cli_errors
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 OPSET = 18
 INPUT_NAME = "image"    # float32 (batch, 3, H, W) RGB in [0, 1]
 OUTPUT_NAME = "logits"  # float32 (batch, classes), in the checkpoint's class order
+PROVIDER = "CPUExecutionProvider"
 
 
 def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: int = OPSET) -> dict[str, Any]:
@@ -64,10 +68,12 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return get_runner("onnxruntime").load(path).run(x)
 
 
-def _prove_fp32(ref: np.ndarray, x: np.ndarray, inputs: str):
+def _prove_fp32(ref: np.ndarray, inputs: InputSet):
     """Logits within FLOAT_ATOL on the whole batch, and a batch of 1 gives the same (dynamic batch)."""
+    x = inputs.x
+
     def prove(path: Path) -> dict[str, Any]:
-        verification = float_proof(_run(path, x), ref, "onnxruntime", inputs)
+        verification = float_proof(_run(path, x), ref, "onnxruntime", inputs, engine=PROVIDER)
         single = _run(path, x[:1])
         if not np.abs(single - ref[:1]).max() <= FLOAT_ATOL:
             raise ExportError(f"{path.name}: batch 1 gives different logits than batch {len(x)} "
@@ -76,7 +82,7 @@ def _prove_fp32(ref: np.ndarray, x: np.ndarray, inputs: str):
     return prove
 
 
-def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, method: str):
+def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, method: str, x86_isa: str):
     """Calls the quantization stage's ORT functions (quantize.onnx_rt) on the verified float file."""
     def write(tmp: Path) -> dict[str, Any]:
         from quantize import onnx_rt
@@ -84,8 +90,9 @@ def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, met
         if mode == "dynamic":
             info = onnx_rt.dynamic_int8_onnx(src, tmp)
         else:
-            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method)
-            info["calibration"] = calib[1]
+            target = resolve_x86_isa(x86_isa, "onnxruntime")
+            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method, reduce_range=target == "avx2")
+            info.update(calibration=calib[1], x86_isa=target, x86_isa_requested=x86_isa)
         info.pop("path", None)  # the temporary name; the entry records the final one
         return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME}
     return write
@@ -93,22 +100,28 @@ def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, met
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
                 calib_samples: list[Sample] | None = None, opset: int = OPSET,
-                int8: Sequence[str] = INT8_MODES, calib_method: str = "MinMax", **_: Any) -> list[ArtifactEntry]:
+                int8: Sequence[str] = INT8_MODES, calib_method: str = "MinMax", x86_isa: str = "auto",
+                **_: Any) -> list[ArtifactEntry]:
     """model.onnx (onnx_fp32, logits within FLOAT_ATOL in ONNX Runtime), then the int8 variants made by
-    the quantization stage from that file, each verified in ONNX Runtime against the float model."""
+    the quantization stage from that file, each verified in ONNX Runtime against the float model.
+    Static int8 needs `calib_samples` (real train-split images) and is made for the `x86_isa` target."""
     unknown = sorted(set(int8) - set(INT8_MODES))
     if unknown:
         raise ExportError(f"--int8 {unknown}: choose from {INT8_MODES} (or none)")
+    if "static" in int8:
+        require_calibration(calib_samples, "ONNX static int8", "pass --int8 dynamic or --int8 none")
+        resolve_x86_isa(x86_isa, "onnxruntime")  # a bad value fails before anything is written
     out_dir = Path(out_dir)
-    x, inputs = eval_inputs(ckpt, eval_samples)
+    inputs = eval_inputs(ckpt, eval_samples)
+    x = inputs.x
     ref = reference_logits(ckpt, x)
     base = {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "input_shape": ["batch", 3,
             ckpt.spec.input_size, ckpt.spec.input_size], "input_range": [0.0, 1.0],
             "normalization_in_graph": True, "external_data": False, "spec": ckpt.spec.to_dict()}
     rows = [write_proven(ckpt, out_dir, name="onnx_fp32", file=FILES["onnx_fp32"], fmt="onnx", precision="fp32",
-                         runtime="onnxruntime", engine="CPUExecutionProvider", details=base,
+                         runtime="onnxruntime", engine=PROVIDER, details=base,
                          write=lambda tmp: write_onnx(ckpt.build_deploy_model(), ckpt.spec, tmp, opset),
-                         prove=_prove_fp32(ref, x, inputs))]
+                         prove=_prove_fp32(ref, inputs))]
     src = out_dir / FILES["onnx_fp32"]
     calib = calib_inputs(ckpt, calib_samples) if "static" in int8 and rows[0].status != "failed" else None
     for mode in INT8_MODES:
@@ -124,8 +137,8 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
             continue
         rows.append(write_proven(
             ckpt, out_dir, name=name, file=FILES[name], fmt="onnx", precision="int8", runtime="onnxruntime",
-            engine="CPUExecutionProvider", details=details, write=_int8_writer(mode, src, calib, calib_method),
-            prove=lambda path: int8_proof(_run(path, x), ref, "onnxruntime", inputs)))
+            engine=PROVIDER, details=details, write=_int8_writer(mode, src, calib, calib_method, x86_isa),
+            prove=lambda path: int8_proof(_run(path, x), ref, "onnxruntime", inputs, engine=PROVIDER)))
     return rows
 
 
@@ -142,12 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _int8_option(value: str) -> tuple[str, ...]:
-    return () if value.strip() == "none" else tuple(v.strip() for v in value.split(",") if v.strip())
+    modes = () if value.strip() == "none" else tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(set(modes) - set(INT8_MODES))
+    if unknown:
+        raise ExportError(f"--int8 {','.join(unknown)}: choose from {', '.join(INT8_MODES)} (comma-separated) or none")
+    return modes
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), export_onnx, argv,
-                   lambda a: {"opset": a.opset, "int8": _int8_option(a.int8), "calib_method": a.calib_method})
+                   lambda a: {"opset": a.opset, "int8": _int8_option(a.int8), "calib_method": a.calib_method,
+                              "x86_isa": a.x86_isa},
+                   static_int8=lambda o: "static" in o["int8"], alternatives="pass --int8 dynamic or --int8 none")
 
 
 if __name__ == "__main__":

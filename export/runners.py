@@ -13,8 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from train.errors import ToolkitError
 
-class RunnerError(RuntimeError):
+
+class RunnerError(ToolkitError, RuntimeError):
     """A runtime that is unavailable here or an artifact it cannot load."""
 
 

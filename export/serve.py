@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from train.atomic import write_text
+from train.errors import ToolkitError, cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
 KEY_FILE = "key_file.json"
 
 
-class ServeError(RuntimeError):
+class ServeError(ToolkitError, RuntimeError):
     """TorchServe is missing, did not start, or refused a request; the message says what to do."""
 
 
@@ -260,6 +261,7 @@ def wait_ready(server: TorchServe, model: str, timeout: float = 120.0) -> None:
     raise ServeError(f"model {model} has no READY worker after {timeout:.0f} s: {info}")
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-store", type=Path, default=Path("artifacts"), help="folder holding cxr_resnet18.mar")

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from train.errors import ToolkitError
+
 HERE = Path(__file__).resolve().parent
 SCHEMA_PATH = HERE / "manifest.schema.json"
 APP_README_PATH = HERE / "README.md"
 
 
-class ManifestValidationError(ValueError):
+class ManifestValidationError(ToolkitError, ValueError):
     """A bundle manifest that does not follow manifest.schema.json."""
 
 

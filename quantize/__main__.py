@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from quantize.onnx_rt import CALIB_METHODS
-from quantize.torch_ao import REDUCE_RANGE_CHOICES
+from quantize.torch_ao import LEGACY_REDUCE_RANGE, REDUCE_RANGE_CHOICES, X86_ISA_CHOICES
+from train.errors import cli_errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,9 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="qnnpack,x86",
                    help="comma-separated PyTorch quantized engines for static int8 (default qnnpack,x86); "
                         "the first one is also used for dynamic int8")
-    p.add_argument("--reduce-range", default="auto", choices=REDUCE_RANGE_CHOICES,
-                   help="7-bit activations for x86/fbgemm static int8: auto (default) = only on x86 CPUs without "
-                        "VNNI, where 8-bit activations can saturate; 'on' when the model will serve on such CPUs")
+    p.add_argument("--x86-isa", default=None, choices=X86_ISA_CHOICES,
+                   help="x86 CPUs the server-side int8 variants (torch x86, ONNX Runtime static) must stay exact on: "
+                        "avx2 = every x86-64 CPU (7-bit weights, saturation-free), vnni = only CPUs "
+                        "with VNNI/AMX (full 8 bits), auto = this machine (default)")
+    p.add_argument("--reduce-range", default=None, choices=REDUCE_RANGE_CHOICES,
+                   help="older spelling of --x86-isa: on = avx2, off = vnni")
     p.add_argument("--max-drop", type=float, default=None,
                    help="release gate: exit 1 if any variant loses more than this many accuracy points or any "
                         "class more recall points")
@@ -45,33 +49,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # INFO for this toolkit only: ONNX Runtime's quantizer logs one root INFO line per tensor
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("quantize", "train", "export"):
         logging.getLogger(name).setLevel(logging.INFO)
-    from quantize.report import DataError, QuantizationError, ReportError, run_quantization_report
-    from train.checkpoint import CheckpointError
+    from quantize.report import ReportError, run_quantization_report
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    legacy = LEGACY_REDUCE_RANGE.get(args.reduce_range, args.reduce_range)
+    if args.x86_isa and legacy and args.x86_isa != legacy:
+        raise ReportError(f"--x86-isa {args.x86_isa} and --reduce-range {args.reduce_range} disagree; pass only --x86-isa")
+    x86_isa = args.x86_isa or legacy or "auto"
     for flag, value, lo in (("--calib-size", args.calib_size, 1), ("--fallback-layers", args.fallback_layers, 0),
-                            ("--max-images", args.max_images or 1, 1), ("--threads", args.threads, 1)):
+                            ("--max-images", args.max_images if args.max_images is not None else 1, 1), ("--threads", args.threads, 1)):
         if value < lo:
-            print(f"error: {flag} must be at least {lo}, got {value}", file=sys.stderr)
-            return 2
-    try:
-        report = run_quantization_report(
-            args.checkpoint, args.data, split=args.split, out_dir=args.out, calib_size=args.calib_size,
-            calib_method=args.calib_method, engines=engines, max_drop=args.max_drop, max_images=args.max_images,
-            cam=args.cam, sensitivity=args.sensitivity, fallback_layers=args.fallback_layers,
-            sensitivity_layers=[n.strip() for n in args.sensitivity_layers.split(",") if n.strip()]
-            if args.sensitivity_layers else None,
-            latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, reduce_range=args.reduce_range,
-            progress=not args.no_progress)
-    except (ReportError, QuantizationError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+            raise ReportError(f"{flag} must be at least {lo}, got {value}")
+    report = run_quantization_report(
+        args.checkpoint, args.data, split=args.split, out_dir=args.out, calib_size=args.calib_size,
+        calib_method=args.calib_method, engines=engines, max_drop=args.max_drop, max_images=args.max_images,
+        cam=args.cam, sensitivity=args.sensitivity, fallback_layers=args.fallback_layers,
+        sensitivity_layers=[n.strip() for n in args.sensitivity_layers.split(",") if n.strip()]
+        if args.sensitivity_layers else None,
+        latency_runs=args.latency_runs, threads=args.threads, seed=args.seed, reduce_range=x86_isa,
+        progress=not args.no_progress)
     print(f"report: {report['files']['markdown']}")
     for name, v in report["variants"].items():
         m = v["metrics"]

@@ -94,9 +94,38 @@ def torch_static(ckpt: Checkpoint, calib: np.ndarray, engine: str, threads: int 
                           time_engines=others)
 
 
+ONNX_KEEP = ("mode", "format", "weight_type", "activation_type", "activations", "per_channel", "reduce_range",
+             "x86_isa", "nodes_excluded", "calibration_method", "calibration_images", "preprocessed", "opset",
+             "onnxruntime_version")
+ONNX_TOUCHED = ("integer_ops", "qdq_ops", "qdq_weight_ops", "float_weighted_ops", "quantized_node_count")
+
+
+def _onnx_variant(name: str, path: Path, precision: str, info: dict[str, Any], threads: int | None) -> Variant:
+    settings = {k: info[k] for k in ONNX_KEEP if k in info}
+    touched = {k: info[k] for k in ONNX_TOUCHED if k in info}
+    touched["summary"] = info.get("touched", "float graph: nothing quantized")
+    return Variant(name, precision, "onnxruntime", "CPUExecutionProvider", OnnxRunner(threads=threads).load(path),
+                   path.stat().st_size, settings, touched, (), path)
+
+
+def onnx_static_fallback(base: Variant, calib: np.ndarray, keep_float: Sequence[str], threads: int | None,
+                         progress: bool = True) -> Variant:
+    """The ORT static variant again, with `keep_float` nodes left in float (same method and ISA target)."""
+    from quantize.onnx_rt import static_int8_onnx
+
+    src = base.path.with_name("model.onnx")
+    dst = base.path.with_name("model_int8_static_fallback.onnx")
+    info = static_int8_onnx(src, dst, calib, method=base.settings.get("calibration_method", "MinMax"),
+                            per_channel=True, progress=progress, reduce_range=bool(base.settings.get("reduce_range")),
+                            nodes_to_exclude=keep_float)
+    info["x86_isa"] = base.settings.get("x86_isa")
+    return _onnx_variant(base.name + "_fallback", dst, "int8", info, threads)
+
+
 def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: Path,
-                  threads: int | None, progress: bool = True) -> list[Variant]:
-    """Float ONNX (the export stage's writer), then ORT dynamic and static QDQ int8 from it."""
+                  threads: int | None, progress: bool = True, x86_isa: str = "auto") -> list[Variant]:
+    """Float ONNX (the export stage's writer), then ORT dynamic and static QDQ int8 from it; the static
+    one is made for the `x86_isa` target (7-bit weights for avx2, see quantize.onnx_rt)."""
     from export.onnx import write_onnx  # cross-stage: the report needs the exported float graph
     from quantize.onnx_rt import dynamic_int8_onnx, graph_summary, static_int8_onnx
 
@@ -104,20 +133,15 @@ def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: 
     fp32, dyn, sta = (models_dir / n for n in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx"))
     export_info = write_onnx(ckpt.build_deploy_model(), ckpt.spec, fp32)
     dyn_info = dynamic_int8_onnx(fp32, dyn)
-    sta_info = static_int8_onnx(fp32, sta, calib, method=method, per_channel=True, progress=progress)
+    target = torch_ao.resolve_x86_isa(x86_isa, "onnxruntime")
+    sta_info = static_int8_onnx(fp32, sta, calib, method=method, per_channel=True, progress=progress,
+                                reduce_range=target == "avx2")
+    sta_info["x86_isa"] = target
     out = []
     for name, path, prec, info in (("onnx_fp32", fp32, "fp32", {**export_info, **graph_summary(fp32)}),
                                    ("onnx_int8_dynamic", dyn, "int8", dyn_info),
                                    ("onnx_int8_static_qdq", sta, "int8", sta_info)):
-        runner = OnnxRunner(threads=threads).load(path)
-        keep = ("mode", "format", "weight_type", "activation_type", "activations", "per_channel",
-                "calibration_method", "calibration_images", "preprocessed", "opset", "onnxruntime_version")
-        settings = {k: info[k] for k in keep if k in info}
-        touched = {k: info[k] for k in ("integer_ops", "qdq_ops", "qdq_weight_ops", "float_weighted_ops",
-                                        "quantized_node_count") if k in info}
-        touched["summary"] = info.get("touched", "float graph: nothing quantized")
-        out.append(Variant(name, prec, "onnxruntime", "CPUExecutionProvider", runner, path.stat().st_size,
-                           settings, touched, (), path))
+        out.append(_onnx_variant(name, path, prec, info, threads))
     return out
 
 

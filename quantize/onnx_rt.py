@@ -13,11 +13,12 @@ import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from train.atomic import atomic_path
+from train.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
 
 
-class OnnxQuantError(RuntimeError):
+class OnnxQuantError(ToolkitError, RuntimeError):
     """An ONNX file or calibration set that ONNX Runtime cannot quantize; the message says what to do."""
 
 
@@ -167,13 +168,17 @@ def check_calibration_array(calib: np.ndarray, input_size: int | None = None) ->
 
 def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method: str = "MinMax",
                      per_channel: bool = True, batch_size: int = 8, progress: bool = False,
-                     activation_type: str = "QUInt8") -> dict[str, Any]:
+                     activation_type: str = "QUInt8", reduce_range: bool = False,
+                     nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
     """ORT static int8 in QDQ format: int8 weights (per channel) and 8-bit activations whose ranges
     come from `calib`, float32 (N, 3, H, W) images in [0, 1] from the training split.
 
     Activations default to QUInt8 (U8S8): on x86 ONNX Runtime's fast int8 kernels are u8 x s8; with
     QInt8 activations the QDQ model ran slower than float here (101 vs 87 ms; U8S8: 35 ms). On CPUs
-    without VNNI, U8S8 can saturate; pass activation_type='QInt8' if accuracy suffers there."""
+    without VNNI, U8S8 sums pairs of products in int16 and can saturate (7 of 819 val images flipped on
+    an AVX2 EPYC): `reduce_range=True` quantizes weights to 7 bits (-64..64), so 2 x 255 x 64 < 32768 and
+    the fast kernels stay exact on every x86-64 CPU. `nodes_to_exclude` keeps those nodes in float (the
+    accuracy-aware fallback)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -196,16 +201,54 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
                 quantize_static(str(model_in), str(out), reader, quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=getattr(QuantType, activation_type),
                                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                                use_external_data_format=False, extra_options=extra)
+                                use_external_data_format=False, extra_options=extra, reduce_range=reduce_range,
+                                nodes_to_exclude=list(nodes_to_exclude) or None)
         except Exception as err:
             raise OnnxQuantError(f"ONNX Runtime static quantization failed on {src}: {err}") from err
         finally:
             reader.bar.close()
         summary = graph_summary(out)
-    info = {"mode": "static", "format": "QDQ", "weight_type": "QInt8", "activation_type": activation_type,
+    info = {"mode": "static", "format": "QDQ", "weight_type": "QInt8 (7-bit, reduce_range)" if reduce_range
+            else "QInt8", "reduce_range": reduce_range, "nodes_excluded": list(nodes_to_exclude),
+            "activation_type": activation_type,
             "per_channel": per_channel, "calibration_method": method, "calibration_images": int(len(calib)),
             "preprocessed": pre_err is None, "preprocess_error": pre_err,
             "onnxruntime_version": onnxruntime.__version__, **summary, "touched": _describe(summary)}
     info.update(_file_info(Path(dst), src))
     log.info("ORT static int8 (%s) -> %s (%s)", method, dst, info["touched"])
     return info
+
+
+def weighted_nodes(path: str | Path) -> list[str]:
+    """Names of the Conv / Gemm / MatMul nodes of a float graph, in graph order (what static int8 touches)."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in WEIGHTED_OPS]
+
+
+def node_sensitivity(src: str | Path, calib: np.ndarray, *, reduce_range: bool = False, sample_size: int = 32,
+                     progress: bool = False) -> list[dict[str, Any]]:
+    """Rank the float graph's weighted nodes by the logit error that quantizing each one alone causes, on
+    `sample_size` calibration (train) images: the ONNX Runtime side of the accuracy-aware fallback."""
+    import onnxruntime
+    from tqdm import tqdm
+
+    src = _check_src(src)
+    x = check_calibration_array(calib)[:sample_size]
+    ref_sess = onnxruntime.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    name = ref_sess.get_inputs()[0].name
+    ref = ref_sess.run(None, {name: x})[0]
+    nodes = weighted_nodes(src)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ortsens.") as tmp:
+        for node in tqdm(nodes, desc="node sensitivity (ONNX Runtime)", unit="node", disable=not progress, leave=False):
+            dst = Path(tmp) / "one.onnx"
+            others = [n for n in nodes if n != node]
+            static_int8_onnx(src, dst, x, reduce_range=reduce_range, nodes_to_exclude=others)
+            out = onnxruntime.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+            rows.append({"layer": node, "mean_abs_logit_error": float(np.abs(out - ref).mean()),
+                         "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())})
+    rows.sort(key=lambda r: r["mean_abs_logit_error"], reverse=True)
+    for rank, r in enumerate(rows, start=1):
+        r["rank"] = rank
+    return rows

@@ -94,12 +94,14 @@ def _flips(rep: dict[str, Any]) -> list[str]:
 
 def _sensitivity(rep: dict[str, Any]) -> list[str]:
     s = rep["sensitivity"]
-    if not s["runs"]:
-        b = s["budget_points"]
-        return [f"Every static variant kept within the budget (accuracy drop ≤ {b['accuracy']} points, no class "
-                f"recall drop > {b['class_recall']} points, top-1 agreement ≥ {100 * b['min_top1_agreement']:.1f}%), "
-                f"so no layer was kept in float (pass --sensitivity to run the analysis anyway)."]
+    b = s["budget_points"]
+    within = [n for n, why in s.get("checked", {}).items() if n not in s["runs"]]
     out = []
+    if within:
+        out += [f"Within the budget (accuracy drop ≤ {b['accuracy']} points, no class recall drop > "
+                f"{b['class_recall']} points, top-1 agreement ≥ {100 * b['min_top1_agreement']:.1f}%), so no layer "
+                f"kept in float: {', '.join(f'**{n}**' for n in within)}."
+                + ("" if s["runs"] else " Pass --sensitivity to run the analysis anyway."), ""]
     for base, r in s["runs"].items():
         b, f = rep["variants"][base], rep["variants"][r["fallback"]]
         lat_b, lat_f = (b.get("latency") or {}).get("median_ms"), (f.get("latency") or {}).get("median_ms")
@@ -109,25 +111,45 @@ def _sensitivity(rep: dict[str, Any]) -> list[str]:
                 "|---|---|---|---|"]
         out += [f"| {x['rank']} | {x['layer']} | {x['mean_abs_logit_error']:.4f} | {100 * x['top1_agreement']:.1f}% |"
                 for x in r["ranking"][:8]]
+        tried = r.get("attempts") or []
+        if len(tried) > 1:
+            out += ["", "Attempts (layers kept in float, each twice as many as the last while a target was missed): "
+                    + "; ".join(f"{len(t['keep_float'])} layers: agreement {100 * t['top1_agreement']:.2f}%"
+                                for t in tried) + "."]
         out += ["", f"Fallback **{r['fallback']}** keeps {r['keep_float']} in float: accuracy "
                 f"{100 * f['metrics']['accuracy']:.2f}% ({f['metrics']['accuracy_change_points']:+.2f} pts vs float; "
                 f"full int8 {b['metrics']['accuracy_change_points']:+.2f}), agreement "
                 f"{100 * f['metrics']['top1_agreement']:.2f}%. Cost: size {f['size_bytes'] / MB:.2f} MB vs "
-                f"{b['size_bytes'] / MB:.2f} MB, latency {_f(lat_f)} ms vs {_f(lat_b)} ms.", ""]
+                f"{b['size_bytes'] / MB:.2f} MB, latency {_f(lat_f)} ms vs {_f(lat_b)} ms. "
+                + ("It meets every target." if r.get("fallback_meets_targets")
+                   else "It still misses: " + "; ".join(r.get("fallback_misses") or []) + "."), ""]
     return out
+
+
+def _machine(m: dict[str, Any]) -> str:
+    restricted = m.get("isa_restricted_by")
+    return (f"{m.get('cpu_model')} ({m.get('arch')}), int8 features {', '.join(m.get('int8_flags') or []) or 'none'}"
+            + (f", kernels restricted by {restricted}" if restricted else ""))
 
 
 def _markdown(rep: dict[str, Any]) -> str:
     d, c, t = rep["data"], rep["calibration"], rep["timing"]
     lines = [
         "# Quantization report", "",
+        *(["> **SYNTHETIC images**: these figures come from images the toolkit generated, not from X-rays; "
+           "they exercise the pipeline and say nothing about accuracy on real data.", ""]
+          if d.get("images_origin") == "synthetic" else []),
         f"- checkpoint: `{rep['checkpoint']['path']}` (sha256 {str(rep['checkpoint']['sha256'])[:12]}…)",
         f"- evaluated on: `{d['root']}` split **{d['split']}** ({d['split_source']}), {d['n_images']} images"
         f"{_subset(d)}, "
         f"per class {dict(zip(d['class_names'], d['class_counts']))}",
         f"- calibration: {c['size']} images sampled (seed {c['seed']}) from the **train** split only; "
         f"ONNX Runtime method {c['onnx_method']}",
-        *[f"- {e} activations: {o['activation']}" for e, o in c.get("torch_observers", {}).items()],
+        *[f"- {e}: activations {o['activation']}; weights {o['weight']}" for e, o in c.get("torch_observers", {}).items()],
+        f"- x86 int8 target (--x86-isa {c.get('x86_isa_requested', 'auto')}): torch "
+        f"{c.get('x86_isa', {}).get('torch')}, ONNX Runtime {c.get('x86_isa', {}).get('onnxruntime')} "
+        f"(avx2 = saturation-free on every x86-64 CPU; vnni = exact only with VNNI/AMX)",
+        f"- measured on: {_machine(rep.get('machine') or {})}",
         f"- latency: batch {t['batch']}, {t['threads']} thread, median of {t['runs']} runs in interleaved rounds "
         f"(all variants in the same run, {t['cpu_count']} CPUs, shared machine: absolute figures are noisy)",
         f"- torch {rep['torch_version']}", "",

@@ -17,18 +17,19 @@ import torch
 
 from quantize import builders, metrics, torch_ao
 from quantize.onnx_rt import CALIB_METHODS
+from quantize.targets import TARGETS
 from quantize.torch_ao import QuantizationError
 from quantize.variants import load_calibration
 from train.checkpoint import load_checkpoint
-from train.data import DataError, assign_splits, discover, seeded_subset
+from train.cpu import cpu_description
+from train.data import DataError, assign_splits, discover, images_origin, seeded_subset
+from train.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"min_top1_agreement": 0.995, "max_accuracy_drop_points": 0.3, "max_class_recall_drop_points": 1.0,
-           "max_size_ratio": 0.27, "min_speedup": 3.0}
 
 
-class ReportError(ValueError):
+class ReportError(ToolkitError, ValueError):
     """Bad input to the report (flag or data); the message names it and says what to do."""
 
 
@@ -77,31 +78,79 @@ def _misses(m: dict[str, Any], budget: tuple[float, float]) -> list[str]:
     return why
 
 
+STATIC_PREFIXES = ("torch_static_int8_", "onnx_int8_static_qdq")
+
+
+def _is_static(name: str) -> bool:
+    return name.startswith(STATIC_PREFIXES) and not name.endswith("_fallback")
+
+
+def _rank_layers(v: builders.Variant, ckpt, calib, *, sample, layers, progress, reduce_range) -> list[dict[str, Any]]:
+    """Per-layer sensitivity in the variant's own runtime: torch modules, or ONNX Runtime nodes."""
+    from quantize.onnx_rt import node_sensitivity
+    from quantize.sensitivity import layer_sensitivity
+
+    if v.runtime == "onnxruntime":
+        return node_sensitivity(v.path.with_name("model.onnx"), calib, sample_size=sample, progress=progress,
+                                reduce_range=bool(v.settings.get("reduce_range")))
+    return layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress,
+                             reduce_range=reduce_range)
+
+
+def _fallback_variant(v: builders.Variant, ckpt, calib, keep, *, threads, progress, reduce_range) -> builders.Variant:
+    if v.runtime == "onnxruntime":
+        return builders.onnx_static_fallback(v, calib, keep, threads, progress)
+    return builders.torch_static(ckpt, calib, v.engine, threads, keep_float=keep, progress=progress,
+                                 suffix="_fallback", reduce_range=reduce_range)
+
+
+def _escalation(k: int, layers: int, most: int = 8) -> list[int]:
+    """How many layers each fallback attempt keeps in float: k, 2k, 4k, ... up to `most` (or every layer)."""
+    out, n = [], max(1, k)
+    while n <= min(most, layers):
+        out.append(n)
+        n *= 2
+    return out or [min(max(1, k), layers)]
+
+
 def _sensitivity(ckpt, calib, variants, results, logits, labels, *, budget, force, k, sample, layers, threads,
                  progress, reduce_range) -> dict[str, Any]:
-    """For each static torch variant that misses the budget or the agreement target (or all, when
-    forced): rank layers, build a variant that keeps the k most sensitive in float, evaluate it."""
-    from quantize.sensitivity import layer_sensitivity, most_sensitive
+    """For each static variant, torch and ONNX Runtime alike, that misses the budget or the agreement
+    target (or all, when forced): rank layers in its own runtime, build a variant that keeps the k most
+    sensitive in float, evaluate it. `checked` lists every static variant and why it needed no fallback."""
+    from quantize.sensitivity import most_sensitive
 
     out: dict[str, Any] = {"budget_points": {"accuracy": budget[0], "class_recall": budget[1],
-                                             "min_top1_agreement": TARGETS["min_top1_agreement"]}, "forced": force, "keep_float_layers": k, "runs": {}}
-    for v in [v for v in variants if v.name.startswith("torch_static_int8_")]:
+                                             "min_top1_agreement": TARGETS["min_top1_agreement"]},
+                           "forced": force, "keep_float_layers": k, "runs": {}, "checked": {}}
+    for v in [v for v in variants if _is_static(v.name)]:
         why = _misses(results[v.name]["metrics"], budget)
+        out["checked"][v.name] = why or ["within budget and agreement target"]
         if not (force or why):
             continue
-        ranking = layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress,
-                                    reduce_range=reduce_range)
-        keep = most_sensitive(ranking, k)
-        fb = builders.torch_static(ckpt, calib, v.engine, threads, keep_float=keep, progress=progress,
-                                   suffix="_fallback", reduce_range=reduce_range)
-        logits[fb.name] = builders.evaluate(fb, logits["__images__"], progress=progress)
-        results[fb.name] = _record(fb, logits[fb.name], labels, logits["float"], ckpt.spec.class_names,
-                                   results["float"]["size_bytes"])
+        ranking = _rank_layers(v, ckpt, calib, sample=sample, layers=layers if v.runtime != "onnxruntime" else None,
+                               progress=progress, reduce_range=reduce_range)
+        attempts = []
+        for n in _escalation(k, len(ranking)):  # k layers, then twice as many, while the targets are missed
+            keep = most_sensitive(ranking, n)
+            fb = _fallback_variant(v, ckpt, calib, keep, threads=threads, progress=progress,
+                                   reduce_range=reduce_range)
+            fb_logits = builders.evaluate(fb, logits["__images__"], progress=progress)
+            record = _record(fb, fb_logits, labels, logits["float"], ckpt.spec.class_names,
+                             results["float"]["size_bytes"])
+            fb_why = _misses(record["metrics"], budget)
+            attempts.append({"keep_float": keep, "top1_agreement": record["metrics"]["top1_agreement"],
+                             "accuracy_change_points": record["metrics"]["accuracy_change_points"],
+                             "misses": fb_why})
+            if not fb_why:
+                break
+        logits[fb.name], results[fb.name] = fb_logits, record
         variants.append(fb)
         out["runs"][v.name] = {"over_budget": bool(why), "reasons": why or ["forced (--sensitivity)"],
-                               "ranking": ranking, "keep_float": keep, "fallback": fb.name,
-                               "method": "quantize one layer at a time, mean |logit - float logit| on "
-                                         f"{min(sample, len(calib))} calibration (train) images"}
+                               "ranking": ranking, "keep_float": keep, "fallback": fb.name, "attempts": attempts,
+                               "fallback_meets_targets": not fb_why, "fallback_misses": fb_why,
+                               "method": f"quantize one layer at a time in {v.runtime}, mean |logit - float logit| "
+                                         f"on {min(sample, len(calib))} calibration (train) images"}
     return out
 
 
@@ -137,7 +186,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
         raise ReportError("--engines needs at least one quantized engine, e.g. qnnpack,x86")
     for e in engines:
         torch_ao.check_engine(e)
-        torch_ao.activation_reduce_range(e, reduce_range)  # rejects a bad --reduce-range before any work
+        torch_ao.resolve_x86_isa(reduce_range)  # rejects a bad --x86-isa before any work
     if latency_runs < 1:
         raise ReportError("--latency-runs must be at least 1")
     ckpt = load_checkpoint(checkpoint)
@@ -153,7 +202,8 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
     variants = [builders.float_variant(ckpt, threads), builders.torch_dynamic(ckpt, engines[0], threads)]
     variants += [builders.torch_static(ckpt, calib, e, threads, progress=progress, reduce_range=reduce_range)
                  for e in engines]
-    variants += builders.onnx_variants(ckpt, calib, calib_method, Path(out_dir) / "models", threads, progress)
+    variants += builders.onnx_variants(ckpt, calib, calib_method, Path(out_dir) / "models", threads, progress,
+                                       x86_isa=reduce_range)
     logits: dict[str, np.ndarray] = {v.name: builders.evaluate(v, images, progress=progress) for v in variants}
     classes = ckpt.spec.class_names
     float_size = variants[0].size_bytes
@@ -183,12 +233,17 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
     report = {
         "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "source_format": ckpt.source_format},
         "data": {"root": str(index.root), "split": split, "split_source": split_note, "n_images": len(labels),
+                 "images_origin": images_origin(eval_samples),
                  "split_images": split_total, "max_images": max_images,
                  "class_names": list(classes), "class_counts": np.bincount(labels, minlength=len(classes)).tolist()},
         "calibration": {"split": "train", "size": len(calib_samples), "requested": calib_size, "seed": seed,
                         "onnx_method": calib_method, "torch_observers": {e: torch_ao.qconfig_description(e, reduce_range)
                                                                          for e in engines},
-                        "reduce_range": reduce_range, "cpu_has_vnni": torch_ao.cpu_has_vnni(),
+                        "reduce_range": reduce_range, "x86_isa_requested": reduce_range,
+                        "x86_isa": {"torch": torch_ao.resolve_x86_isa(reduce_range, "torch"),
+                                    "onnxruntime": torch_ao.resolve_x86_isa(reduce_range, "onnxruntime")},
+                        "cpu_has_vnni": torch_ao.cpu_has_vnni(),
+                        "int8_kernels_saturate": {e: torch_ao.int8_kernels_saturate(e) for e in engines},
                         "samples": [str(s.path) for s in calib_samples],
                         "sample_splits": sorted({str(s.split) for s in calib_samples})},
         "timing": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median",
@@ -197,7 +252,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                                         "that engine set, which re-packs its weights for that engine's "
                                         "kernels, as a server or app loading the file gets",
                    "all": latency},
-        "torch_version": torch.__version__, "variants": results, "sensitivity": sens, "targets": TARGETS,
+        "machine": cpu_description(), "torch_version": torch.__version__, "variants": results, "sensitivity": sens, "targets": TARGETS,
         "gate": {"max_drop_points": max_drop, "violations": violations, "passed": not violations},
     }
     if cam > 0:

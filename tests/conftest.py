@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
+from train.data import SYNTHETIC_MARKER
 from train.model import build_network
 from train.spec import PreprocessSpec
 from train.synthetic import make_synthetic_dataset
@@ -34,9 +35,19 @@ def tiny_spec() -> PreprocessSpec:
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
-    """12 synthetic images per class in the COVID-19 Radiography layout (no split given)."""
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", per_class=12,
+    """12 generated images per class in the COVID-19 Radiography layout (no split given), standing in for a
+    user's folder of real images: without the SYNTHETIC marker the toolkit treats them as user data, so
+    artifacts checked on them are 'verified'. Tests of the synthetic path use `marked_synthetic_data`."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", per_class=12,
                                   size=TINY_SIZE, seed=0)
+    (root / SYNTHETIC_MARKER).unlink()
+    return root
+
+
+@pytest.fixture(scope="session")
+def marked_synthetic_data(tmp_path_factory) -> Path:
+    """The same kind of images, marked SYNTHETIC as train.synthetic writes them: never 'verified'."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("marked") / "data", per_class=6, size=TINY_SIZE, seed=2)
 
 
 @pytest.fixture(scope="session")

@@ -86,11 +86,12 @@ def test_vectors_reproduce_expected_logits_in_lite_interpreter(built, ckpt):
         torch.backends.quantized.engine = previous
 
 
-def test_refuses_existing_bundle_without_force(built, ckpt, tiny_checkpoint, tmp_path, capsys):
+def test_refuses_existing_bundle_without_force(built, ckpt, tiny_checkpoint, synthetic_data, tmp_path, capsys):
     art, out = built
     with pytest.raises(bundle.BundleError, match="already holds a bundle.*--force"):
         bundle.write_bundle(art, out, ckpt)
-    code = main(["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path / "a"), "--out", str(out)])
+    code = main(["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path / "a"), "--out", str(out),
+                 "--data", str(synthetic_data)])
     assert code == 2 and "--force" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # refused before any export work
 
@@ -157,6 +158,6 @@ def test_unwritable_or_file_target_is_a_clear_error(built, ckpt, tmp_path):
 
 
 def test_no_verified_model_for_this_checkpoint(ckpt, tmp_path):
-    with pytest.raises(bundle.BundleError, match="no verified ptl_fp32"):
+    with pytest.raises(bundle.BundleError, match="no ptl_fp32 entry verified"):
         bundle.write_bundle(tmp_path / "empty_artifacts", tmp_path / "bundle", ckpt)
     assert not (tmp_path / "bundle" / "manifest.json").exists()

@@ -111,4 +111,5 @@ def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
     code = export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--formats", "torchscript"])
     out = capsys.readouterr().out
     assert code == 0 and "torchscript_fp32" in out
-    assert read_manifest(tmp_path)["artifacts"]["torchscript_fp32"]["status"] == "verified"
+    row = read_manifest(tmp_path)["artifacts"]["torchscript_fp32"]
+    assert row["status"] == "exported" and "GENERATED" in row["status_reason"]  # no --data: a numerics check

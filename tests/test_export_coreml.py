@@ -36,7 +36,10 @@ def test_each_variant_written_and_verified_by_reconstruction(exported, variant):
     out, rows = exported
     name, file, precision, _ = xcm.VARIANTS[variant]
     e = rows[name]
-    assert e.status == "verified", e.error
+    if platform.system() != "Darwin":  # CoreML cannot run here: checked, never 'verified'
+        assert e.status == "exported" and "not executed" in e.status_reason, e.error
+    else:
+        assert e.status == "verified", e.error
     assert e.path == file and (out / file).is_dir() and (out / file / "Manifest.json").is_file()
     assert e.runtime == "coreml" and e.precision == precision
     v = e.verification

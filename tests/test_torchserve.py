@@ -59,11 +59,19 @@ def probs_of(body: dict, class_names) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def archive(tiny_checkpoint, tmp_path_factory):
+def archive(tiny_checkpoint, tmp_path_factory, synthetic_index):
+    from train.data import seeded_subset
+
     out = tmp_path_factory.mktemp("mar")
     ckpt = load_checkpoint(tiny_checkpoint)
-    [entry] = export_mar(ckpt, out, eval_samples=None)
+    [entry] = export_mar(ckpt, out, eval_samples=seeded_subset(synthetic_index.samples, 4))
     return ckpt, out, entry
+
+
+def test_archive_checked_on_generated_images_is_only_exported(tiny_checkpoint, tmp_path):
+    [entry] = export_mar(load_checkpoint(tiny_checkpoint), tmp_path, eval_samples=None)
+    assert entry.status == "exported" and "GENERATED" in entry.status_reason
+    assert entry.verification["max_prob_diff"] <= TOL and (tmp_path / MAR_FILE).is_file()
 
 
 def test_archive_is_verified_and_carries_the_spec_code(archive):

@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from train.checkpoint import CheckpointError  # noqa: E402  (after the OpenMP setting)
 from train.data import DataError
 from train.distributed import DEVICES, DeviceError
+from train.errors import cli_errors
 from train.model import FREEZE_MODES, WeightsError
 from train.recipe import BALANCE, OPTIMIZERS, SCHEDULES, TrainError
 from train.spec import RESIZE_METHODS, SpecError
@@ -93,6 +94,7 @@ def resolve_args(a: argparse.Namespace) -> dict:
     return kw
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from train.atomic import atomic_path, sha256_file
+from train.errors import ToolkitError
 from train.spec import PreprocessSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ SCHEMA_VERSION = 1
 NOTEBOOK_PREFIXES = ("resnet18.", "model.", "module.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ToolkitError, ValueError):
     """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
 
 
@@ -156,6 +157,17 @@ def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path
         )
 
 
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or inf weights (a diverged run, a corrupt file) would make every export fail deep inside a
+    library; name the tensor instead."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf values (first: {bad[0]}); "
+                              f"the training run diverged or the file is corrupt. Use an earlier checkpoint "
+                              f"(e.g. best.pt) or train again with a lower --lr")
+
+
 def load_checkpoint(path: str | Path, spec: PreprocessSpec | None = None) -> Checkpoint:
     """Load any accepted checkpoint. `spec` is required knowledge for foreign formats and, if given
     for a toolkit checkpoint, must agree with the stored one (a silent override would mislabel outputs)."""
@@ -171,11 +183,13 @@ def load_checkpoint(path: str | Path, spec: PreprocessSpec | None = None) -> Che
             raise CheckpointError(f"{path}: carries its own preprocessing ({stored.describe()}); "
                                   f"do not pass a different one")
         _check_head(state, stored, path)
+        _check_finite(state, path)
         meta = {k: v for k, v in raw.items() if k not in ("state_dict", "spec", "metrics")}
         return Checkpoint(path, state, stored, raw.get("arch", "resnet18"), dict(raw.get("arch_args", {})),
                           dict(raw.get("metrics", {})), meta, FORMAT, sha256_file(path))
     spec = spec or PreprocessSpec()
     _check_head(state, spec, path)
+    _check_finite(state, path)
     log.info("%s: %s weights; using the stated preprocessing: %s", path, source, spec.describe())
     return Checkpoint(path, state, spec, "resnet18", {}, {}, {}, source, sha256_file(path))
 

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from train.errors import cli_errors
 from train.spec import DEFAULT_CLASSES, IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHODS, PreprocessSpec
 
 
@@ -28,6 +29,7 @@ def convert(weights: str | Path, out: str | Path, *, classes: tuple[str, ...] = 
     return convert_to_toolkit(weights, out, spec)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__.strip().splitlines()[0])
     p.add_argument("--weights", required=True, help="foreign .pt: torchvision state dict or "

@@ -9,6 +9,7 @@ Layouts read (first match wins):
 
 from __future__ import annotations
 
+import functools
 import csv
 import hashlib
 import logging
@@ -18,15 +19,18 @@ from typing import Sequence
 
 import numpy as np
 
+from train.errors import ToolkitError
 from train.spec import DEFAULT_CLASSES, PreprocessSpec, load_unit_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")
+# Written by train.synthetic into every dataset it generates: images under it are never called real.
+SYNTHETIC_MARKER = "SYNTHETIC"
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """Data that cannot be used as given; the message names the file, class or flag."""
 
 
@@ -242,3 +246,19 @@ def seeded_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Samp
             if q and len(out) < n:
                 out.append(q.pop())
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _marked_synthetic(folder: Path) -> bool:
+    return any((d / SYNTHETIC_MARKER).is_file() for d in (folder, *list(folder.parents)[:3]))
+
+
+def images_origin(samples: Sequence[Sample] | None) -> str:
+    """'real' for images a user passed with --data, 'synthetic' when any of them lies in a dataset that
+    train.synthetic generated (its SYNTHETIC marker file), 'none' for no images.
+
+    The toolkit cannot see what an image shows; it can know which images it made itself, and those
+    never make an artifact 'verified'."""
+    if not samples:
+        return "none"
+    return "synthetic" if any(_marked_synthetic(Path(s.path).resolve().parent) for s in samples) else "real"

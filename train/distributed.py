@@ -15,12 +15,14 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from train.errors import ToolkitError
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
-class DeviceError(ValueError):
+class DeviceError(ToolkitError, ValueError):
     """A --device that this machine or launch mode cannot use."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from dataclasses import replace
 
 from train.data import DataError, DatasetIndex, check_images, discover
+from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.strip().splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt (toolkit, torchvision or notebook)")

@@ -18,6 +18,7 @@ import torch
 
 from train.checkpoint import Checkpoint
 from train.data import DatasetIndex, Sample, load_batch
+from train.errors import cli_errors
 from train.explain_audit import (BAND, area_shares, cohort_audit, mass_shares, mean_or_none,
                                  source_audit)
 from train.explain_maps import (METHOD_TITLES, METHODS, float_cams, overlay, save_grid, save_png,
@@ -166,7 +167,10 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
         from quantize.cam_compare import compare_float_int8
         from quantize.variants import make_int8_model
 
-        calib = seeded_subset(index.split("train") or samples, calib_size, seed)
+        train = index.split("train")
+        if not train:  # calibrating on the images being compared would flatter int8
+            raise DataError(f"--int8: {data} has no train split to calibrate on; pass data with a train split")
+        calib = seeded_subset(train, calib_size, seed)
         qmodel = make_int8_model(ckpt, "static", engine, calib, progress=progress)
         md, report["int8"] = compare_float_int8(ckpt, qmodel, samples, out_dir, per_class, progress=progress)
         report["int8"].update({"mode": "static", "engine": engine, "calibration_images": len(calib)})
@@ -176,6 +180,7 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
     return report
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     from quantize.torch_ao import QuantizationError
     from train.checkpoint import CheckpointError

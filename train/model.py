@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train.errors import ToolkitError
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ ARCHITECTURES = ("resnet18",)
 FREEZE_MODES = ("none", "layer4", "head")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ToolkitError, RuntimeError):
     """Pretrained or user weights that cannot be loaded."""
 
 

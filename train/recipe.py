@@ -14,6 +14,7 @@ from torch import nn
 
 from train.data import DataError, DatasetIndex, assign_splits, check_images, discover
 from train.distributed import DistContext, EpochSampler
+from train.errors import ToolkitError
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ SCHEDULES = ("cosine", "onecycle")
 BALANCE = ("loss", "sampler", "none")
 
 
-class TrainError(ValueError):
+class TrainError(ToolkitError, ValueError):
     """A setting, run folder or resume request that cannot be honoured; the message says what to do."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from train.errors import ToolkitError
+
 DEFAULT_CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -24,7 +26,7 @@ CHANNEL_MODES = ("gray_to_rgb",)
 SPEC_VERSION = 1
 
 
-class SpecError(ValueError):
+class SpecError(ToolkitError, ValueError):
     """A preprocessing specification that cannot be used."""
 
 
