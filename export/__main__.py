@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from export.common import add_common_args, run_cli
+from export.common import add_common_args, add_x86_isa_arg, run_cli
 from export.formats import FORMATS, export_all
 from train.errors import cli_errors
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 epilog="formats: " + "; ".join(f"{f.name} ({f.description})" for f in FORMATS.values()))
     add_common_args(p)
+    add_x86_isa_arg(p)
     p.add_argument("--formats", default="all",
                    help=f"comma-separated formats to export, from {', '.join(FORMATS)} (default: all)")
     p.add_argument("--int8", default="static", choices=INT8_CHOICES,

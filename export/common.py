@@ -213,6 +213,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="folder for the artifacts and artifacts.json (default artifacts/)")
     p.add_argument("--calib-size", type=int, default=300, help="train images that calibrate int8 (default 300)")
     p.add_argument("--eval-size", type=int, default=100, help="val images each artifact is verified on (default 100)")
+
+
+def add_x86_isa_arg(p: argparse.ArgumentParser) -> None:
+    """For the commands that make server-side x86 int8 (ONNX Runtime static, torch x86)."""
     p.add_argument("--x86-isa", default="auto", choices=X86_ISA_CHOICES,
                    help="x86 CPUs that server-side int8 (ONNX Runtime static, torch x86) must stay exact on: "
                         "avx2 = every x86-64 CPU (saturation-free: 7-bit weights), vnni = only "

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.common import (FLOAT_ATOL, ExportError, InputSet, add_common_args, calib_inputs, eval_inputs,
-                           failed_entry, float_proof, int8_proof, reference_logits, remove_path,
+from export.common import (FLOAT_ATOL, ExportError, InputSet, add_common_args, add_x86_isa_arg, calib_inputs,
+                           eval_inputs, failed_entry, float_proof, int8_proof, reference_logits, remove_path,
                            require_calibration, run_cli, write_proven)
 from export.manifest import ArtifactEntry, record
 from quantize.torch_ao import resolve_x86_isa
@@ -145,6 +145,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n\n")[0])
     add_common_args(p)
+    add_x86_isa_arg(p)
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     p.add_argument("--int8", default="dynamic,static",
                    help="comma-separated int8 variants from ONNX Runtime's quantizer: dynamic, static, "
