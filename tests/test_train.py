@@ -133,3 +133,60 @@ def test_bad_data_exits_2_without_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "error: --data" in r.stderr and "no such file or folder" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_resume_refuses_another_process_count(small_data, tmp_path):
+    """The schedule's steps per epoch depend on the process count: resuming with another count is refused
+    (it used to overrun OneCycleLR: 'Tried to step 11 times ... total steps is 10')."""
+    kw = dict(TINY, schedule="onecycle", optimizer="adamw", evaluate=False)
+    train_model(small_data, tmp_path, stop_after=1, **kw)
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert last["resume"]["world_size"] == 1
+    last["resume"]["world_size"] = 2  # as if trained by `torchrun --nproc_per_node=2`
+    torch.save(last, tmp_path / "last.pt")
+    with pytest.raises(TrainError, match="nproc_per_node=2"):
+        train_model(small_data, tmp_path, resume=True, **kw)
+
+
+def test_scaler_state_of_a_cpu_run_does_not_break_a_cuda_resume():
+    """A disabled scaler saves {}; an enabled one raises on loading it ('The source state dict is empty')."""
+    from train.loop import restore_scaler
+
+    class Scaler:  # the two behaviours of torch.amp.GradScaler that matter here, without needing CUDA
+        def __init__(self, enabled):
+            self.enabled, self.loaded = enabled, None
+
+        def is_enabled(self):
+            return self.enabled
+
+        def load_state_dict(self, state):
+            if not state:
+                raise RuntimeError("The source state dict is empty, possibly because it was saved from a "
+                                   "disabled instance of GradScaler.")
+            self.loaded = state
+
+    cpu_state = torch.amp.GradScaler("cuda", enabled=False).state_dict()
+    assert cpu_state == {}
+    cuda = Scaler(True)
+    restore_scaler(cuda, cpu_state)  # CPU run resumed on CUDA: a fresh scaler, no crash
+    assert cuda.loaded is None
+    restore_scaler(cuda, {"scale": 1024.0})
+    assert cuda.loaded == {"scale": 1024.0}
+    cpu = Scaler(False)
+    restore_scaler(cpu, {"scale": 1024.0})  # CUDA run resumed on CPU: nothing to restore
+    assert cpu.loaded is None
+
+
+def test_global_batch_must_divide_over_the_processes(small_data):
+    from train import recipe
+    from train.data import assign_splits, discover
+    from train.distributed import DistContext
+    from train.spec import PreprocessSpec
+
+    idx = assign_splits(discover(small_data))
+    cfg = {"batch_size": 8, "balance": "loss", "seed": 0, "workers": 0}
+    ctx = DistContext(device=torch.device("cpu"), enabled=True, rank=0, world_size=3)
+    with pytest.raises(TrainError, match="multiple of 3, e.g. 9"):
+        recipe.make_train_loader(idx, PreprocessSpec(input_size=32), cfg, ctx)
+    two = DistContext(device=torch.device("cpu"), enabled=True, rank=0, world_size=2)
+    assert recipe.make_train_loader(idx, PreprocessSpec(input_size=32), cfg, two).batch_size == 4

@@ -104,6 +104,25 @@ def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.Dis
     return cfg
 
 
+def check_resume_world_size(saved: int | None, current: int) -> None:
+    """The per-rank batch, the steps per epoch and so the restored LR schedule depend on the process
+    count: a run resumed with another count would overrun OneCycleLR or bend cosine. Refuse it."""
+    if saved is not None and int(saved) != current:
+        raise TrainError(f"--resume: this run was trained with {saved} process(es) and is being resumed with "
+                         f"{current}; the per-rank batch and the learning-rate schedule depend on that number. "
+                         f"Resume with the same count (torchrun --nproc_per_node={saved}), or start a new run "
+                         f"with another --out")
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """A CPU or MPS run saves a disabled scaler's empty state; loading that into an enabled CUDA scaler
+    raises. Start a fresh scaler then (and ignore a CUDA scaler's state on a CPU resume)."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        log.info("--resume: the run had no loss-scaler state (trained without CUDA AMP); starting a fresh one")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -132,11 +151,12 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     history: list[dict[str, Any]] = []
     best = {"score": -1.0, "epoch": None, "metrics": {}}
     if state is not None:
-        model.net.load_state_dict(state["state_dict"])
         r = state["resume"]
+        check_resume_world_size(r.get("world_size"), ctx.world_size)
+        model.net.load_state_dict(state["state_dict"])
         opt.load_state_dict(r["optimizer"])
         sched.load_state_dict(r["scheduler"])
-        scaler.load_state_dict(r["scaler"])
+        restore_scaler(scaler, r["scaler"])
         history, best = list(state["history"]), dict(r["best"])
         log.info("resuming %s after epoch %d of %d", out_dir, r["epoch"], cfg["epochs"])
     run = {"cfg": cfg, "spec": spec, "summary": summary, "ctx": ctx, "out_dir": out_dir}
@@ -245,7 +265,7 @@ def _save(run: dict[str, Any], model, history, best, opt, sched, scaler, improve
         save_checkpoint(make_checkpoint_dict(model.net.state_dict(), spec, metrics=best["metrics"],
                                              extra=extra, **common), run["out_dir"] / "best.pt")
     resume = {"epoch": epoch, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "scaler": scaler.state_dict(), "best": best}
+              "scaler": scaler.state_dict(), "best": best, "world_size": run["ctx"].world_size}
     metrics = history[-1] if history else {}
     write_json(run["out_dir"] / "history.json", history)  # readable while the run goes on
     save_checkpoint(make_checkpoint_dict(model.net.state_dict(), spec, metrics=metrics,

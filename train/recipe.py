@@ -74,13 +74,17 @@ def make_train_loader(idx: DatasetIndex, spec: PreprocessSpec, cfg: dict[str, An
     from train.augment import train_augment
     from train.data import ImageDataset
 
+    if cfg["batch_size"] % ctx.world_size:  # floor division would silently shrink the global batch
+        raise TrainError(f"--batch-size {cfg['batch_size']} is the global batch and must divide evenly over the "
+                         f"{ctx.world_size} processes; pass a multiple of {ctx.world_size}, e.g. "
+                         f"{-(-cfg['batch_size'] // ctx.world_size) * ctx.world_size}")
     samples = idx.split("train")
     weights = None
     if cfg["balance"] == "sampler":
         per_class = class_weights(idx)
         weights = [float(per_class[s.label]) for s in samples]
     sampler = EpochSampler(len(samples), ctx, cfg["seed"], weights)
-    per_rank_batch = max(1, cfg["batch_size"] // ctx.world_size)
+    per_rank_batch = cfg["batch_size"] // ctx.world_size
     # drop_last: a final batch of one image breaks BatchNorm at small input sizes (1x1 at layer4)
     return torch.utils.data.DataLoader(
         ImageDataset(samples, spec, augment=train_augment(spec)), batch_size=per_rank_batch,
