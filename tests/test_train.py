@@ -190,3 +190,23 @@ def test_global_batch_must_divide_over_the_processes(small_data):
         recipe.make_train_loader(idx, PreprocessSpec(input_size=32), cfg, ctx)
     two = DistContext(device=torch.device("cpu"), enabled=True, rank=0, world_size=2)
     assert recipe.make_train_loader(idx, PreprocessSpec(input_size=32), cfg, two).batch_size == 4
+
+
+def test_each_rank_draws_its_own_augmentation():
+    """Per-rank, per-epoch seeds: rank 0 keeps the single-process stream, other ranks differ, and an epoch
+    replays exactly (what --resume relies on)."""
+    from train.augment import train_augment
+    from train.loop import epoch_seed
+    from train.spec import PreprocessSpec
+
+    augment = train_augment(PreprocessSpec(input_size=32))
+    image = torch.rand(3, 32, 32)
+
+    def draw(epoch, rank):
+        torch.manual_seed(epoch_seed(0, epoch, rank))
+        return augment(image)
+
+    assert epoch_seed(0, 3, 0) == 3  # the single-process seed of epoch 3, unchanged
+    assert len({epoch_seed(s, e, r) for s in range(3) for e in range(20) for r in range(8)}) == 3 * 20 * 8
+    assert torch.equal(draw(1, 0), draw(1, 0)) and torch.equal(draw(1, 1), draw(1, 1))
+    assert not torch.equal(draw(1, 0), draw(1, 1)) and not torch.equal(draw(1, 0), draw(2, 0))

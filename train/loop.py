@@ -123,6 +123,15 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
         log.info("--resume: the run had no loss-scaler state (trained without CUDA AMP); starting a fresh one")
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The RNG seed of one rank's epoch: augmentation in the main process and the loader's worker seeds.
+
+    Rank 0 keeps the single-process value, so a 1-process run is unchanged; other ranks are offset by a
+    large prime so no two ranks (or two epochs) share a stream: with one seed for all, N GPUs applied the
+    same random transforms and saw 1/N of the augmentation diversity."""
+    return seed * 1000 + epoch + rank * 1_000_003
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -197,10 +206,11 @@ def _train_epoch(model, loader, criterion, opt, sched, scaler, ctx: D.DistContex
                  cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    # reseeded per epoch: augmentation and worker RNG depend only on (seed, epoch), so --resume
-    # replays exactly what an uninterrupted run would have done
-    torch.manual_seed(cfg["seed"] * 1000 + epoch)
-    loader.generator.manual_seed(cfg["seed"] * 1000 + epoch)
+    # reseeded per epoch: augmentation and worker RNG depend only on (seed, epoch, rank), so --resume
+    # replays exactly what an uninterrupted run would have done, and every rank draws its own augmentation
+    seed = epoch_seed(cfg["seed"], epoch, ctx.rank)
+    torch.manual_seed(seed)
+    loader.generator.manual_seed(seed)
     loader.sampler.set_epoch(epoch)
     model.train()
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
@@ -242,7 +252,7 @@ def _validate(model, samples, spec, ctx: D.DistContext, workers: int, batch_size
     mine = D.shard(len(samples), ctx)
     logits = predict_logits(model, [samples[i] for i in mine], spec, device=ctx.device,
                             batch_size=batch_size, workers=workers, progress=progress, desc="validate",
-                            channels_last=ctx.device.type == "cuda")
+                            channels_last=ctx.device.type == "cuda", amp=True)
     parts = D.all_gather_objects((mine, logits), ctx)
     full = np.zeros((len(samples), spec.num_classes), dtype=np.float32)
     for ids, lg in parts:
