@@ -80,7 +80,7 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
     rec, lines = result["recommendations"], []
     drop = rec["max_drop_points"]
     ph, sv = rec.get("phone"), rec.get("server")
-    agree = 100 * rec.get("min_top1_agreement", 0.995)
+    agree = 100 * rec["min_top1_agreement"]
     rule = f"verified on real images, within {drop} pts of float accuracy and >= {agree:.1f}% top-1 agreement"
     lines.append(f"- **Phones**: `{ph['name']}` — {ph['size_mb']:.1f} MB, {ph['p50_ms_1t']:.2f} ms/img at 1 thread, "
                  f"accuracy {ph['accuracy_change']:+.2f} pts (smallest mobile-runtime artifact {rule})"

@@ -11,7 +11,6 @@ from quantize.targets import MIN_TOP1_AGREEMENT
 MOBILE_RUNTIMES = ("pytorch-lite", "executorch", "onnxruntime", "coreml")
 FLOAT_PRECISIONS = ("fp32", "float32", "fp16", "float16", "float")
 INT8_TARGET = 0.35
-MIN_AGREEMENT = MIN_TOP1_AGREEMENT  # top-1 agreement with the float model a recommended artifact must keep
 
 
 def p50(row: dict[str, Any], key: str = "latency_1t") -> float | None:
@@ -27,16 +26,9 @@ def is_float(row: dict[str, Any]) -> bool:
     return str(row.get("precision") or "").lower() in FLOAT_PRECISIONS and not is_int8(row)
 
 
-def usable(row: dict[str, Any], max_drop: float) -> bool:
-    """Verified on real images at export, measured here, within the allowed accuracy drop (percentage points)
-    and at or above the agreement target with the float model on this benchmark's images."""
-    return bool(row.get("measured") and row.get("status") != "failed" and row.get("manifest_status") == "verified"
-                and row.get("accuracy_change") is not None and row["accuracy_change"] >= -max_drop
-                and (row.get("top1_agreement") or 0.0) >= MIN_AGREEMENT)
-
-
 def why_not_usable(row: dict[str, Any], max_drop: float) -> str | None:
-    """The first reason a measured row cannot be recommended, for the report."""
+    """The first reason a measured row cannot be recommended, for the report (None for a usable row, and
+    for a row that was not measured or failed: those are reported as such)."""
     if not row.get("measured") or row.get("status") == "failed":
         return None
     if row.get("manifest_status") != "verified":
@@ -45,9 +37,15 @@ def why_not_usable(row: dict[str, Any], max_drop: float) -> str | None:
         return "no accuracy measured"
     if row["accuracy_change"] < -max_drop:
         return f"accuracy drop {-row['accuracy_change']:.2f} points > {max_drop}"
-    if (row.get("top1_agreement") or 0.0) < MIN_AGREEMENT:
-        return f"top-1 agreement {100 * (row.get('top1_agreement') or 0):.2f}% < {100 * MIN_AGREEMENT:.1f}%"
+    if (row.get("top1_agreement") or 0.0) < MIN_TOP1_AGREEMENT:
+        return f"top-1 agreement {100 * (row.get('top1_agreement') or 0):.2f}% < {100 * MIN_TOP1_AGREEMENT:.1f}%"
     return None
+
+
+def usable(row: dict[str, Any], max_drop: float) -> bool:
+    """Verified on real images at export, measured here, within the allowed accuracy drop (percentage points)
+    and at or above the agreement target with the float model on this benchmark's images."""
+    return bool(row.get("measured") and row.get("status") != "failed" and why_not_usable(row, max_drop) is None)
 
 
 def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dict[str, Any]:
@@ -56,7 +54,7 @@ def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dic
     ok = [r for r in rows if r["name"] != baseline and usable(r, max_drop)]
     # '@x86' rows re-run a phone int8 file with a server engine: not what a phone would see
     mobile = [r for r in ok if r.get("runtime") in MOBILE_RUNTIMES and r.get("size_bytes") and "@" not in r["name"]]
-    out: dict[str, Any] = {"max_drop_points": max_drop, "min_top1_agreement": MIN_AGREEMENT, "phone": None,
+    out: dict[str, Any] = {"max_drop_points": max_drop, "min_top1_agreement": MIN_TOP1_AGREEMENT, "phone": None,
                            "server": None,
                            "excluded": {r["name"]: why for r in rows if r["name"] != baseline
                                         and (why := why_not_usable(r, max_drop))}}

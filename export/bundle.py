@@ -63,8 +63,8 @@ def _stage(bundle_dir: Path) -> Path:
 
 def pick_models(artifacts_dir: Path, ckpt: Checkpoint, include: Sequence[str] | None,
                 allow_unverified: bool = False) -> list[ArtifactEntry]:
-    """Model entries of *this* checkpoint verified on real images, with their files unaltered. `allow_unverified` (the SYNTHETIC demo only) also takes
-    'exported' entries, and the bundle says so."""
+    """Model entries of *this* checkpoint verified on real images, with their files unaltered.
+    `allow_unverified` (the SYNTHETIC demo only) also takes 'exported' entries, and the bundle says so."""
     accepted = ("verified", "exported") if allow_unverified else ("verified",)
     chosen = []
     for e in entries(artifacts_dir):
@@ -177,7 +177,8 @@ def evaluate_models(stage: Path, ckpt: Checkpoint, models: list[ArtifactEntry],
 def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
     d = e.details
     return {"name": e.name, "file": MODEL_FILES[e.name], "format": e.format, "precision": e.precision,
-            "runtime": e.runtime, "status": e.status, "status_reason": e.status_reason, "quantized_engine": e.engine if e.precision == "int8" else None,
+            "runtime": e.runtime, "status": e.status, "status_reason": e.status_reason,
+            "quantized_engine": e.engine if e.precision == "int8" else None,
             "recommended_runtime_engine": d.get("recommended_runtime_engine"),
             "bytecode_version": d.get("bytecode_version"), "conversion": d.get("conversion"),
             "optimize_for_mobile": d.get("optimize_for_mobile"), "operators": d.get("operators"),

@@ -223,15 +223,26 @@ def add_x86_isa_arg(p: argparse.ArgumentParser) -> None:
                         "CPUs with VNNI/AMX (full 8 bits), auto = this machine (default)")
 
 
-def check_out_dir(out: Path, flag: str = "--out") -> Path:
-    """A folder we can write into, made if missing; a file in its place is a user error, not a traceback."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+def refuse_file(out: Path, flag: str = "--out") -> None:
+    """An output folder whose place a file takes is a user error, found before any work or writing."""
+    if Path(out).exists() and not Path(out).is_dir():
         raise ExportError(f"{flag} {out} is a file; pass a folder (it is created if missing)")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> Path:
+    """A folder we can write into, made if missing; a file in its place, or no permission, is a user error,
+    not a traceback."""
+    import tempfile
+
+    out = Path(out)
+    refuse_file(out, flag)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as err:
-        raise ExportError(f"{flag} {out}: cannot create it ({err.strerror or err}); choose a writable folder") from err
+        raise ExportError(f"{flag} {out}: cannot write there ({err.strerror or err}); choose a writable "
+                          f"folder") from err
     return out
 
 
@@ -245,15 +256,35 @@ def training_data_of(ckpt: Checkpoint) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).exists() else None
 
 
-def split_samples(data: Path, ckpt: Checkpoint, calib_size: int, eval_size: int) -> tuple[list[Sample], list[Sample]]:
-    """(val subset that verifies, train subset that calibrates), one seed each, in the checkpoint's class order."""
-    from train.data import DataError, assign_splits, discover, seeded_subset
+def resolve_data(data: Path | None, ckpt: Checkpoint, static_int8: bool, what: str, alternatives: str) -> Path | None:
+    """--data, else the training data the checkpoint records (and say so); static int8 with neither stops
+    before anything is written."""
+    if data is None:
+        data = training_data_of(ckpt)
+        if data is not None:
+            log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
+        elif static_int8:
+            require_calibration(None, f"{what} from {ckpt.path}", alternatives)
+    return data
+
+
+def train_val(data: Path, ckpt: Checkpoint) -> tuple[list[Sample], list[Sample]]:
+    """(train split, val split, or test where there is no val) of --data, in the checkpoint's class order."""
+    from train.data import DataError, assign_splits, discover
 
     idx = discover(data, ckpt.spec.class_names)
     idx = idx if idx.has_split else assign_splits(idx)  # same seeded split `python -m train` makes by default
     train, val = idx.split("train"), idx.split("val") or idx.split("test")
     if not train or not val:
         raise DataError(f"--data {data}: needs train and val images (found {len(train)} train, {len(val)} val)")
+    return train, val
+
+
+def split_samples(train: Sequence[Sample], val: Sequence[Sample], calib_size: int,
+                  eval_size: int) -> tuple[list[Sample], list[Sample]]:
+    """(val subset that verifies, train subset that calibrates): one seed each, the same for every command."""
+    from train.data import seeded_subset
+
     return seeded_subset(val, eval_size, seed=1), seeded_subset(train, calib_size, seed=0)
 
 
@@ -269,19 +300,12 @@ def load_inputs(args: argparse.Namespace, static_int8: bool = False,
     for flag, value in (("--calib-size", args.calib_size), ("--eval-size", args.eval_size)):
         if value < 1:
             raise DataError(f"{flag} must be at least 1, got {value}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ExportError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    refuse_file(args.out)
     ckpt = load_checkpoint(args.checkpoint)
-    data = args.data
+    data = resolve_data(args.data, ckpt, static_int8, "static int8", alternatives)
     if data is None:
-        data = training_data_of(ckpt)
-        if data is not None:
-            log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
-    if data is None:
-        if static_int8:
-            require_calibration(None, f"static int8 from {ckpt.path}", alternatives)
         return ckpt, None, None
-    eval_samples, calib_samples = split_samples(Path(data), ckpt, args.calib_size, args.eval_size)
+    eval_samples, calib_samples = split_samples(*train_val(Path(data), ckpt), args.calib_size, args.eval_size)
     return ckpt, eval_samples, calib_samples
 
 

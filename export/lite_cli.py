@@ -32,29 +32,13 @@ def _resolve_checkpoint(checkpoint: str | None, runs_dir: Path) -> Path:
 def _data_splits(data: Path, ckpt: Checkpoint, calib_size: int, verify_size: int, eval_size: int | None):
     """(calibration: train split, verification subset, metrics set) from --data, in the checkpoint's class
     order; the verification subset is the one `python -m export` uses (export.common.split_samples)."""
-    from export.common import split_samples
-    from train.data import assign_splits, discover, seeded_subset
+    from export.common import split_samples, train_val
+    from train.data import seeded_subset
 
-    verify, calib = split_samples(data, ckpt, calib_size, verify_size)
-    idx = discover(data, ckpt.spec.class_names)
-    idx = idx if idx.has_split else assign_splits(idx)
-    val = idx.split("val") or idx.split("test")
+    train, val = train_val(data, ckpt)
+    verify, calib = split_samples(train, val, calib_size, verify_size)
     metrics = val if eval_size is None else seeded_subset(val, eval_size, seed=1)
     return calib, verify, metrics
-
-
-def _check_writable(folder: Path, flag: str) -> None:
-    import tempfile
-
-    if folder.exists() and not folder.is_dir():
-        raise LiteExportError(f"{flag} {folder} is a file; pass a folder (it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise LiteExportError(f"{flag} {folder}: cannot write there ({err.strerror or err}); choose a writable "
-                              f"folder") from err
 
 
 def run_lite(*, checkpoint: str | None, out: Path, artifacts: Path, int8: str, engine: str,
@@ -64,7 +48,7 @@ def run_lite(*, checkpoint: str | None, out: Path, artifacts: Path, int8: str, e
              model_version: str | None, x86_isa: str = "auto", runs_dir: Path = Path("runs")) -> int:
     """The whole command: export and prove the .ptl files, then write the bundle. Returns the exit code."""
     from export.bundle import _check_target, write_bundle
-    from export.common import print_entries, require_calibration, training_data_of
+    from export.common import check_out_dir, print_entries, resolve_data
     from train.data import images_origin
     from quantize.torch_ao import check_engine, resolve_x86_isa
     from train.checkpoint import load_checkpoint
@@ -78,13 +62,8 @@ def run_lite(*, checkpoint: str | None, out: Path, artifacts: Path, int8: str, e
                                            input_size=input_size) if (classes or input_size) else None
     ckpt = load_checkpoint(_resolve_checkpoint(checkpoint, runs_dir), spec)
     calib = verify = metrics = None
-    if data is None:
-        data = training_data_of(ckpt)
-        if data is not None:
-            log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
-        elif int8 == "static":
-            require_calibration(None, f"static int8 (model_int8.ptl) from {ckpt.path}",
-                                "pass --int8 dynamic or --int8 none")
+    data = resolve_data(data, ckpt, int8 == "static", "static int8 (model_int8.ptl)",
+                        "pass --int8 dynamic or --int8 none")
     if data is not None:
         calib, verify, metrics = _data_splits(data, ckpt, calib_size, verify_size, eval_size)
     if bundle and images_origin(verify) != "real":
@@ -93,7 +72,7 @@ def run_lite(*, checkpoint: str | None, out: Path, artifacts: Path, int8: str, e
                               "export")
     if bundle:
         _check_target(out, force)  # fail before minutes of export, not after
-    _check_writable(artifacts, "--artifacts")
+    check_out_dir(artifacts, "--artifacts")
     results = export_lite(ckpt, artifacts, eval_samples=verify, calib_samples=calib, int8=int8, engine=engine,
                           bytecode_version=bytecode_version, x86_isa=x86_isa)
     if torchscript:

@@ -90,9 +90,8 @@ def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, met
         if mode == "dynamic":
             info = onnx_rt.dynamic_int8_onnx(src, tmp)
         else:
-            target = resolve_x86_isa(x86_isa, "onnxruntime")
-            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method, reduce_range=target == "avx2")
-            info.update(calibration=calib[1], x86_isa=target, x86_isa_requested=x86_isa)
+            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method, x86_isa=x86_isa)
+            info["calibration"] = calib[1]
         info.pop("path", None)  # the temporary name; the entry records the final one
         return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME}
     return write

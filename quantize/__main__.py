@@ -61,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     legacy = LEGACY_REDUCE_RANGE.get(args.reduce_range, args.reduce_range)
     if args.x86_isa and legacy and args.x86_isa != legacy:
-        raise ReportError(f"--x86-isa {args.x86_isa} and --reduce-range {args.reduce_range} disagree; pass only --x86-isa")
+        raise ReportError(f"--x86-isa {args.x86_isa} and --reduce-range {args.reduce_range} disagree; "
+                          f"pass only --x86-isa")
     x86_isa = args.x86_isa or legacy or "auto"
     for flag, value, lo in (("--calib-size", args.calib_size, 1), ("--fallback-layers", args.fallback_layers, 0),
-                            ("--max-images", args.max_images if args.max_images is not None else 1, 1), ("--threads", args.threads, 1)):
+                            ("--max-images", args.max_images if args.max_images is not None else 1, 1),
+                            ("--threads", args.threads, 1)):
         if value < lo:
             raise ReportError(f"{flag} must be at least {lo}, got {value}")
     report = run_quantization_report(

@@ -116,9 +116,8 @@ def onnx_static_fallback(base: Variant, calib: np.ndarray, keep_float: Sequence[
     src = base.path.with_name("model.onnx")
     dst = base.path.with_name("model_int8_static_fallback.onnx")
     info = static_int8_onnx(src, dst, calib, method=base.settings.get("calibration_method", "MinMax"),
-                            per_channel=True, progress=progress, reduce_range=bool(base.settings.get("reduce_range")),
+                            per_channel=True, progress=progress, x86_isa=base.settings["x86_isa"],
                             nodes_to_exclude=keep_float)
-    info["x86_isa"] = base.settings.get("x86_isa")
     return _onnx_variant(base.name + "_fallback", dst, "int8", info, threads)
 
 
@@ -133,10 +132,8 @@ def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: 
     fp32, dyn, sta = (models_dir / n for n in ("model.onnx", "model_int8_dynamic.onnx", "model_int8_static.onnx"))
     export_info = write_onnx(ckpt.build_deploy_model(), ckpt.spec, fp32)
     dyn_info = dynamic_int8_onnx(fp32, dyn)
-    target = torch_ao.resolve_x86_isa(x86_isa, "onnxruntime")
     sta_info = static_int8_onnx(fp32, sta, calib, method=method, per_channel=True, progress=progress,
-                                reduce_range=target == "avx2")
-    sta_info["x86_isa"] = target
+                                x86_isa=x86_isa)
     out = []
     for name, path, prec, info in (("onnx_fp32", fp32, "fp32", {**export_info, **graph_summary(fp32)}),
                                    ("onnx_int8_dynamic", dyn, "int8", dyn_info),

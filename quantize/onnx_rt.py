@@ -168,7 +168,7 @@ def check_calibration_array(calib: np.ndarray, input_size: int | None = None) ->
 
 def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method: str = "MinMax",
                      per_channel: bool = True, batch_size: int = 8, progress: bool = False,
-                     activation_type: str = "QUInt8", reduce_range: bool = False,
+                     activation_type: str = "QUInt8", x86_isa: str = "vnni",
                      nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
     """ORT static int8 in QDQ format: int8 weights (per channel) and 8-bit activations whose ranges
     come from `calib`, float32 (N, 3, H, W) images in [0, 1] from the training split.
@@ -176,9 +176,10 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     Activations default to QUInt8 (U8S8): on x86 ONNX Runtime's fast int8 kernels are u8 x s8; with
     QInt8 activations the QDQ model ran slower than float here (101 vs 87 ms; U8S8: 35 ms). On CPUs
     without VNNI, U8S8 sums pairs of products in int16 and can saturate (7 of 819 val images flipped on
-    an AVX2 EPYC): `reduce_range=True` quantizes weights to 7 bits (-64..64), so 2 x 255 x 64 < 32768 and
-    the fast kernels stay exact on every x86-64 CPU. `nodes_to_exclude` keeps those nodes in float (the
-    accuracy-aware fallback)."""
+    an AVX2 EPYC): `x86_isa` 'avx2' (or 'auto' on such a CPU, see quantize.torch_ao.resolve_x86_isa)
+    quantizes weights to 7 bits (ORT's reduce_range, -64..64), so 2 x 255 x 64 < 32768 and the fast kernels
+    stay exact on every x86-64 CPU. `nodes_to_exclude` keeps those nodes in float (the accuracy-aware
+    fallback)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -187,6 +188,10 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
         raise OnnxQuantError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
     if activation_type not in ("QUInt8", "QInt8"):
         raise OnnxQuantError(f"activation_type must be 'QUInt8' or 'QInt8', got {activation_type!r}")
+    from quantize.torch_ao import resolve_x86_isa
+
+    target = resolve_x86_isa(x86_isa, "onnxruntime")
+    reduce_range = target == "avx2"
     src = _check_src(src)
     calib = check_calibration_array(calib)
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
@@ -209,7 +214,8 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
             reader.bar.close()
         summary = graph_summary(out)
     info = {"mode": "static", "format": "QDQ", "weight_type": "QInt8 (7-bit, reduce_range)" if reduce_range
-            else "QInt8", "reduce_range": reduce_range, "nodes_excluded": list(nodes_to_exclude),
+            else "QInt8", "reduce_range": reduce_range, "x86_isa": target, "x86_isa_requested": x86_isa,
+            "nodes_excluded": list(nodes_to_exclude),
             "activation_type": activation_type,
             "per_channel": per_channel, "calibration_method": method, "calibration_images": int(len(calib)),
             "preprocessed": pre_err is None, "preprocess_error": pre_err,
@@ -226,7 +232,7 @@ def weighted_nodes(path: str | Path) -> list[str]:
     return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in WEIGHTED_OPS]
 
 
-def node_sensitivity(src: str | Path, calib: np.ndarray, *, reduce_range: bool = False, sample_size: int = 32,
+def node_sensitivity(src: str | Path, calib: np.ndarray, *, x86_isa: str = "vnni", sample_size: int = 32,
                      progress: bool = False) -> list[dict[str, Any]]:
     """Rank the float graph's weighted nodes by the logit error that quantizing each one alone causes, on
     `sample_size` calibration (train) images: the ONNX Runtime side of the accuracy-aware fallback."""
@@ -244,7 +250,7 @@ def node_sensitivity(src: str | Path, calib: np.ndarray, *, reduce_range: bool =
         for node in tqdm(nodes, desc="node sensitivity (ONNX Runtime)", unit="node", disable=not progress, leave=False):
             dst = Path(tmp) / "one.onnx"
             others = [n for n in nodes if n != node]
-            static_int8_onnx(src, dst, x, reduce_range=reduce_range, nodes_to_exclude=others)
+            static_int8_onnx(src, dst, x, x86_isa=x86_isa, nodes_to_exclude=others)
             out = onnxruntime.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
             rows.append({"layer": node, "mean_abs_logit_error": float(np.abs(out - ref).mean()),
                          "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())})

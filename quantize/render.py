@@ -145,7 +145,8 @@ def _markdown(rep: dict[str, Any]) -> str:
         f"per class {dict(zip(d['class_names'], d['class_counts']))}",
         f"- calibration: {c['size']} images sampled (seed {c['seed']}) from the **train** split only; "
         f"ONNX Runtime method {c['onnx_method']}",
-        *[f"- {e}: activations {o['activation']}; weights {o['weight']}" for e, o in c.get("torch_observers", {}).items()],
+        *[f"- {e}: activations {o['activation']}; weights {o['weight']}"
+          for e, o in c.get("torch_observers", {}).items()],
         f"- x86 int8 target (--x86-isa {c.get('x86_isa_requested', 'auto')}): torch "
         f"{c.get('x86_isa', {}).get('torch')}, ONNX Runtime {c.get('x86_isa', {}).get('onnxruntime')} "
         f"(avx2 = saturation-free on every x86-64 CPU; vnni = exact only with VNNI/AMX)",

@@ -92,7 +92,7 @@ def _rank_layers(v: builders.Variant, ckpt, calib, *, sample, layers, progress, 
 
     if v.runtime == "onnxruntime":
         return node_sensitivity(v.path.with_name("model.onnx"), calib, sample_size=sample, progress=progress,
-                                reduce_range=bool(v.settings.get("reduce_range")))
+                                x86_isa=v.settings["x86_isa"])
     return layer_sensitivity(ckpt, calib, v.engine, sample_size=sample, layers=layers, progress=progress,
                              reduce_range=reduce_range)
 
@@ -252,7 +252,8 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                                         "that engine set, which re-packs its weights for that engine's "
                                         "kernels, as a server or app loading the file gets",
                    "all": latency},
-        "machine": cpu_description(), "torch_version": torch.__version__, "variants": results, "sensitivity": sens, "targets": TARGETS,
+        "machine": cpu_description(), "torch_version": torch.__version__, "variants": results, "sensitivity": sens,
+        "targets": TARGETS,
         "gate": {"max_drop_points": max_drop, "violations": violations, "passed": not violations},
     }
     if cam > 0:

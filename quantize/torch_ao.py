@@ -175,9 +175,10 @@ def resolve_x86_isa(choice: str = "auto", runtime: str = "torch") -> str:
     """'avx2' or 'vnni': the x86 CPUs an int8 server artifact must stay exact on.
 
     'avx2' makes int8 that cannot saturate on any x86-64 CPU (7-bit weights, in torch and ONNX Runtime),
-    at a small cost in precision; 'vnni' keeps full 8 bits and is only safe on CPUs with VNNI or AMX. 'auto' asks this machine: for torch, whether its int8 kernels saturate (so
-    FBGEMM_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA emulation counts); for ONNX Runtime, which ignores
-    those variables, whether the CPU has VNNI. The older spellings 'on' / 'off' mean avx2 / vnni.
+    at a small cost in precision; 'vnni' keeps full 8 bits and is only safe on CPUs with VNNI or AMX.
+    'auto' asks this machine: for torch, whether its int8 kernels saturate (so FBGEMM_ENABLE_INSTRUCTIONS /
+    ONEDNN_MAX_CPU_ISA emulation counts); for ONNX Runtime, which ignores those variables, whether the CPU
+    has VNNI. The older spellings 'on' / 'off' mean avx2 / vnni.
     """
     choice = LEGACY_REDUCE_RANGE.get(choice, choice)
     if choice not in X86_ISA_CHOICES:

@@ -107,7 +107,8 @@ def test_sensitivity_fallback_keeps_named_layers_float(report):
         attempts = run["attempts"]
         assert [len(t["keep_float"]) for t in attempts] == [2, 4][:len(attempts)]
         assert all(t["misses"] for t in attempts[:-1])
-        assert run["keep_float"] == attempts[-1]["keep_float"] == [r["layer"] for r in run["ranking"][:len(attempts[-1]["keep_float"])]]
+        kept = attempts[-1]["keep_float"]
+        assert run["keep_float"] == kept == [r["layer"] for r in run["ranking"][:len(kept)]]
         fb = rep["variants"][run["fallback"]]
         assert fb["settings"]["keep_float"] == run["keep_float"]
         assert sorted(fb["touched"]["float_weighted_modules"]) == sorted(f"net.{n}" for n in run["keep_float"])

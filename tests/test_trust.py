@@ -148,14 +148,18 @@ def test_saturation_probe_sees_an_avx2_cpu_emulated_on_this_one():
     """The probe asks the kernels: restricting FBGEMM and oneDNN to AVX2 must make them saturate, whatever
     CPU runs the test; unrestricted, they saturate exactly when the CPU lacks VNNI."""
     from quantize.torch_ao import int8_kernels_saturate
-    from train.cpu import has_vnni
+    from train.cpu import cpu_flags, has_vnni
 
     code = "from quantize.torch_ao import int8_kernels_saturate as s, resolve_x86_isa as r; print(s('x86'), r())"
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "avx2"], out.stderr[-2000:]
     restricted = any(os.environ.get(k) for k in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"))
-    if not restricted:
+    flags = cpu_flags()
+    if not restricted and ({"avx512_vnni", "amx_int8"} & flags or not has_vnni()):
+        # FBGEMM and oneDNN have int32-accumulating kernels for AVX-512 VNNI and AMX, and saturate without
+        # any VNNI; AVX-VNNI alone (256-bit, some desktop CPUs) is left out: which kernels run there is not
+        # documented, so only the emulated case above is asserted on such a CPU
         assert int8_kernels_saturate("x86") is (not has_vnni())
     assert int8_kernels_saturate("qnnpack") is False
 

@@ -21,6 +21,7 @@ ISA_RESTRICTIONS = ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MA
 X86_ISAS = ("avx2", "vnni")
 
 
+@functools.lru_cache(maxsize=4)
 def cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
     """The first processor block of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
