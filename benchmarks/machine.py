@@ -10,11 +10,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from export.registry import tools
 from train.cpu import cpu_description
 
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                      "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
-LIBRARIES = ("torch", "torchvision", "numpy", "onnx", "onnxruntime", "executorch", "coremltools", "torchao")
 RESNET18_GMACS_224 = 1.82  # multiply-adds per 224x224 image (torchvision's figure)
 
 
@@ -28,7 +28,7 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in tools():
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -1,5 +1,5 @@
-"""Scores for benchmark rows: accuracy, macro-F1, per-class recall, agreement with the float model, and
-the compressed size an app download would see."""
+"""Scores for benchmark rows (accuracy, macro-F1, per-class recall, agreement with the float model, all from
+train.metrics) and the compressed size an app download would see."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from train.metrics import compare_logits
 
 
 class _CountingSink(io.RawIOBase):
@@ -39,34 +41,32 @@ def compressed_size(path: Path, level: int = 6) -> int:
     return sink.n
 
 
-def classification_scores(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Accuracy, macro-F1 and recall per class (percent), from argmax predictions."""
-    from sklearn.metrics import f1_score, recall_score
+def classification_scores(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and recall per class in percent (the benchmark's tables are in points), from the
+    toolkit's one metrics module."""
+    from train.metrics import classification_metrics
 
-    pred = logits.argmax(1)
-    ids = list(range(num_classes))
-    return {"accuracy": float((pred == labels).mean() * 100),
-            "macro_f1": float(f1_score(labels, pred, labels=ids, average="macro", zero_division=0) * 100),
-            "recall": [float(r * 100) for r in recall_score(labels, pred, labels=ids, average=None,
-                                                             zero_division=0)]}
+    m = classification_metrics(labels, logits, class_names)
+    return {"accuracy": 100 * m["accuracy"], "macro_f1": 100 * m["macro_f1"],
+            "recall": [100 * m["per_class"][c]["recall"] for c in class_names]}
 
 
 def score_rows(rows: list[dict[str, Any]], logits: dict[str, np.ndarray], labels: np.ndarray,
                class_names: Sequence[str], baseline: str, class_error: str | None) -> None:
     """Fill accuracy and change-from-float columns in place (percentage points)."""
     ref = logits.get(baseline)
-    base = classification_scores(ref, labels, len(class_names)) if ref is not None and not class_error else None
+    base = classification_scores(ref, labels, class_names) if ref is not None and not class_error else None
     for row in rows:
         out = logits.get(row["name"])
         if out is None:
             continue
         if ref is not None:
-            row["top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).mean())
-            row["max_abs_logit_diff"] = float(np.abs(out.astype(np.float64) - ref).max())
+            cmp = compare_logits(ref, out)
+            row["top1_agreement"], row["max_abs_logit_diff"] = cmp["top1_agreement"], cmp["max_abs_logit_diff"]
         if class_error:
             row.update(status="failed", reason=class_error)
             continue
-        s = classification_scores(out, labels, len(class_names))
+        s = classification_scores(out, labels, class_names)
         row.update(accuracy=s["accuracy"], macro_f1=s["macro_f1"],
                    recall={c: r for c, r in zip(class_names, s["recall"])})
         if base is not None:

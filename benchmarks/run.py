@@ -23,6 +23,8 @@ import numpy as np
 
 from benchmarks.metrics import compressed_size, score_rows
 from export.manifest import ArtifactEntry, ManifestError, entries, manifest_path, verify_file
+from export.registry import variants
+from export.runners import RUNNERS
 from train.atomic import size_bytes
 from train.checkpoint import Checkpoint, load_checkpoint
 from train.errors import ToolkitError
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "pytorch_fp32"
-SERVED_FORMATS = ("torchserve", "mar")
-LOOPED_RUNTIMES = ("executorch", "coreml")  # exported with a fixed batch of 1
-# ExecuTorch's thread pool cannot be resized safely once used: 1 thread and all cores in separate workers
-SPLIT_PHASES = {"executorch": ("1t", "many")}
 
 
 class BenchmarkError(ToolkitError, ValueError):
@@ -82,7 +80,9 @@ def _row(name: str, **fields: Any) -> dict[str, Any]:
 
 def entry_rows(artifacts_dir: Path, entry: ArtifactEntry, ckpt: Checkpoint) -> list[dict[str, Any]]:
     """The row(s) one manifest entry becomes; rows with a `job` are measured in a worker."""
+    known = variants().get(entry.name)
     row = _row(entry.name, format=entry.format, precision=entry.precision, runtime=entry.runtime,
+               batch=known.batch if known else "dynamic",
                engine=entry.engine, status=entry.status, manifest_status=entry.status,
                manifest_verification=entry.verification)
     if entry.status == "failed":
@@ -94,12 +94,14 @@ def entry_rows(artifacts_dir: Path, entry: ArtifactEntry, ckpt: Checkpoint) -> l
     row.update(path=str(path), size_bytes=size_bytes(path))
     if entry.source_checkpoint_sha256 and ckpt.sha256 and entry.source_checkpoint_sha256 != ckpt.sha256:
         row["note"] = "exported from a different checkpoint than --checkpoint"
-    if entry.format in SERVED_FORMATS or entry.runtime in SERVED_FORMATS or path.suffix == ".mar":
-        return [{**row, "note": "served artifact, not benchmarked here: see the TorchServe load test"}]
-    if entry.runtime == "coreml" and platform.system() != "Darwin":
+    if entry.runtime not in RUNNERS:
+        return [{**row, "note": f"no in-process runner for {entry.runtime} (a served artifact: see the TorchServe "
+                                f"load test, benchmarks.serve_load)"}]
+    unavailable = RUNNERS[entry.runtime].unavailable_reason()
+    if unavailable:
         v = entry.verification or {}
-        return [{**row, "note": f"not executed (CoreML needs macOS); figures from the export check: "
-                 f"{v.get('method', 'weight reconstruction')}", "top1_agreement_manifest": v.get("top1_agreement")}]
+        return [{**row, "note": f"not executed: {unavailable.split(';')[0]}; figures from the export check: "
+                 f"{v.get('method', '-')}", "top1_agreement_manifest": v.get("top1_agreement")}]
     rows = [{**row, "job": {"runtime": entry.runtime, "path": str(path), "engine": entry.engine}}]
     if entry.runtime == "pytorch-lite" and entry.engine == "qnnpack" and platform.machine() in ("x86_64", "AMD64"):
         rows.append({**row, "name": f"{entry.name}@x86", "engine": "x86",
@@ -159,7 +161,8 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
         log.info("measuring %s in %s (%s)", row["name"], base["runtime"], base.get("engine") or "default")
         t0 = time.perf_counter()
         res: dict[str, Any] = {"ok": True}
-        for phase in SPLIT_PHASES.get(base["runtime"], ("all",)):  # a worker per phase where needed
+        phases = ("1t", "many") if RUNNERS[base["runtime"]].split_thread_phases else ("all",)
+        for phase in phases:  # a worker per phase where the runtime needs it
             part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase}, work, settings["timeout"])
             # the first phase's cold load time and memory stay; later phases add their own figures
             res = {**part, **{k: v for k, v in res.items() if k != "ok"}, "ok": res["ok"] and bool(part.get("ok"))}
@@ -172,8 +175,8 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
             continue
         res.pop("ok", None)
         row.update({k: v for k, v in res.items() if k not in ("traceback", "pid")})
-        row["throughput_mode"] = ("looped batch 1" if row["runtime"] in LOOPED_RUNTIMES
-                                  else f"batch {res['throughput_batch']}")
+        fixed = row["batch"] if row.get("batch", "dynamic") != "dynamic" else None
+        row["throughput_mode"] = f"looped batch {fixed}" if fixed else f"batch {res['throughput_batch']}"
         logits[row["name"]] = np.load(base["logits_out"])
     return logits
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.machine import resnet18_gflop
+from export.registry import format_of, variants
 from quantize.targets import MIN_TOP1_AGREEMENT
 
-MOBILE_RUNTIMES = ("pytorch-lite", "executorch", "onnxruntime", "coreml")
-FLOAT_PRECISIONS = ("fp32", "float32", "fp16", "float16", "float")
+MOBILE_RUNTIMES = tuple(dict.fromkeys(v.runtime for v in variants().values() if format_of(v.name).mobile))
+FLOAT_PRECISIONS = ("fp32", "fp16")
 INT8_TARGET = 0.35
 
 
@@ -19,11 +20,11 @@ def p50(row: dict[str, Any], key: str = "latency_1t") -> float | None:
 
 
 def is_int8(row: dict[str, Any]) -> bool:
-    return "int8" in f"{row.get('precision')} {row['name']}".lower()
+    return row.get("precision") == "int8"
 
 
 def is_float(row: dict[str, Any]) -> bool:
-    return str(row.get("precision") or "").lower() in FLOAT_PRECISIONS and not is_int8(row)
+    return row.get("precision") in FLOAT_PRECISIONS
 
 
 def why_not_usable(row: dict[str, Any], max_drop: float) -> str | None:

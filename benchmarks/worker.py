@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-TORCH_RUNTIMES = ("torch-eager", "torchscript", "pytorch-lite")
-
+from benchmarks.timing import time_batch1
 
 def rss_mb() -> float:
     import psutil
@@ -39,40 +38,6 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def percentiles(times_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(times_s) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-            "runs": len(times_s)}
-
-
-def time_batch1(runner, images: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
-    """Latency at batch 1, cycling through the images so no single input is cached."""
-    n = images.shape[0]
-    for i in range(warmup):
-        runner.run(images[i % n:i % n + 1])
-    times = []
-    for i in range(runs):
-        x = images[i % n:i % n + 1]
-        t0 = time.perf_counter()
-        runner.run(x)
-        times.append(time.perf_counter() - t0)
-    return percentiles(times)
-
-
-def set_threads(runner, runtime: str, threads: int, path: str, engine: str | None):
-    """Switch a loaded runner to `threads`; returns the runner to use (ONNX Runtime needs a new session)."""
-    from export.runners import get_runner
-
-    if runtime in TORCH_RUNTIMES:
-        import torch
-
-        torch.set_num_threads(threads)
-        runner.threads = threads
-        return runner
-    return get_runner(runtime, threads=threads, engine=engine).load(path)
 
 
 def evaluate(runner, images: np.ndarray, batch: int, min_images: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -121,7 +86,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Every figure for one artifact, in the order a user meets them: load, first answer, steady state.
     job['phase'] is 'all' (default), '1t' (load to 1-thread latency) or 'many' (all-cores part only)."""
     images = np.load(job["images"]).astype(np.float32, copy=False)
-    runtime, path, engine, phase = job["runtime"], job["path"], job.get("engine"), job.get("phase", "all")
+    path, phase = job["path"], job.get("phase", "all")
     n_all = int(job["threads_all"])
     runner, res = _load(job, 1 if phase != "many" else n_all)
     if phase != "many":
@@ -139,7 +104,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         if phase == "1t":
             return res
         t0 = time.perf_counter()
-        runner = set_threads(runner, runtime, n_all, path, engine)
+        runner = runner.with_threads(n_all, path)
         res["load_all_threads_s"] = time.perf_counter() - t0
     res["threads_all"] = runner.threads
     res["latency_all"] = time_batch1(runner, images, job["runs"], job["warmup"])

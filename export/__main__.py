@@ -8,8 +8,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from export.common import add_common_args, add_x86_isa_arg, run_cli
-from export.formats import FORMATS, export_all
+from export.cli import add_common_args, add_x86_isa_arg, run_cli
+from export.pipeline import export_all, format_options
+from export.registry import FORMATS, INT8_CHOICES, get_format
 from train.errors import cli_errors
 
 
@@ -26,26 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-INT8_CHOICES = ("static", "dynamic", "none")
-# what each --int8 choice asks of the formats that have int8 variants
-INT8_OPTIONS = {
-    "static": {"onnx": {"int8": ("dynamic", "static")}, "executorch": {"variants": ("fp32", "int8")},
-               "lite": {"int8": "static"}},
-    "dynamic": {"onnx": {"int8": ("dynamic",)}, "executorch": {"variants": ("fp32",)}, "lite": {"int8": "dynamic"}},
-    "none": {"onnx": {"int8": ()}, "executorch": {"variants": ("fp32",)}, "lite": {"int8": "none"}},
-}
-STATIC_FORMATS = ("onnx", "executorch", "lite")
+def _formats(value: str) -> list[str]:
+    names = list(FORMATS) if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        get_format(name)  # names the flag and lists the registered formats
+    return names
 
 
-def _formats(value: str) -> list[str] | None:
-    return None if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _options(args: argparse.Namespace, only: list[str] | None) -> dict:
-    per_format = {name: {**opts, **({"x86_isa": args.x86_isa} if name in ("onnx", "lite") else {})}
-                  for name, opts in INT8_OPTIONS[args.int8].items()}
-    return {"only": only, "options": per_format,
-            "static": args.int8 == "static" and any(f in (only or FORMATS) for f in STATIC_FORMATS)}
+def _options(args: argparse.Namespace) -> dict:
+    names = _formats(args.formats)
+    return {"only": names, "options": format_options(names, args.int8, x86_isa=args.x86_isa),
+            "static": any(FORMATS[n].calibrates(args.int8) for n in names)}
 
 
 def _export(ckpt, out, *, eval_samples, calib_samples, only, options, static):
@@ -54,15 +46,7 @@ def _export(ckpt, out, *, eval_samples, calib_samples, only, options, static):
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    only = _formats(args.formats)
-    unknown = [f for f in only or [] if f not in FORMATS]
-    if unknown:
-        print(f"error: --formats {','.join(unknown)}: unknown; choose from {', '.join(FORMATS)} or 'all'",
-              file=sys.stderr)
-        return 2
-    return run_cli(parser, _export, argv, lambda a: _options(a, only), static_int8=lambda o: o["static"],
+    return run_cli(build_parser(), _export, argv, _options, static_int8=lambda o: o["static"],
                    alternatives="pass --int8 dynamic or --int8 none")
 
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.common import ExportError, add_common_args, eval_inputs, failed_entry, reference_logits, run_cli, \
-    tool_versions, write_proven
-from export.manifest import ArtifactEntry, record
+from export.cli import add_common_args, run_cli
+from export.common import ExportError, eval_inputs, record_failed, reference_logits, tool_versions, write_proven
+from export.manifest import ArtifactEntry
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.errors import cli_errors
@@ -38,14 +38,11 @@ from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-VARIANTS = {  # variant -> (entry name, file, precision, compression settings)
-    "fp16": ("coreml_fp16", "model_fp16.mlpackage", "fp16", {"weights": "float16"}),
-    "w8": ("coreml_w8", "model_w8.mlpackage", "w8", {"weights": "int8 linear_symmetric per_channel",
-                                                    "api": "linear_quantize_weights", "weight_threshold": 2048}),
-    "palette6": ("coreml_palette6", "model_palette6.mlpackage", "palette6",
-                 {"weights": "6-bit LUT (k-means, per tensor)", "api": "palettize_weights", "weight_threshold": 2048}),
-    "palette4": ("coreml_palette4", "model_palette4.mlpackage", "palette4",
-                 {"weights": "4-bit LUT (k-means, per tensor)", "api": "palettize_weights", "weight_threshold": 2048}),
+VARIANTS = {  # --variants value -> compression settings; the registry entry is coreml_<variant>
+    "fp16": {"weights": "float16"},
+    "w8": {"weights": "int8 linear_symmetric per_channel", "api": "linear_quantize_weights", "weight_threshold": 2048},
+    "palette6": {"weights": "6-bit LUT (k-means, per tensor)", "api": "palettize_weights", "weight_threshold": 2048},
+    "palette4": {"weights": "4-bit LUT (k-means, per tensor)", "api": "palettize_weights", "weight_threshold": 2048},
 }
 INPUT_NAME, LOGITS_NAME, PROBS_NAME, LABEL_NAME = "image", "logits", "probabilities", "classLabel"
 PIL_L_WEIGHTS = (0.299, 0.587, 0.114)  # PIL Image.convert('L'), the gray step of train.spec.load_unit_image
@@ -150,7 +147,7 @@ def _set_metadata(model: Any, ckpt: Checkpoint, variant: str, version: str) -> N
             "preprocessing_description": spec.describe(),
             "in_model_preprocessing": f"x/255 -> gray (weights {list(PIL_L_WEIGHTS)}) -> 3 channels -> "
                                       f"(x - mean) / std", "variant": variant,
-            "compression": json.dumps(VARIANTS[variant][3]), "source_checkpoint_sha256": str(ckpt.sha256),
+            "compression": json.dumps(VARIANTS[variant]), "source_checkpoint_sha256": str(ckpt.sha256),
             "outputs": f"{LABEL_NAME}, {LABEL_NAME}_probs, {LOGITS_NAME}"}
     for k, v in meta.items():
         model.user_defined_metadata[k] = v
@@ -174,12 +171,8 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
     try:
         import coremltools as ct
     except ImportError as err:
-        rows = [failed_entry(ckpt, name=VARIANTS[v][0], fmt="coreml", precision=VARIANTS[v][2], runtime="coreml",
-                             error=f"coremltools is not installed ({err}); pip install coremltools")
-                for v in variants]
-        for row in rows:
-            record(out_dir, row)
-        return rows
+        return [record_failed(ckpt, out_dir, f"coreml_{v}", f"coremltools is not installed ({err}); pip install "
+                              f"coremltools") for v in variants]
     from export.coreml_verify import verify_package
 
     inputs = eval_inputs(ckpt, eval_samples)
@@ -191,7 +184,7 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
     state: dict[str, Any] = {}
     rows = []
     for variant in variants:
-        name, file, precision, settings = VARIANTS[variant]
+        settings = VARIANTS[variant]
 
         def write(tmp: Path, variant: str = variant) -> dict[str, Any]:
             if "base" not in state:  # converted once, compressed per variant
@@ -206,8 +199,7 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
                    "input_size": ckpt.spec.input_size, "outputs": [LABEL_NAME, LABEL_NAME + "_probs", LOGITS_NAME],
                    "classes": list(ckpt.spec.class_names), "conversion": "torch.jit.trace -> ct.convert (mlprogram)",
                    "batchnorm": "folded into conv before conversion", "spec": ckpt.spec.to_dict()}
-        rows.append(write_proven(ckpt, out_dir, name=name, file=file, fmt="coreml", precision=precision,
-                                 runtime="coreml", engine="mlprogram", details=details, write=write,
+        rows.append(write_proven(ckpt, out_dir, f"coreml_{variant}", details=details, write=write,
                                  prove=lambda p, v=variant: verify_package(p, graph, ckpt.spec, v, x, ref, inputs,
                                                                            labels)))
     return rows

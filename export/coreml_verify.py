@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from export.common import ExportError, InputSet, checked_on
+from train.metrics import compare_logits
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,6 @@ def reconstruct(prog: Any, graph: Any) -> tuple[dict[str, tuple[np.ndarray, np.n
 def drift(graph: Any, rebuilt: dict, x: np.ndarray, ref: np.ndarray, labels: np.ndarray | None,
           batch: int = 16) -> dict[str, Any]:
     """The PyTorch graph with the rebuilt weights, run entirely in float16, against the float32 model."""
-    from export.runners import compare_logits
 
     g = copy.deepcopy(graph).eval()
     mods = dict(g.model.named_modules())
@@ -188,7 +188,7 @@ def verify_package(path: Path, graph: Any, spec: PreprocessSpec, variant: str, x
 
 
 def _predict_on_mac(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
-    from export.runners import compare_logits, get_runner
+    from export.runners import get_runner
 
     try:
         out = get_runner("coreml").load(path).run(x)

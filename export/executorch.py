@@ -20,26 +20,22 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from export.common import (FLOAT_ATOL, ExportError, add_common_args, calib_inputs, eval_inputs, failed_entry,
-                           float_proof, int8_proof, reference_logits, require_calibration, run_cli, write_proven)
-from export.manifest import ArtifactEntry, record
+from export.cli import add_common_args, run_cli
+from export.common import (FLOAT_ATOL, ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed,
+                           reference_logits, require_calibration, write_proven)
+from export.manifest import ArtifactEntry
+from quantize.pt2e import XNNPACK_INT8_SCHEME, quantize_pt2e_xnnpack
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
 
-DELEGATE = "XnnpackBackend"
 ALTERNATIVES = "pass --variants fp32"
-
-VARIANTS = {"fp32": ("executorch_fp32", "model.pte", "fp32"), "int8": ("executorch_int8", "model_int8.pte", "int8")}
-INT8_SCHEME = {"quantizer": "executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer",
-               "config": "get_symmetric_quantization_config(is_per_channel=True)", "flow": "torchao PT2E",
-               "weights": "int8 symmetric per channel", "activations": "int8 static (calibrated)"}
+VARIANTS = {"fp32": "executorch_fp32", "int8": "executorch_int8"}  # --variants value -> registry entry
 
 
 def _example(spec: Any) -> tuple[torch.Tensor, ...]:
@@ -60,35 +56,6 @@ def lower_to_pte(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[b
         left = sorted({str(n.target) for n in graph.nodes if n.op == "call_function"
                        and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})
         return edge.to_executorch().buffer, {"xnnpack_delegate_calls": delegated, "ops_outside_delegate": left}
-
-
-def quantize_pt2e(model: nn.Module, example: tuple[torch.Tensor, ...], calib: np.ndarray,
-                  batch_size: int = 16) -> nn.Module:
-    """PT2E int8 for XNNPACK: observers from the XNNPACK quantizer (histogram observers for activations),
-    calibrated in batches on a dynamic-batch graph (one image per call is several times slower); the
-    converted model is exported again at batch 1 for the .pte."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    two = (example[0].expand(2, *example[0].shape[1:]).contiguous(),)
-    chunks = np.array_split(calib, max(1, -(-len(calib) // batch_size)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = torch.export.export(model.eval(), two, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-        prepared = prepare_pt2e(graph, quantizer)
-        with torch.no_grad():
-            for chunk in chunks:  # a batch of 1 would fall outside the exported batch range: repeat it
-                chunk = np.concatenate([chunk, chunk]) if len(chunk) == 1 else chunk
-                prepared(torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)))
-        return convert_pt2e(prepared)
-
-
-def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    from export.runners import get_runner
-
-    return get_runner("executorch").load(path).run(x)
 
 
 def _writer(model_fn, example: tuple[torch.Tensor, ...]):
@@ -112,12 +79,8 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
     try:
         import executorch.exir  # noqa: F401  (the lowering needs it; the runtime is checked by the runner)
     except ImportError as err:
-        rows = [failed_entry(ckpt, name=VARIANTS[v][0], fmt="executorch", precision=VARIANTS[v][2],
-                             runtime="executorch", error=f"executorch is not installed ({err}); pip install executorch")
-                for v in variants]
-        for row in rows:
-            record(out_dir, row)
-        return rows
+        return [record_failed(ckpt, out_dir, VARIANTS[v], f"executorch is not installed ({err}); pip install "
+                              f"executorch") for v in variants]
     inputs = eval_inputs(ckpt, eval_samples)
     x = inputs.x
     ref = reference_logits(ckpt, x)
@@ -128,21 +91,18 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
             "spec": ckpt.spec.to_dict()}
     rows = []
     if "fp32" in variants:
-        note = ("XNNPACK's float kernels reorder sums; the default 1e-4 holds in practice"
+        note = ("XNNPACK's float kernels reorder sums; the default FLOAT_ATOL holds in practice"
                 if tolerance == FLOAT_ATOL else f"tolerance raised to {tolerance} by the caller")
-        rows.append(write_proven(ckpt, out_dir, name="executorch_fp32", file="model.pte", fmt="executorch",
-                                 precision="fp32", runtime="executorch", engine=DELEGATE, details=base,
+        rows.append(write_proven(ckpt, out_dir, "executorch_fp32", details=base,
                                  write=_writer(ckpt.build_deploy_model, example),
-                                 prove=lambda p: float_proof(_run(p, x), ref, "executorch", inputs, tolerance, note,
-                                                             engine=DELEGATE)))
+                                 prove=prove_in_runtime("executorch_fp32", ref, inputs, tol=tolerance, note=note)))
     if "int8" in variants:
         calib, calib_note = calib_inputs(ckpt, calib_samples)
-        details = {**base, "quantization": {**INT8_SCHEME, "calibration": calib_note}}
-        rows.append(write_proven(ckpt, out_dir, name="executorch_int8", file="model_int8.pte", fmt="executorch",
-                                 precision="int8", runtime="executorch", engine=DELEGATE, details=details,
-                                 write=_writer(lambda: quantize_pt2e(ckpt.build_deploy_model(), example, calib),
-                                               example),
-                                 prove=lambda p: int8_proof(_run(p, x), ref, "executorch", inputs, engine=DELEGATE)))
+        details = {**base, "quantization": {**XNNPACK_INT8_SCHEME, "calibration": calib_note}}
+        rows.append(write_proven(ckpt, out_dir, "executorch_int8", details=details,
+                                 write=_writer(lambda: quantize_pt2e_xnnpack(ckpt.build_deploy_model(), example,
+                                                                             calib), example),
+                                 prove=prove_in_runtime("executorch_int8", ref, inputs)))
     return rows
 
 

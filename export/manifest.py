@@ -96,6 +96,27 @@ def record(out_dir: str | Path, entry: ArtifactEntry) -> Path:
     return write_json(manifest_path(out_dir), data)
 
 
+def record_source(out_dir: str | Path, source: dict[str, Any]) -> Path:
+    """What the entries were exported from and checked on (checkpoint, spec, data, the verification images),
+    so the Flutter bundle and the benchmark can be built from this file alone."""
+    data = read_manifest(out_dir)
+    data["manifest_version"] = MANIFEST_VERSION
+    data["source"] = source
+    return write_json(manifest_path(out_dir), data)
+
+
+def read_source(out_dir: str | Path) -> dict[str, Any]:
+    """The manifest's source block; a manifest written before it existed says how to get one."""
+    if not manifest_path(out_dir).is_file():
+        raise ManifestError(f"no artifacts.json in {out_dir}; export first (python -m export, or python -m "
+                            f"export.lite --no-bundle) or point --artifacts at the export folder")
+    source = read_manifest(out_dir).get("source")
+    if not isinstance(source, dict):
+        raise ManifestError(f"{manifest_path(out_dir)} records no source (checkpoint, spec, verification images); "
+                            f"export again with this version of the toolkit")
+    return source
+
+
 def verify_file(out_dir: str | Path, entry: ArtifactEntry) -> Path:
     """The artifact's absolute path, after checking it exists and its sha256 matches the manifest."""
     if entry.path is None:

@@ -26,35 +26,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import remove_path, status_for, tool_versions
-from export.manifest import ArtifactEntry, describe_file, record
-from export.runners import compare_logits
-from train.atomic import atomic_path, write_json, write_text
+from export.common import write_proven
+from export.manifest import ArtifactEntry, record
+from export.registry import variant
+from train.atomic import write_json, write_text
 from train import spec as spec_module
 from train.checkpoint import Checkpoint
 from train.cpu import cpu_description
 from train.data import Sample, images_origin
 from train.errors import cli_errors
+from train.metrics import compare_logits
 
 log = logging.getLogger(__name__)
 
 ENTRY_NAME = "torchserve_mar"
-MODEL_NAME = "cxr_resnet18"
-MAR_FILE = f"{MODEL_NAME}.mar"
+MAR_FILE = variant(ENTRY_NAME).file
+MODEL_NAME = MAR_FILE.removesuffix(".mar")  # torch-model-archiver names the file after the model
 HANDLER_SRC = Path(__file__).with_name("torchserve_handler.py")
 SPEC_SRC = Path(spec_module.__file__)  # shipped byte for byte as cxr_spec.py
 PROB_TOLERANCE = 1e-4
-TOOLS = ("torch", "pillow", "torch-model-archiver", "torchserve")
 
 
 def script_model(ckpt: Checkpoint) -> tuple[torch.jit.ScriptModule, str]:
-    """TorchScript of the DeployModel; export.lite's helper when present (one scripting path)."""
+    """TorchScript of the DeployModel, through the one scripting path (export.torchscript)."""
     model = ckpt.build_deploy_model()
     example = torch.rand(ckpt.spec.input_shape)
-    try:
-        from export.lite import script_or_trace
-    except ImportError:
-        return torch.jit.script(model), "script"
+    from export.torchscript import script_or_trace
+
     return script_or_trace(model, example)
 
 
@@ -179,36 +177,32 @@ def export_mar(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / MAR_FILE
-    entry = ArtifactEntry(name=ENTRY_NAME, format="torchserve-mar", precision="fp32", runtime="torchserve",
-                          path=None, status="failed", source_checkpoint_sha256=ckpt.sha256,
-                          tool_versions=tool_versions(TOOLS))
-    try:
+    payloads, inputs = sample_payloads(ckpt, eval_samples)
+    details: dict[str, Any] = {}
+
+    def write(part: Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=".mar-build-", dir=out_dir) as tmp:
             staging = Path(tmp)
-            entry.details = stage_files(ckpt, staging, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                                        workers=workers, threads=threads)
-            built = run_archiver(staging, staging / "export", version)
-            figures = verify_archive(built, ckpt, *sample_payloads(ckpt, eval_samples))
-            figures.update(inputs_origin=images_origin(eval_samples) if eval_samples else "generated",
-                           runtime="torchserve handler", engine=None, machine=cpu_description())
-            if not figures["max_prob_diff"] <= PROB_TOLERANCE:
-                raise RuntimeError(f"the archived handler's probabilities differ from the float model by "
-                                   f"{figures['max_prob_diff']:.2e} > {PROB_TOLERANCE}")
-            with atomic_path(dest) as part:
-                shutil.move(str(built), part)
+            details.update(stage_files(ckpt, staging, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                                       workers=workers, threads=threads))
+            shutil.move(str(run_archiver(staging, staging / "export", version)), part)
+        return details
+
+    def prove(part: Path) -> dict[str, Any]:
+        figures = verify_archive(part, ckpt, payloads, inputs)
+        figures.update(inputs_origin=images_origin(eval_samples) if eval_samples else "generated",
+                       runtime="torchserve handler", engine=None, machine=cpu_description())
+        if not figures["max_prob_diff"] <= PROB_TOLERANCE:
+            raise RuntimeError(f"the archived handler's probabilities differ from the float model by "
+                               f"{figures['max_prob_diff']:.2e} > {PROB_TOLERANCE}")
+        return figures
+
+    entry = write_proven(ckpt, out_dir, ENTRY_NAME, write=write, prove=prove)
+    if entry.status != "failed":
         config = write_serve_config(serve_config or out_dir / "config.properties", model_store=out_dir,
                                     ports=ports, enable_model_api=enable_model_api, load_models=MAR_FILE)
         entry.details.update(serve_config=str(config), model_name=MODEL_NAME, model_version=version)
-        entry.verification = figures
-        entry.__dict__.update(describe_file(out_dir, dest))
-        entry.status, entry.status_reason = status_for(figures)
-    except Exception as err:  # a failed format is a manifest row, not a crash
-        log.exception("TorchServe archive failed")
-        remove_path(dest)  # a stale archive from an earlier run must not pass for this one
-        entry.status, entry.path, entry.sha256, entry.size_bytes = "failed", None, None, None
-        entry.error = f"{type(err).__name__}: {err}"
-    record(out_dir, entry)
+        record(out_dir, entry)
     return [entry]
 
 
@@ -227,7 +221,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
-    from export.common import add_common_args, run_cli
+    from export.cli import add_common_args, run_cli
 
     p = argparse.ArgumentParser(prog="python -m export.mar", description=__doc__.split("\n\n")[0])
     add_common_args(p)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.common import (FLOAT_ATOL, ExportError, InputSet, add_common_args, add_x86_isa_arg, calib_inputs,
-                           eval_inputs, failed_entry, float_proof, int8_proof, reference_logits, remove_path,
-                           require_calibration, run_cli, write_proven)
-from export.manifest import ArtifactEntry, record
+from export.cli import add_common_args, add_x86_isa_arg, run_cli
+from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs, eval_inputs, prove_in_runtime,
+                           record_failed, reference_logits, require_calibration, run_artifact, write_proven)
+from export.manifest import ArtifactEntry
+from export.registry import variant
 from quantize.torch_ao import resolve_x86_isa
 from train.atomic import atomic_path
 from train.checkpoint import Checkpoint
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 OPSET = 18
 INPUT_NAME = "image"    # float32 (batch, 3, H, W) RGB in [0, 1]
 OUTPUT_NAME = "logits"  # float32 (batch, classes), in the checkpoint's class order
-PROVIDER = "CPUExecutionProvider"
 
 
 def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: int = OPSET) -> dict[str, Any]:
@@ -57,24 +57,17 @@ def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: 
             "onnx_version": onnx.__version__}
 
 
-FILES = {"onnx_fp32": "model.onnx", "onnx_int8_dynamic": "model_int8_dynamic.onnx",
-         "onnx_int8_static": "model_int8_static.onnx"}
 INT8_MODES = ("dynamic", "static")
-
-
-def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    from export.runners import get_runner
-
-    return get_runner("onnxruntime").load(path).run(x)
 
 
 def _prove_fp32(ref: np.ndarray, inputs: InputSet):
     """Logits within FLOAT_ATOL on the whole batch, and a batch of 1 gives the same (dynamic batch)."""
     x = inputs.x
+    prove_batch = prove_in_runtime("onnx_fp32", ref, inputs)
 
     def prove(path: Path) -> dict[str, Any]:
-        verification = float_proof(_run(path, x), ref, "onnxruntime", inputs, engine=PROVIDER)
-        single = _run(path, x[:1])
+        verification = prove_batch(path)
+        single = run_artifact("onnx_fp32", path, x[:1])
         if not np.abs(single - ref[:1]).max() <= FLOAT_ATOL:
             raise ExportError(f"{path.name}: batch 1 gives different logits than batch {len(x)} "
                               f"(dynamic batch dimension broken)")
@@ -117,27 +110,23 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
     base = {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "input_shape": ["batch", 3,
             ckpt.spec.input_size, ckpt.spec.input_size], "input_range": [0.0, 1.0],
             "normalization_in_graph": True, "external_data": False, "spec": ckpt.spec.to_dict()}
-    rows = [write_proven(ckpt, out_dir, name="onnx_fp32", file=FILES["onnx_fp32"], fmt="onnx", precision="fp32",
-                         runtime="onnxruntime", engine=PROVIDER, details=base,
+    rows = [write_proven(ckpt, out_dir, "onnx_fp32", details=base,
                          write=lambda tmp: write_onnx(ckpt.build_deploy_model(), ckpt.spec, tmp, opset),
                          prove=_prove_fp32(ref, inputs))]
-    src = out_dir / FILES["onnx_fp32"]
+    src = out_dir / variant("onnx_fp32").file
     calib = calib_inputs(ckpt, calib_samples) if "static" in int8 and rows[0].status != "failed" else None
     for mode in INT8_MODES:
         if mode not in int8:
             continue
         name = f"onnx_int8_{mode}"
         details = {**base, "int8_mode": mode, "calibration_method": calib_method if mode == "static" else None}
-        if rows[0].status == "failed":
-            remove_path(out_dir / FILES[name])  # an int8 file from an earlier run must not outlive its source
-            rows.append(failed_entry(ckpt, name=name, fmt="onnx", precision="int8", runtime="onnxruntime",
-                                     error="not attempted: the float model.onnx (onnx_fp32) failed", details=details))
-            record(out_dir, rows[-1])
+        if rows[0].status == "failed":  # an int8 file from an earlier run must not outlive its source
+            rows.append(record_failed(ckpt, out_dir, name, "not attempted: the float model.onnx (onnx_fp32) failed",
+                                      details=details))
             continue
-        rows.append(write_proven(
-            ckpt, out_dir, name=name, file=FILES[name], fmt="onnx", precision="int8", runtime="onnxruntime",
-            engine=PROVIDER, details=details, write=_int8_writer(mode, src, calib, calib_method, x86_isa),
-            prove=lambda path: int8_proof(_run(path, x), ref, "onnxruntime", inputs, engine=PROVIDER)))
+        rows.append(write_proven(ckpt, out_dir, name, details=details,
+                                 write=_int8_writer(mode, src, calib, calib_method, x86_isa),
+                                 prove=prove_in_runtime(name, ref, inputs)))
     return rows
 
 

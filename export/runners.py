@@ -7,6 +7,7 @@ returns float32 (N, classes) logits as NumPy. Heavy runtimes are imported only w
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,13 @@ class Runner:
     """Base class. `threads` is the intra-op thread count; `engine` the quantized engine where relevant."""
 
     runtime = "base"
+    # ExecuTorch's thread pool cannot be resized safely once used: measure 1 thread and all cores in two processes
+    split_thread_phases = False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this runtime cannot run on this machine (None: it can)."""
+        return None
 
     def __init__(self, threads: int | None = None, engine: str | None = None) -> None:
         self.threads = threads
@@ -36,28 +44,41 @@ class Runner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def with_threads(self, threads: int, path: str | Path) -> "Runner":
+        """This runner at `threads` intra-op threads: a fresh one loaded from `path` (sessions fix their pool)."""
+        return type(self)(threads=threads, engine=self.engine).load(path)
+
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "threads": self.threads, "engine": self.engine}
 
 
 class _TorchRunner(Runner):
-    """Shared by the eager, TorchScript and lite-interpreter runners: same tensors, different loaders."""
+    """Shared by the eager, TorchScript and lite-interpreter runners: same tensors, different loaders.
+    The quantized engine is set only while a model loads (packed weights are made then) and runs, and the
+    process gets its previous engine back (quantize.torch_ao.quantized_engine)."""
 
     def _configure(self) -> None:
         import torch
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.engine:
-            if self.engine not in torch.backends.quantized.supported_engines:
-                raise RunnerError(f"quantized engine {self.engine!r} is not in this torch "
-                                  f"(supported: {torch.backends.quantized.supported_engines})")
-            torch.backends.quantized.engine = self.engine
+
+    def with_threads(self, threads: int, path: str | Path) -> "Runner":
+        import torch
+
+        torch.set_num_threads(threads)  # torch's pool is per process and resizable in place
+        self.threads = threads
+        return self
+
+    def _engine(self) -> Any:
+        from quantize.torch_ao import quantized_engine
+
+        return quantized_engine(self.engine) if self.engine else contextlib.nullcontext()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        with self._engine(), torch.inference_mode():
             out = self.model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
         return out.detach().float().numpy()
 
@@ -89,7 +110,8 @@ class TorchScriptRunner(_TorchRunner):
 
         self._configure()
         try:
-            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+            with self._engine():
+                self.model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as err:
             raise RunnerError(f"torch.jit.load cannot load {path}: {err}") from err
         return self
@@ -105,7 +127,10 @@ class LiteRunner(_TorchRunner):
 
         self._configure()
         try:
-            self.model = _load_for_lite_interpreter(str(path))
+            with self._engine():
+                self.model = _load_for_lite_interpreter(str(path))
+        except ToolkitError:
+            raise
         except Exception as err:
             raise RunnerError(f"the lite interpreter cannot load {path}: {err}") from err
         return self
@@ -141,6 +166,7 @@ class ExecuTorchRunner(Runner):
     export time, so a larger batch runs one image at a time."""
 
     runtime = "executorch"
+    split_thread_phases = True
 
     def load(self, path: str | Path) -> "ExecuTorchRunner":
         try:
@@ -183,10 +209,16 @@ class CoreMLRunner(Runner):
 
     runtime = "coreml"
 
-    def load(self, path: str | Path) -> "CoreMLRunner":
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
         if platform.system() != "Darwin":
-            raise RunnerError("CoreML prediction needs macOS; on this machine CoreML packages are "
-                              "verified by weight reconstruction instead (export.coreml)")
+            return ("CoreML prediction needs macOS; on this machine CoreML packages are verified by weight "
+                    "reconstruction instead (export.coreml)")
+        return None
+
+    def load(self, path: str | Path) -> "CoreMLRunner":
+        if self.unavailable_reason():
+            raise RunnerError(self.unavailable_reason())
         import coremltools as ct
 
         self.model = ct.models.MLModel(str(path))
@@ -214,19 +246,3 @@ def get_runner(runtime: str, threads: int | None = None, engine: str | None = No
     if runtime not in RUNNERS:
         raise RunnerError(f"unknown runtime {runtime!r}; known: {sorted(RUNNERS)}")
     return RUNNERS[runtime](threads=threads, engine=engine)
-
-
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """The agreement figures every verification and report uses."""
-    def softmax(z: np.ndarray) -> np.ndarray:
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    return {
-        "n_images": int(reference.shape[0]),
-        "max_abs_logit_diff": float(diff.max()),
-        "mean_abs_logit_diff": float(diff.mean()),
-        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-        "max_prob_change": float(np.abs(softmax(reference) - softmax(candidate)).max()),
-    }

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("quantize", "train", "export"):
         logging.getLogger(name).setLevel(logging.INFO)
-    from quantize.report import ReportError, run_quantization_report
+    from benchmarks.quant_report import ReportError, run_quantization_report
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     legacy = LEGACY_REDUCE_RANGE.get(args.reduce_range, args.reduce_range)

@@ -1,7 +1,7 @@
 """Does int8 change where the model looks? Float vs int8 heatmaps side by side, with numbers.
 
 An int8 network has no gradients, so Grad-CAM cannot run on it as is. Both int8 maps here come from
-the int8 model's own layer4 output (forward hook, dequantized) -- see `train.explain_maps`:
+the int8 model's own layer4 output (forward hook, dequantized) -- see `train.explain.maps`:
   * Grad-CAM via the exact identity for a global-average-pool + linear head (channel weights = the
     dequantized int8 fc row of the target class), i.e. what Grad-CAM would give with the gradient of
     the dequantized head;
@@ -23,9 +23,9 @@ from torch import nn
 
 from train.checkpoint import Checkpoint
 from train.data import Sample, load_batch
-from train.explain_audit import TOP_FRACTION, mass_shares, mean_or_none, pearson, top_iou
-from train.explain_maps import METHOD_TITLES, METHODS, float_cams, hooked_cams, overlay, save_grid, save_png
-from train.explain_maps import select_per_class
+from train.explain.audit import TOP_FRACTION, mass_shares, mean_or_none, pearson, top_iou
+from train.explain.maps import METHOD_TITLES, METHODS, float_cams, hooked_cams, overlay, save_grid, save_png
+from train.explain.maps import select_per_class
 
 log = logging.getLogger(__name__)
 

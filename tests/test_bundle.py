@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import export.bundle as bundle
-from export.lite import main
+import mobile_assets.bundle as bundle
+from export.lite.__main__ import main
 from export.runners import get_runner
 from mobile_assets import SCHEMA_PATH, ManifestValidationError, validate_manifest
 from train.spec import load_unit_image
@@ -23,7 +23,7 @@ def built(tmp_path_factory, tiny_checkpoint, synthetic_data):
     root = tmp_path_factory.mktemp("lite_cli")
     code = main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data),
                  "--artifacts", str(root / "artifacts"), "--out", str(root / "bundle"), "--calib-size", "16",
-                 "--verify-size", "8", "--eval-size", "12", "--test-vectors", "3", "--no-torchscript"])
+                 "--eval-size", "8", "--metrics-size", "12", "--test-vectors", "3", "--no-torchscript"])
     assert code == 0
     return root / "artifacts", root / "bundle"
 
@@ -89,7 +89,7 @@ def test_vectors_reproduce_expected_logits_in_lite_interpreter(built, ckpt):
 def test_refuses_existing_bundle_without_force(built, ckpt, tiny_checkpoint, synthetic_data, tmp_path, capsys):
     art, out = built
     with pytest.raises(bundle.BundleError, match="already holds a bundle.*--force"):
-        bundle.write_bundle(art, out, ckpt)
+        bundle.write_bundle(art, out)
     code = main(["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path / "a"), "--out", str(out),
                  "--data", str(synthetic_data)])
     assert code == 2 and "--force" in capsys.readouterr().err
@@ -102,14 +102,15 @@ def test_force_replaces_generated_files_only(built, ckpt, tmp_path):
     for source in ("__init__.py", "manifest.schema.json", "notes.txt"):
         (target / source).write_text(f"source file {source}\n")
     (target / "model.pte").write_bytes(b"stale ExecuTorch program of an old bundle")
-    bundle.write_bundle(art, target, ckpt, force=True, include=["ptl_fp32"], test_vectors=1)
+    bundle.write_bundle(art, target, force=True, include=["ptl_fp32"], test_vectors=1)
     for source in ("__init__.py", "manifest.schema.json", "notes.txt"):
         assert (target / source).read_text() == f"source file {source}\n"
     assert not (target / "model.pte").exists() and not (target / "model_int8.ptl").exists()
     m = bundle.check_bundle(target)
-    assert [x["file"] for x in m["models"]] == ["model.ptl"] and m["evaluation"] is None
+    assert [x["file"] for x in m["models"]] == ["model.ptl"]
+    assert "float" in m["evaluation"] and "int8" not in m["evaluation"]  # scored on the data artifacts.json records
     assert len(list((target / "test_vectors").glob("*.bin"))) == 1
-    assert "SYNTHETIC" in m["test_vectors"]["vectors"][0]["source"]
+    assert "image from --data" in m["test_vectors"]["vectors"][0]["source"]
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
@@ -123,7 +124,7 @@ def test_failure_before_commit_keeps_old_bundle(built, ckpt, tmp_path, monkeypat
 
     monkeypatch.setattr(bundle, "write_test_vectors", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        bundle.write_bundle(art, target, ckpt, force=True)
+        bundle.write_bundle(art, target, force=True)
     assert (target / "manifest.json").read_bytes() == before
     bundle.check_bundle(target)
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
@@ -142,7 +143,7 @@ def test_failure_during_commit_leaves_no_manifest(built, ckpt, tmp_path, monkeyp
 
     monkeypatch.setattr(bundle, "_replace", flaky)
     with pytest.raises(bundle.BundleError, match="simulated disk error"):
-        bundle.write_bundle(art, target, ckpt, force=True, test_vectors=1)
+        bundle.write_bundle(art, target, force=True, test_vectors=1)
     assert not (target / "manifest.json").exists()  # the folder no longer claims to hold a bundle
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
@@ -152,12 +153,33 @@ def test_unwritable_or_file_target_is_a_clear_error(built, ckpt, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(bundle.BundleError, match="is a file"):
-        bundle.write_bundle(art, blocker, ckpt)
+        bundle.write_bundle(art, blocker)
     with pytest.raises(bundle.BundleError, match="cannot write the bundle"):
-        bundle.write_bundle(art, blocker / "bundle", ckpt)
+        bundle.write_bundle(art, blocker / "bundle")
 
 
-def test_no_verified_model_for_this_checkpoint(ckpt, tmp_path):
+def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):
+    from export.manifest import ManifestError, read_manifest, record_source
+
+    with pytest.raises(ManifestError, match="no artifacts.json.*python -m export"):
+        bundle.write_bundle(tmp_path / "empty_artifacts", tmp_path / "bundle")
+    art, _ = built
+    (tmp_path / "other").mkdir()
+    record_source(tmp_path / "other", {**read_manifest(art)["source"], "checkpoint_sha256": "0" * 64})
     with pytest.raises(bundle.BundleError, match="no ptl_fp32 entry verified"):
-        bundle.write_bundle(tmp_path / "empty_artifacts", tmp_path / "bundle", ckpt)
+        bundle.write_bundle(tmp_path / "other", tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+
+def test_python_m_mobile_assets_builds_the_bundle_from_artifacts_json_alone(built, tmp_path, capsys):
+    """The bundle is mobile_assets' job: the same bundle from artifacts.json, with no checkpoint or data flag."""
+    from mobile_assets.__main__ import main as bundle_main
+
+    art, out = built
+    assert bundle_main(["--artifacts", str(art), "--out", str(tmp_path / "b"), "--metrics-size", "12"]) == 0
+    m, ref = bundle.check_bundle(tmp_path / "b"), json.loads((out / "manifest.json").read_text())
+    assert [x["sha256"] for x in m["models"]] == [x["sha256"] for x in ref["models"]]
+    assert [x["app_runtime"] for x in m["models"]] == ["pytorch_lite", "pytorch_lite"]
+    assert m["evaluation"]["float"] == ref["evaluation"]["float"]
+    assert bundle_main(["--artifacts", str(art), "--out", str(tmp_path / "b")]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err

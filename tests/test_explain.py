@@ -12,7 +12,7 @@ import torch
 
 from train.checkpoint import load_checkpoint, make_checkpoint_dict, save_checkpoint
 from train.data import Sample, discover
-from train.explain_audit import mass_shares, pearson, source_baseline, top_iou
+from train.explain.audit import mass_shares, pearson, source_baseline, top_iou
 from train.model import build_network
 from train.spec import PreprocessSpec
 from train.synthetic import make_synthetic_dataset
@@ -83,7 +83,7 @@ def test_source_baseline_is_perfect_when_source_is_class():
 def test_float_package_and_hook_path_agree(ckpt64, data64):
     """The int8 comparison relies on the hook path computing the same maps as the grad-cam package."""
     from train.data import load_batch
-    from train.explain_maps import float_cams, hooked_cams
+    from train.explain.maps import float_cams, hooked_cams
 
     ckpt = load_checkpoint(ckpt64)
     x = torch.from_numpy(load_batch(discover(data64).samples[:6], ckpt.spec))
@@ -96,7 +96,7 @@ def test_float_package_and_hook_path_agree(ckpt64, data64):
 
 
 def test_cli_report_with_int8(ckpt64, data64, tmp_path):
-    from train.explain import main
+    from train.explain.__main__ import main
 
     out = tmp_path / "explain"
     assert main(["--checkpoint", str(ckpt64), "--data", str(data64), "--per-class", "2", "--out", str(out),
@@ -125,7 +125,7 @@ def test_cli_report_with_int8(ckpt64, data64, tmp_path):
 
 
 def test_bad_checkpoint_is_reported(tmp_path, data64, capsys):
-    from train.explain import main
+    from train.explain.__main__ import main
 
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data64), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -133,7 +133,7 @@ def test_bad_checkpoint_is_reported(tmp_path, data64, capsys):
 
 def test_write_explanations_without_sources(tiny_checkpoint, synthetic_data, tmp_path):
     """train.evaluate's call: folder data (no split, no source) and a 32 px model (1x1 heatmaps)."""
-    from train.explain import write_explanations
+    from train.explain.run import write_explanations
 
     ckpt = load_checkpoint(tiny_checkpoint)
     index = discover(synthetic_data, ckpt.spec.class_names)

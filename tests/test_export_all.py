@@ -1,4 +1,5 @@
-"""export.formats / `python -m export`: the registry, and export_all turning each failure into a row."""
+"""The format registry drives export, verification and the manifest: one parametrized test per registered
+file (a new registry row is tested by adding it), and export_all turning each failure into a row."""
 
 from __future__ import annotations
 
@@ -9,29 +10,82 @@ from pathlib import Path
 
 import pytest
 
-import export.formats as formats
+import export.pipeline as pipeline
 from export.__main__ import main as export_main
-from export.manifest import ArtifactEntry, read_manifest, record, verify_file
+from export.manifest import ArtifactEntry, read_manifest, read_source, record, verify_file
+from export.registry import FORMATS, RegistryError, bundle_variants, format_of, get_format, variant, variants
+from export.runners import RUNNERS, get_runner
 from train.atomic import sha256_file, size_bytes
-from train.data import seeded_subset
+from train.data import verification_sets
 
-FIXED_NAMES = {"ptl_fp32", "ptl_int8", "torchscript_fp32", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static",
-               "coreml_fp16", "coreml_w8", "coreml_palette6", "coreml_palette4", "executorch_fp32",
-               "executorch_int8", "torchserve_mar"}
+PRECISIONS = {"fp32", "fp16", "int8", "w8", "palette6", "palette4"}
 
 
 @pytest.fixture(scope="module")
-def samples(synthetic_index):
-    idx = synthetic_index
-    return seeded_subset(idx.samples, 4, seed=1), seeded_subset(idx.samples, 8, seed=0)
+def samples(synthetic_data, ckpt):
+    return verification_sets(synthetic_data, ckpt.spec.class_names, calib_size=8, eval_size=4)
 
 
-def test_registry_covers_every_artifact_and_resolves():
-    assert {n for f in formats.FORMATS.values() for n in f.entries} == FIXED_NAMES
-    for f in formats.FORMATS.values():
-        assert f.suffix.startswith(".") and f.description and f.name in formats.FORMATS
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ckpt, samples):
+    """Every registered format, exported once from the tiny checkpoint through the one pipeline."""
+    out = tmp_path_factory.mktemp("all_formats")
+    rows = pipeline.export_all(ckpt, out, eval_samples=samples[0], calib_samples=samples[1],
+                               options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"))
+    return out, {r.name: r for r in rows}
+
+
+def test_registry_rows_are_complete_and_resolve():
+    assert len(variants()) == sum(len(f.variants) for f in FORMATS.values())  # entry names are unique
+    files = [v.file for v in variants().values()]
+    assert len(files) == len(set(files))
+    for f in FORMATS.values():
+        assert f.description and f.variants and set(f.int8) <= {"static", "dynamic", "none"}
         module = importlib.import_module(f.module)  # light: heavy libraries load inside the exporters
         assert callable(getattr(module, f.function)), f"{f.module}.{f.function}"
+        for v in f.variants:
+            assert v.precision in PRECISIONS and v.layout in ("NCHW", "NHWC") and format_of(v.name) is f
+            assert v.runtime in RUNNERS or v.runtime == "torchserve", v
+            assert not v.calibrated or v.is_int8
+    assert next(iter(bundle_variants())) == "ptl_fp32"  # the bundle's primary model comes first
+
+
+def test_unknown_names_say_what_is_registered():
+    with pytest.raises(RegistryError, match="choose from onnx"):
+        get_format("tflite2")
+    with pytest.raises(RegistryError, match="registered: onnx_fp32"):
+        variant("model_x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(variants()))
+def test_every_registered_file_exports_runs_and_is_recorded(exported, name, samples, ckpt):
+    """Each registry row: written under its registered file name, recorded with the registry's facts, unaltered
+    on disk, and run again in its registered runtime (where that runtime runs here)."""
+    out, rows = exported
+    v, row = variant(name), rows[name]
+    unavailable = v.runtime in RUNNERS and RUNNERS[v.runtime].unavailable_reason()
+    assert row.status == ("exported" if unavailable else "verified"), row.error or row.status_reason
+    entry = ArtifactEntry(**read_manifest(out)["artifacts"][name])
+    assert (entry.format, entry.precision, entry.runtime, entry.path) == (format_of(name).name, v.precision,
+                                                                          v.runtime, v.file)
+    assert entry.source_checkpoint_sha256 == ckpt.sha256 and entry.verification["inputs_origin"] == "real"
+    path = verify_file(out, entry)
+    assert entry.sha256 == sha256_file(path) and entry.size_bytes == size_bytes(path)
+    if v.runtime not in RUNNERS:  # served: checked through its own handler at export
+        assert entry.verification["runtime"] == "torchserve handler" and entry.verification["n_images"] >= 1
+        return
+    if unavailable:  # e.g. CoreML off macOS: checked another way, and says it was not executed
+        assert entry.verification.get("executed") is False and "not executed" in entry.status_reason
+        return
+    from train.data import load_batch
+
+    x = load_batch(samples[0], ckpt.spec)
+    logits = get_runner(v.runtime, engine=entry.engine).load(path).run(x)
+    assert logits.shape == (len(x), ckpt.spec.num_classes)
+    if not v.is_int8:
+        ref = get_runner("torch-eager").use_module(ckpt.build_deploy_model()).run(x)
+        assert abs(logits - ref).max() <= entry.verification["tolerance"]
 
 
 def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, samples, monkeypatch):
@@ -41,31 +95,28 @@ def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, sam
         raise RuntimeError("forced failure for the test")
 
     monkeypatch.setattr(export.coreml, "export_coreml", boom)
-    rows = formats.export_all(ckpt, tmp_path, eval_samples=samples[0], calib_samples=samples[1],
-                              only=["onnx", "coreml", "torchscript"], options={"onnx": {"int8": ("dynamic",)}})
+    rows = pipeline.export_all(ckpt, tmp_path, eval_samples=samples[0], calib_samples=samples[1],
+                               only=["onnx", "coreml", "torchscript"], options={"onnx": {"int8": ("dynamic",)}})
     by = {r.name: r for r in rows}
-    assert set(by) == {"onnx_fp32", "onnx_int8_dynamic", "coreml_fp16", "coreml_w8", "coreml_palette6",
-                       "coreml_palette4", "torchscript_fp32"}
-    for name in ("coreml_fp16", "coreml_w8", "coreml_palette6", "coreml_palette4"):
+    coreml = set(FORMATS["coreml"].entries)
+    assert set(by) == {"onnx_fp32", "onnx_int8_dynamic", "torchscript_fp32"} | coreml
+    for name in coreml:
         assert by[name].status == "failed" and "forced failure" in by[name].error and by[name].path is None
+        assert by[name].precision == variant(name).precision  # from the registry, not guessed from the name
     for name in ("onnx_fp32", "onnx_int8_dynamic", "torchscript_fp32"):
         assert by[name].status == "verified", by[name].error
     manifest = read_manifest(tmp_path)["artifacts"]
     assert set(manifest) == set(by)
-    for name, e in manifest.items():
-        if e["status"] != "failed":
-            path = verify_file(tmp_path, ArtifactEntry(**e))
-            assert e["sha256"] == sha256_file(path) and e["size_bytes"] == size_bytes(path)
     config = json.loads((tmp_path / "export_config.json").read_text())
     assert config["results"]["coreml_w8"] == "failed" and config["checkpoint_sha256"] == ckpt.sha256
 
 
-def _fake_module(fail: bool):
+def _fake_exporter(entries: tuple[str, ...], fail: bool):
     def exporter(ckpt, out_dir, *, eval_samples=None, calib_samples=None, **_):
         if fail:
             raise ValueError("library exploded")
         rows = []
-        for name in _entries_of[exporter]:
+        for name in entries:
             (Path(out_dir) / f"{name}.bin").write_bytes(name.encode())
             e = ArtifactEntry(name=name, format="fake", precision="fp32", runtime="torch-eager", path=f"{name}.bin",
                               status="verified", sha256=sha256_file(Path(out_dir) / f"{name}.bin"),
@@ -76,30 +127,34 @@ def _fake_module(fail: bool):
     return exporter
 
 
-_entries_of: dict = {}
-
-
 def test_every_registered_format_becomes_rows(tmp_path, ckpt, monkeypatch):
     """With stub exporters (one raising, one whose module is missing), every entry of every format is recorded."""
-    fakes = {}
-    for f in formats.FORMATS.values():
-        fn = _fake_module(fail=f.name == "executorch")
-        _entries_of[fn] = f.entries
-        fakes.setdefault(f.module, types.SimpleNamespace()).__dict__[f.function] = fn
+    fakes: dict[str, types.SimpleNamespace] = {}
+    for f in FORMATS.values():
+        fakes.setdefault(f.module, types.SimpleNamespace()).__dict__[f.function] = _fake_exporter(
+            f.entries, fail=f.name == "executorch")
 
     def fake_import(name):
         if name == "export.mar":
             raise ImportError("No module named 'export.mar'")
         return fakes[name]
 
-    monkeypatch.setattr(formats.importlib, "import_module", fake_import)
-    rows = {r.name: r for r in formats.export_all(ckpt, tmp_path)}
-    assert set(rows) == FIXED_NAMES == set(read_manifest(tmp_path)["artifacts"])
+    monkeypatch.setattr(pipeline.importlib, "import_module", fake_import)
+    rows = {r.name: r for r in pipeline.export_all(ckpt, tmp_path)}
+    assert set(rows) == set(variants()) == set(read_manifest(tmp_path)["artifacts"])
     assert "library exploded" in rows["executorch_int8"].error and rows["executorch_fp32"].status == "failed"
     assert "export.mar.export_mar is not available" in rows["torchserve_mar"].error
     assert rows["torchserve_mar"].runtime == "torchserve" and rows["executorch_int8"].precision == "int8"
-    assert all(rows[n].status == "verified" for n in FIXED_NAMES - {"executorch_fp32", "executorch_int8",
-                                                                     "torchserve_mar"})
+    failed = set(FORMATS["executorch"].entries) | {"torchserve_mar"}
+    assert all(rows[n].status == "verified" for n in set(variants()) - failed)
+
+
+def test_format_options_follow_the_registry():
+    opts = pipeline.format_options(["onnx", "lite", "coreml"], "dynamic", x86_isa="avx2")
+    assert opts == {"onnx": {"int8": ("dynamic",), "x86_isa": "avx2"},
+                    "lite": {"int8": "dynamic", "x86_isa": "avx2"}, "coreml": {}}
+    assert [f for f in FORMATS if FORMATS[f].calibrates("static")] == ["onnx", "lite", "executorch"]
+    assert not any(f.calibrates("dynamic") for f in FORMATS.values())
 
 
 def test_cli_rejects_unknown_format(capsys):
@@ -113,3 +168,5 @@ def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
     assert code == 0 and "torchscript_fp32" in out
     row = read_manifest(tmp_path)["artifacts"]["torchscript_fp32"]
     assert row["status"] == "exported" and "GENERATED" in row["status_reason"]  # no --data: a numerics check
+    source = read_source(tmp_path)
+    assert source["checkpoint_sha256"] and source["eval_images"] == [] and source["data"] is None

@@ -16,6 +16,7 @@ pytest.importorskip("coremltools")
 import export.coreml as xcm  # noqa: E402
 from export.coreml_verify import LABEL, METHOD, read_program, verify_package  # noqa: E402
 from export.manifest import read_manifest, verify_file  # noqa: E402
+from export.registry import variant  # noqa: E402
 from train.data import discover, seeded_subset  # noqa: E402
 
 
@@ -31,10 +32,11 @@ def exported(tmp_path_factory, ckpt, eval_samples):
     return out, {r.name: r for r in rows}
 
 
-@pytest.mark.parametrize("variant", list(xcm.VARIANTS))
-def test_each_variant_written_and_verified_by_reconstruction(exported, variant):
+@pytest.mark.parametrize("variant_name", list(xcm.VARIANTS))
+def test_each_variant_written_and_verified_by_reconstruction(exported, variant_name):
     out, rows = exported
-    name, file, precision, _ = xcm.VARIANTS[variant]
+    v = variant(f"coreml_{variant_name}")
+    name, file, precision = v.name, v.file, v.precision
     e = rows[name]
     if platform.system() != "Darwin":  # CoreML cannot run here: checked, never 'verified'
         assert e.status == "exported" and "not executed" in e.status_reason, e.error
@@ -54,13 +56,13 @@ def test_each_variant_written_and_verified_by_reconstruction(exported, variant):
 
 def test_compression_is_real_and_errors_ordered(exported):
     _, rows = exported
-    w = {k: rows[xcm.VARIANTS[k][0]].verification["weights"] for k in xcm.VARIANTS}
+    w = {k: rows[f"coreml_{k}"].verification["weights"] for k in xcm.VARIANTS}
     assert set(w["fp16"]["storage_kinds"]) == {"const"}
     assert w["w8"]["storage_kinds"]["constexpr_affine_dequantize"] == 20  # every conv; fc is under the threshold
     assert w["palette4"]["storage_kinds"]["constexpr_lut_to_dense"] == 20
     err = {k: w[k]["max_rel_weight_error"] for k in w}
     assert err["fp16"] < 1e-3 < err["palette4"] and err["w8"] < 0.005 and err["palette6"] < err["palette4"]
-    size = {k: rows[xcm.VARIANTS[k][0]].size_bytes for k in xcm.VARIANTS}
+    size = {k: rows[f"coreml_{k}"].size_bytes for k in xcm.VARIANTS}
     assert size["palette4"] < size["palette6"] < size["w8"] < 0.6 * size["fp16"]
 
 

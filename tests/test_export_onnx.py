@@ -86,7 +86,9 @@ def test_failed_proof_leaves_no_file(tmp_path, ckpt, monkeypatch):
     def refuse(*a, **k):
         raise xonnx.ExportError("forced mismatch")
 
-    monkeypatch.setattr(xonnx, "float_proof", refuse)
+    import export.common
+
+    monkeypatch.setattr(export.common, "float_proof", refuse)
     rows = {r.name: r for r in xonnx.export_onnx(ckpt, tmp_path, int8=("dynamic",))}
     assert rows["onnx_fp32"].status == "failed" and "forced mismatch" in rows["onnx_fp32"].error
     assert rows["onnx_int8_dynamic"].status == "failed" and "onnx_fp32" in rows["onnx_int8_dynamic"].error

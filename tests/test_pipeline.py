@@ -37,12 +37,12 @@ def test_failed_stage_is_reported_and_dependants_skipped(tmp_path, monkeypatch):
     summary = run_pipeline(tmp_path / "demo", progress=False)
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert status == {"data": "ok", "train": "ok", "export": "failed", "bundle": "skipped",
-                      "quantize": "unavailable", "benchmark": "skipped"}
+                      "quantize": "failed", "benchmark": "skipped"}
     assert calls == ["data", "train", "export", "quantize"]
     assert not summary["ok"]
     stages = {s["stage"]: s for s in summary["stages"]}
     assert "converter exploded" in stages["export"]["detail"]
-    assert "stage unavailable" in stages["quantize"]["detail"]
+    assert "ImportError: No module named 'quantize.nothing'" in stages["quantize"]["detail"]
     saved = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
     assert saved["stages"] == summary["stages"]
     assert "| export | failed |" in (tmp_path / "demo" / "pipeline.md").read_text()

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from quantize.report import ReportError, run_quantization_report
+from benchmarks.quant_report import ReportError, run_quantization_report
 from quantize.torch_ao import QuantizationError, static_int8
 from train.data import assign_splits, discover
 
 VARIANTS = {"float": "torch-eager", "torch_dynamic_int8": "torch-eager", "torch_static_int8_qnnpack": "torch-eager",
             "torch_static_int8_x86": "torch-eager", "onnx_fp32": "onnxruntime", "onnx_int8_dynamic": "onnxruntime",
-            "onnx_int8_static_qdq": "onnxruntime"}
+            "onnx_int8_static": "onnxruntime"}
 
 
 SENS_LAYERS = ["conv1", "layer1.0.conv1", "layer3.0.downsample.0", "fc"]  # a subset keeps the test fast
@@ -117,7 +117,7 @@ def test_sensitivity_fallback_keeps_named_layers_float(report):
 
 def test_max_drop_gate_fails_on_a_forced_drop(tmp_path, tiny_checkpoint, synthetic_data, monkeypatch, capsys):
     """Force one variant to predict the wrong class for every image: the gate must exit 1 and name it."""
-    from quantize import builders
+    from benchmarks import quant_variants as builders
 
     index = assign_splits(discover(synthetic_data), seed=0)
     wrong = np.eye(4, dtype=np.float32)[[(s.label + 1) % 4 for s in index.split("val")]]
@@ -248,7 +248,7 @@ def test_report_records_the_activation_range(report):
     assert rep["calibration"]["reduce_range"] == "auto" and rep["calibration"]["cpu_has_vnni"] == cpu_has_vnni()
     x86 = rep["variants"]["torch_static_int8_x86"]["settings"]
     assert x86["weight_reduce_range"] == str(int8_kernels_saturate("x86")).lower()
-    ort = rep["variants"]["onnx_int8_static_qdq"]["settings"]
+    ort = rep["variants"]["onnx_int8_static"]["settings"]
     assert ort["reduce_range"] is (rep["calibration"]["x86_isa"]["onnxruntime"] == "avx2")
     assert rep["machine"]["cpu_model"] and "int8_flags" in rep["machine"]
     assert rep["variants"]["torch_static_int8_qnnpack"]["settings"]["weight_reduce_range"] == "false"
@@ -256,7 +256,7 @@ def test_report_records_the_activation_range(report):
 
 
 def test_fallback_is_triggered_by_low_agreement_as_well_as_drop():
-    from quantize.report import _misses
+    from benchmarks.quant_report import _misses
 
     within = {"accuracy_change_points": 0.0, "top1_agreement": 0.999,
               "per_class": {"A": {"recall_change_points": 0.0}}}
@@ -269,7 +269,7 @@ def test_fallback_is_triggered_by_low_agreement_as_well_as_drop():
 
 def test_engine_rows_time_the_file_reloaded_under_that_engine(report):
     """An int8 model loaded from TorchScript under another engine computes the same outputs."""
-    from quantize.builders import loaded_under
+    from benchmarks.quant_variants import loaded_under
 
     timing = report[0]["timing"]["all"]
     assert timing["torch_static_int8_qnnpack@x86"]["median_ms"] > 0

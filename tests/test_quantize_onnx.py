@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.runners import compare_logits, get_runner
+from export.runners import get_runner
+from train.metrics import compare_logits
 from quantize.onnx_rt import OnnxQuantError, dynamic_int8_onnx, static_int8_onnx
 from train.checkpoint import load_checkpoint
 

@@ -42,7 +42,7 @@ def test_static_int8_without_data_stops_before_writing(module, extra, alternativ
 
 
 def test_lite_static_without_data_stops(tmp_path, tiny_checkpoint, capsys):
-    from export.lite_cli import main
+    from export.lite.__main__ import main
 
     code, err = _run_main(main, ["--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path / "a"),
                                  "--out", str(tmp_path / "b")], capsys)
@@ -93,7 +93,7 @@ def test_marked_synthetic_data_is_never_verified(tmp_path, ckpt, marked_syntheti
 
 
 def test_library_call_without_calibration_is_a_failed_row_not_noise(tmp_path, ckpt):
-    from export.formats import export_all
+    from export.pipeline import export_all
 
     rows = export_all(ckpt, tmp_path, only=["executorch"])
     assert {r.name: r.status for r in rows} == {"executorch_fp32": "failed", "executorch_int8": "failed"}
@@ -166,17 +166,17 @@ def test_saturation_probe_sees_an_avx2_cpu_emulated_on_this_one():
 
 # ---------------------------------------------------------------------------- bundle and recommendation
 def test_bundle_ships_only_verified_models(tmp_path, ckpt):
-    from export.bundle import BundleError, pick_models
+    from mobile_assets.bundle import BundleError, pick_models
 
     for name, status in (("ptl_fp32", "exported"), ("ptl_int8", "verified")):
         (tmp_path / f"{name}.bin").write_bytes(b"x")
-        record(tmp_path, ArtifactEntry(name=name, format="torchscript-lite", precision="fp32", runtime="pytorch-lite",
+        record(tmp_path, ArtifactEntry(name=name, format="lite", precision="fp32", runtime="pytorch-lite",
                                        path=f"{name}.bin", status=status, source_checkpoint_sha256=ckpt.sha256,
                                        status_reason="numerics check on GENERATED inputs only" if status == "exported"
                                        else None))
     with pytest.raises(BundleError, match="verified on real images"):
-        pick_models(tmp_path, ckpt, None)
-    assert [e.name for e in pick_models(tmp_path, ckpt, None, allow_unverified=True)] == ["ptl_fp32", "ptl_int8"]
+        pick_models(tmp_path, ckpt.sha256, None)
+    assert [e.name for e in pick_models(tmp_path, ckpt.sha256, None, allow_unverified=True)] == ["ptl_fp32", "ptl_int8"]
 
 
 def test_recommendation_needs_verified_rows_within_agreement():
@@ -194,13 +194,13 @@ def test_recommendation_needs_verified_rows_within_agreement():
 
 
 def test_report_sentence_matches_its_tables():
-    from quantize.render import _sensitivity
+    from benchmarks.quant_render import _sensitivity
 
     rep = {"sensitivity": {"budget_points": {"accuracy": 0.3, "class_recall": 1.0, "min_top1_agreement": 0.995},
                            "runs": {}, "checked": {"torch_static_int8_x86": ["within budget and agreement target"],
-                                                   "onnx_int8_static_qdq": ["within budget and agreement target"]}}}
+                                                   "onnx_int8_static": ["within budget and agreement target"]}}}
     text = "\n".join(_sensitivity(rep))
-    assert "torch_static_int8_x86" in text and "onnx_int8_static_qdq" in text and "Every static" not in text
+    assert "torch_static_int8_x86" in text and "onnx_int8_static" in text and "Every static" not in text
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -217,7 +217,7 @@ BAD_INPUTS = [
     ("missing checkpoint", "export.onnx", ["--checkpoint", "{tmp}/none.pt", "--out", "{tmp}/o"], "does not exist"),
     ("checkpoint is a folder", "export.onnx", ["--checkpoint", "{tmp}", "--out", "{tmp}/o"], "is a folder"),
     ("checkpoint not torch", "export.onnx", ["--checkpoint", "{junk}", "--out", "{tmp}/o"], "cannot read checkpoint"),
-    ("NaN weights (export.lite)", "export.lite_cli", ["--checkpoint", "{nan}", "--artifacts", "{tmp}/a",
+    ("NaN weights (export.lite)", "export.lite.__main__", ["--checkpoint", "{nan}", "--artifacts", "{tmp}/a",
                                                      "--no-bundle", "--int8", "none"], "NaN or inf"),
     ("NaN weights (export)", "export.__main__", ["--checkpoint", "{nan}", "--out", "{tmp}/o", "--int8", "none"],
      "NaN or inf"),
@@ -225,7 +225,7 @@ BAD_INPUTS = [
      "is a file"),
     ("--out is a file (executorch)", "export.executorch", ["--checkpoint", "{ckpt}", "--out", "{junk}",
                                                            "--variants", "fp32"], "is a file"),
-    ("--artifacts is a file", "export.lite_cli", ["--checkpoint", "{ckpt}", "--artifacts", "{junk}", "--no-bundle",
+    ("--artifacts is a file", "export.lite.__main__", ["--checkpoint", "{ckpt}", "--artifacts", "{junk}", "--no-bundle",
                                                   "--int8", "none"], "is a file"),
     ("missing --data", "export.onnx", ["--checkpoint", "{ckpt}", "--out", "{tmp}/o", "--data", "{tmp}/nodata"],
      "no such file"),
@@ -240,13 +240,13 @@ BAD_INPUTS = [
                                                          "--variants", "fp16"], "--variants"),
     ("unknown onnx int8 mode", "export.onnx", ["--checkpoint", "{ckpt}", "--out", "{tmp}/o", "--int8", "weird"],
      "--int8"),
-    ("bad bytecode version", "export.lite_cli", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a", "--no-bundle",
+    ("bad bytecode version", "export.lite.__main__", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a", "--no-bundle",
                                                  "--int8", "none", "--bytecode-version", "99"], "--bytecode-version"),
-    ("bad engine", "export.lite_cli", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a", "--no-bundle",
+    ("bad engine", "export.lite.__main__", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a", "--no-bundle",
                                        "--int8", "dynamic", "--engine", "tpu"], "--engine"),
-    ("lite bundle without real data", "export.lite_cli", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a",
+    ("lite bundle without real data", "export.lite.__main__", ["--checkpoint", "{ckpt}", "--artifacts", "{tmp}/a",
                                                           "--out", "{tmp}/b", "--int8", "none"], "--no-bundle"),
-    ("lite --verify-size 0", "export.lite_cli", ["--checkpoint", "{ckpt}", "--verify-size", "0"], "--verify-size"),
+    ("lite --eval-size 0", "export.lite.__main__", ["--checkpoint", "{ckpt}", "--eval-size", "0"], "--eval-size"),
     ("quantize missing data", "quantize.__main__", ["--checkpoint", "{ckpt}", "--data", "{tmp}/nodata",
                                                     "--out", "{tmp}/q"], "no such file"),
     ("quantize --max-images 0", "quantize.__main__", ["--checkpoint", "{ckpt}", "--data", "{data}",

@@ -52,12 +52,6 @@ def write_json(dest: str | Path, obj: Any) -> Path:
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def write_bytes(dest: str | Path, data: bytes) -> Path:
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(data)
-    return Path(dest)
-
-
 def _json_default(o: Any) -> Any:
     import numpy as np
 

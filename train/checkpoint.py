@@ -1,10 +1,8 @@
 """The checkpoint format: one dict that rebuilds the model with its preprocessing, read with weights_only.
 
-Accepted on input (every stage goes through `load_checkpoint`):
-  * the toolkit's own format (`format == FORMAT`), written by `python -m train` or `python -m train.convert`;
-  * a plain torchvision ResNet-18 state dict (`conv1.weight`, ..., `fc.weight`);
-  * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`.
-Foreign formats carry no preprocessing, so the caller states it (defaults: the cxr4 spec).
+Every stage loads through `load_checkpoint`, which accepts the layouts `train.weights_file` reads
+(toolkit checkpoint, torchvision state dict, notebook style). Foreign formats carry no preprocessing,
+so the caller states it (defaults: the cxr4 spec).
 """
 
 from __future__ import annotations
@@ -18,18 +16,13 @@ from typing import Any
 import torch
 
 from train.atomic import atomic_path, sha256_file
-from train.errors import ToolkitError
+from train.model import DeployModel, WeightsError, build_network
 from train.spec import PreprocessSpec, SpecError
+from train.weights_file import FORMAT, CheckpointError, as_state_dict, read_raw
 
 log = logging.getLogger(__name__)
 
-FORMAT = "cxr-toolkit-checkpoint"
 SCHEMA_VERSION = 1
-NOTEBOOK_PREFIXES = ("resnet18.", "model.", "module.")
-
-
-class CheckpointError(ToolkitError, ValueError):
-    """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclass
@@ -48,16 +41,15 @@ class Checkpoint:
 
     def build_network(self) -> torch.nn.Module:
         """The network with these weights, in eval mode."""
-        from train.model import build_network
-
-        net = build_network(self.arch, num_classes=self.spec.num_classes, **self.arch_args)
+        try:
+            net = build_network(self.arch, num_classes=self.spec.num_classes, **self.arch_args)
+        except WeightsError as err:  # the arch comes from the file: say which file
+            raise WeightsError(f"{self.path}: {err}") from err
         net.load_state_dict(self.state_dict)
         return net.eval()
 
     def build_deploy_model(self) -> torch.nn.Module:
         """Preprocess + network: the float reference every export is compared with."""
-        from train.model import DeployModel
-
         return DeployModel(self.build_network(), self.spec).eval()
 
 
@@ -99,53 +91,6 @@ def save_checkpoint(d: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def _read_raw(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint with a .pt file "
-                              f"written by `python -m train` or a ResNet-18 state dict")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; pass the .pt file inside it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
-            f"It must be a file saved with torch.save holding only tensors and plain data "
-            f"(the toolkit never unpickles arbitrary objects)."
-        ) from err
-
-
-def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in NOTEBOOK_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Return (state dict, source format) from any accepted layout."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a dict of weights, found {type(raw).__name__}")
-    if raw.get("format") == FORMAT:
-        return raw["state_dict"], FORMAT
-    for key in ("model_state_dict", "state_dict", "model"):
-        if isinstance(raw.get(key), dict):
-            return _strip_prefix(raw[key]), "notebook"
-    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        stripped = _strip_prefix(raw)
-        return stripped, "torchvision_state_dict" if stripped is raw else "notebook"
-    raise CheckpointError(
-        f"{path}: not a toolkit checkpoint, a torchvision state dict, or a notebook-style "
-        f"{{'model_state_dict': ...}} dict (top-level keys: {sorted(raw)[:8]})"
-    )
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Just the weights, from any accepted layout."""
-    return _as_state_dict(_read_raw(path), Path(path))[0]
-
-
 def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path) -> None:
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise CheckpointError(f"{path}: no ResNet-18 weights found (no conv1.weight / fc.weight keys)")
@@ -172,8 +117,8 @@ def load_checkpoint(path: str | Path, spec: PreprocessSpec | None = None) -> Che
     """Load any accepted checkpoint. `spec` is required knowledge for foreign formats and, if given
     for a toolkit checkpoint, must agree with the stored one (a silent override would mislabel outputs)."""
     path = Path(path)
-    raw = _read_raw(path)
-    state, source = _as_state_dict(raw, path)
+    raw = read_raw(path)
+    state, source = as_state_dict(raw, path)
     if source == FORMAT:
         try:
             stored = PreprocessSpec.from_dict(raw["spec"])

@@ -248,6 +248,24 @@ def seeded_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Samp
     return out
 
 
+def labelled_splits(data: str | Path, class_names: Sequence[str] | None = None, seed: int = 0) -> DatasetIndex:
+    """--data indexed in the model's class order, with the seeded stratified split `python -m train` makes
+    when the data has no split of its own: every stage reads train, val and test the same way."""
+    idx = discover(data, class_names)
+    return idx if idx.has_split else assign_splits(idx, seed=seed)
+
+
+def verification_sets(data: str | Path, class_names: Sequence[str], calib_size: int,
+                      eval_size: int) -> tuple[list[Sample], list[Sample]]:
+    """(val subset that verifies artifacts, train subset that calibrates int8): one seed each, the same
+    for every command, so `python -m export` and `python -m export.lite` check on the same images."""
+    idx = labelled_splits(data, class_names)
+    train, val = idx.split("train"), idx.split("val") or idx.split("test")
+    if not train or not val:
+        raise DataError(f"--data {data}: needs train and val images (found {len(train)} train, {len(val)} val)")
+    return seeded_subset(val, eval_size, seed=1), seeded_subset(train, calib_size, seed=0)
+
+
 @functools.lru_cache(maxsize=4096)
 def _marked_synthetic(folder: Path) -> bool:
     return any((d / SYNTHETIC_MARKER).is_file() for d in (folder, *list(folder.parents)[:3]))

@@ -107,13 +107,9 @@ def _is_synthetic(root: Path) -> bool:
 
 
 def _explanations(ckpt, idx, samples, out_dir: Path, per_class: int, result: dict, **kw) -> str:
-    try:
-        from train.explain import write_explanations
-    except ImportError as err:
-        log.warning("--explain asked for, but train.explain is not available (%s); skipping", err)
-        result["explanations"] = {"error": f"train.explain not available: {err}"}
-        return f"## Explanations\n\nNot written: train.explain is not available ({err}).\n"
-    md, info = write_explanations(ckpt, idx, samples, out_dir, per_class=per_class, **kw)
+    from train.explain import run as explain_run
+
+    md, info = explain_run.write_explanations(ckpt, idx, samples, out_dir, per_class=per_class, **kw)
     result["explanations"] = info
     return md
 
@@ -170,15 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="default auto")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from train.__main__ import USER_ERRORS
-
-    try:
-        r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, out_dir=Path(a.out),
-                                explain_per_class=a.explain, batch_size=a.batch_size, workers=a.workers,
-                                device=a.device, data_root=a.data_root, skip_bad=a.skip_bad)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, out_dir=Path(a.out),
+                            explain_per_class=a.explain, batch_size=a.batch_size, workers=a.workers,
+                            device=a.device, data_root=a.data_root, skip_bad=a.skip_bad)
     print(f"accuracy {r['metrics']['accuracy']:.4f}  macro-F1 {r['metrics']['macro_f1']:.4f}  "
           f"report {Path(a.out) / 'report.md'}")
     return 0

@@ -71,3 +71,48 @@ def classification_metrics(y_true: Sequence[int], logits: np.ndarray,
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
     }
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """How closely an artifact reproduces the float model: the figures every verification and report uses."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    return {
+        "n_images": int(reference.shape[0]),
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "max_prob_change": float(np.abs(softmax(reference.astype(np.float64))
+                                        - softmax(candidate.astype(np.float64))).max()),
+    }
+
+
+def flip_matrix(ref_logits: np.ndarray, cand_logits: np.ndarray, n_classes: int) -> list[list[int]]:
+    """Counts [float class][candidate class]: the diagonal is agreement, everything off it a flipped image."""
+    m = np.zeros((n_classes, n_classes), dtype=int)
+    np.add.at(m, (ref_logits.argmax(1), cand_logits.argmax(1)), 1)
+    return m.tolist()
+
+
+def against_float(labels: np.ndarray, ref: np.ndarray, cand: np.ndarray,
+                  class_names: Sequence[str]) -> dict[str, Any]:
+    """A candidate (int8, another runtime) scored on labelled images, with its change from the float
+    model in points, its agreement and its flips."""
+    base = classification_metrics(labels, ref, class_names)
+    own = classification_metrics(labels, cand, class_names)
+    for c, d in own["per_class"].items():
+        d["recall_change_points"] = 100 * (d["recall"] - base["per_class"][c]["recall"])
+        d["precision_change_points"] = 100 * (d["precision"] - base["per_class"][c]["precision"])
+    cmp = compare_logits(ref, cand)
+    flips = flip_matrix(ref, cand, len(class_names))
+    return {
+        **own,
+        "accuracy_change_points": 100 * (own["accuracy"] - base["accuracy"]),
+        "macro_f1_change_points": 100 * (own["macro_f1"] - base["macro_f1"]),
+        "top1_agreement": cmp["top1_agreement"],
+        "flipped_images": int(len(labels) - np.trace(np.asarray(flips))),
+        "flip_matrix": flips,
+        "mean_abs_logit_error": cmp["mean_abs_logit_diff"],
+        "max_abs_logit_error": cmp["max_abs_logit_diff"],
+        "max_prob_change": cmp["max_prob_change"],
+        "n_images": int(len(labels)),
+    }

@@ -11,6 +11,7 @@ from torch import nn
 
 from train.errors import ToolkitError
 from train.spec import PreprocessSpec
+from train.weights_file import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ def build_network(arch: str = "resnet18", num_classes: int = 4) -> nn.Module:
     import torchvision
 
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; this toolkit supports {ARCHITECTURES}")
+        raise WeightsError(
+            f"unknown architecture {arch!r} (a checkpoint's 'arch' field); this toolkit builds only "
+            f"{', '.join(ARCHITECTURES)}. Use a checkpoint written by `python -m train`, or turn plain "
+            f"ResNet-18 weights into one with `python -m train.convert`")
     return torchvision.models.resnet18(weights=None, num_classes=num_classes)
 
 
@@ -92,8 +96,6 @@ def load_imagenet_backbone(net: nn.Module) -> None:
 
 def load_local_weights(net: nn.Module, path: str | Path) -> None:
     """Initialise from a local state dict or toolkit checkpoint; a head of another size is re-initialised."""
-    from train.checkpoint import read_state_dict
-
     state = read_state_dict(path)
     own = net.state_dict()
     head_mismatch = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]

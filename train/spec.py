@@ -149,19 +149,3 @@ def gray_to_unit_array(gray: "Image.Image") -> np.ndarray:  # noqa: F821
 def load_unit_image(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     """The whole outside-the-model preprocessing: file -> float32 array (3, H, W) in [0, 1]."""
     return gray_to_unit_array(load_gray_image(path, spec))
-
-
-def normalize_array(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """The inside-the-model half in NumPy, for runtimes that cannot carry it in their graph.
-
-    `train.model.Preprocess` is the reference; tests keep the two identical.
-    """
-    x = x.astype(np.float32)
-    if spec.contrast_stretch:
-        axes = tuple(range(x.ndim - 3, x.ndim))
-        lo = x.min(axis=axes, keepdims=True)
-        hi = x.max(axis=axes, keepdims=True)
-        x = (x - lo) / np.maximum(hi - lo, 1e-6)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-    return (x - mean) / std

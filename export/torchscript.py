@@ -1,5 +1,6 @@
-"""`python -m export.lite`: TorchScript Lite models (.ptl) for the PyTorch Mobile runtime, proven in the lite
-interpreter, plus the full TorchScript file servers use, and then the Flutter asset bundle.
+"""TorchScript formats: TorchScript Lite (.ptl) for the PyTorch Mobile lite interpreter, proven in that
+interpreter, and the full TorchScript file servers use. `python -m export.lite` runs them and then writes
+the Flutter asset bundle.
 
 Every .ptl is written under a temporary name, loaded back with the lite interpreter apps embed, compared with
 the float PyTorch model, and only then renamed into place. The float .ptl must match within FLOAT_ATOL on the
@@ -10,31 +11,25 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from export.common import (FLOAT_ATOL, InputSet, calib_inputs_note, eval_inputs, float_proof, int8_proof,
-                           require_calibration, write_proven)
+from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs_note, eval_inputs, int8_proof,
+                           prove_in_runtime,
+                           reference_logits, require_calibration, run_artifact, write_proven)
 from export.manifest import ArtifactEntry
-from export.runners import EagerRunner, get_runner
 from train.checkpoint import Checkpoint
 from train.data import Sample
-from train.errors import ToolkitError
+from train.metrics import compare_logits
 
 log = logging.getLogger(__name__)
 
-FILES = {"ptl_fp32": "model.ptl", "ptl_int8": "model_int8.ptl", "torchscript_fp32": "model.torchscript.pt"}
 INT8_MODES = ("static", "dynamic", "none")
-
-
-class LiteExportError(ToolkitError, RuntimeError):
-    """An export that cannot be done as asked, or an artifact that failed its proof."""
 
 
 def script_or_trace(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, str]:
@@ -98,7 +93,7 @@ def check_bytecode_version(version: int | None) -> None:
         return
     ok = bytecode_versions()
     if version not in ok:
-        raise LiteExportError(f"--bytecode-version {version}: this torch {torch.__version__} writes bytecode "
+        raise ExportError(f"--bytecode-version {version}: this torch {torch.__version__} writes bytecode "
                               f"v{max(ok)} and can backport to {list(ok)}; pick one of those (7 suits "
                               f"runtimes that say 'model version must be between 3 and 7')")
 
@@ -117,7 +112,7 @@ def save_ptl(module: torch.jit.ScriptModule, dest: Path, bytecode_version: int |
             dest.rename(newer)
             try:
                 if not _backport_for_mobile(str(newer), str(dest), bytecode_version):
-                    raise LiteExportError(f"backport to bytecode v{bytecode_version} failed; "
+                    raise ExportError(f"backport to bytecode v{bytecode_version} failed; "
                                           f"choose one of {list(bytecode_versions())}")
             finally:
                 newer.unlink(missing_ok=True)
@@ -126,21 +121,13 @@ def save_ptl(module: torch.jit.ScriptModule, dest: Path, bytecode_version: int |
             "operators": ops}
 
 
-def _reference(module: nn.Module, x: np.ndarray) -> np.ndarray:
-    return EagerRunner().use_module(module).run(x)
-
-
-def _run(runtime: str, path: Path, x: np.ndarray, engine: str | None = None) -> np.ndarray:
-    return get_runner(runtime, engine=engine).load(path).run(x)
-
-
 def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
                        calib_samples: list[Sample] | None = None, **_: Any) -> list[ArtifactEntry]:
     """Full TorchScript (torch.jit.save) for TorchServe and the benchmarks; not loadable by the lite interpreter."""
     out_dir = Path(out_dir)
     model = ckpt.build_deploy_model()
     inputs = eval_inputs(ckpt, eval_samples)
-    ref = _reference(model, inputs.x)
+    ref = reference_logits(ckpt, inputs.x, model)
 
     def write(tmp: Path) -> dict:
         module, method = script_or_trace(model, torch.from_numpy(inputs.x[:1]))
@@ -149,10 +136,8 @@ def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sa
 
     details = {"input_shape": list(ckpt.spec.input_shape), "input_range": [0.0, 1.0],
                "normalization_in_graph": True, "spec": ckpt.spec.to_dict()}
-    return [write_proven(ckpt, out_dir, name="torchscript_fp32", file=FILES["torchscript_fp32"], fmt="torchscript",
-                         precision="fp32", runtime="torchscript", details=details, write=write,
-                         prove=lambda p: float_proof(_run("torchscript", p, inputs.x), ref, "torchscript", inputs,
-                                                     FLOAT_ATOL))]
+    return [write_proven(ckpt, out_dir, "torchscript_fp32", details=details, write=write,
+                         prove=prove_in_runtime("torchscript_fp32", ref, inputs))]
 
 
 def _choose_module(model: nn.Module, x: np.ndarray, ref: np.ndarray, tol: float | None) -> tuple[Any, dict]:
@@ -160,7 +145,7 @@ def _choose_module(model: nn.Module, x: np.ndarray, ref: np.ndarray, tol: float 
     scripted, method = script_or_trace(model, torch.from_numpy(x[:1]))
     optimized, ofm = try_optimize_for_mobile(scripted)
     if optimized is not None and tol is not None:
-        diff = float(np.abs(_reference(optimized, x) - ref).max())
+        diff = float(np.abs(reference_logits(None, x, optimized) - ref).max())
         if not diff <= tol:
             optimized, ofm = None, {"status": "not applied",
                                     "reason": f"optimized model changed logits by {diff:.3g} > {tol}"}
@@ -168,10 +153,9 @@ def _choose_module(model: nn.Module, x: np.ndarray, ref: np.ndarray, tol: float 
 
 
 def _int8_proof(float_ref: np.ndarray, int8_ref: np.ndarray, inputs: InputSet, engine: str):
+    """The int8 proof in the lite interpreter, plus how far the interpreter is from eager int8."""
     def prove(path: Path) -> dict:
-        from export.runners import compare_logits
-
-        out = _run("pytorch-lite", path, inputs.x, engine)
+        out = run_artifact("ptl_int8", path, inputs.x, engine)
         return {**int8_proof(out, float_ref, "pytorch-lite", inputs, engine=engine),
                 "max_abs_logit_diff_vs_eager_int8": compare_logits(int8_ref, out)["max_abs_logit_diff"]}
     return prove
@@ -186,7 +170,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
     from quantize.variants import make_int8_model
 
     if int8 not in INT8_MODES:
-        raise LiteExportError(f"--int8 must be one of {INT8_MODES}, got {int8!r}")
+        raise ExportError(f"--int8 must be one of {INT8_MODES}, got {int8!r}")
     if int8 == "static":
         require_calibration(calib_samples, "static int8 (model_int8.ptl)", "pass --int8 dynamic or --int8 none")
     check_bytecode_version(bytecode_version)
@@ -195,22 +179,20 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
     model = ckpt.build_deploy_model()
     inputs = eval_inputs(ckpt, eval_samples)
     x = inputs.x
-    ref = _reference(model, x)
+    ref = reference_logits(ckpt, x, model)
     base = {"input_shape": list(spec.input_shape), "input_range": [0.0, 1.0], "normalization_in_graph": True,
             "spec": spec.to_dict(), "requested_bytecode_version": bytecode_version}
     module, info = _choose_module(model, x, ref, FLOAT_ATOL)
-    entries = [write_proven(ckpt, out_dir, name="ptl_fp32", file=FILES["ptl_fp32"], fmt="torchscript-lite",
-                            precision="fp32", runtime="pytorch-lite", details=base,
+    entries = [write_proven(ckpt, out_dir, "ptl_fp32", details=base,
                             write=lambda t: {**info, **save_ptl(module, t, bytecode_version)},
-                            prove=lambda p: float_proof(_run("pytorch-lite", p, x), ref, "pytorch-lite", inputs,
-                                                        FLOAT_ATOL))]
+                            prove=prove_in_runtime("ptl_fp32", ref, inputs))]
     if int8 == "none":
         return entries
     with quantized_engine(engine):
         calib_note = calib_inputs_note(calib_samples) if int8 == "static" else "none (dynamic int8)"
         qmodel = make_int8_model(ckpt, int8, engine, calib_samples=calib_samples if int8 == "static" else None,
                                  progress=False, reduce_range=x86_isa)
-        qref = _reference(qmodel, x)
+        qref = reference_logits(ckpt, x, qmodel)
         qmodule, qinfo = _choose_module(qmodel, x, qref, None)
         details = {**base, "int8_mode": int8, "calibration": calib_note, "quantized_engine": engine,
                    "observers": qconfig_description(engine, x86_isa) if int8 == "static" else None,
@@ -218,19 +200,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
                    "engine_note": f"quantized for '{engine}'; set torch.backends.quantized.engine='{engine}' "
                                   f"(phones: qnnpack). On x86 desktops the 'x86' engine runs it much faster "
                                   f"but is not what a phone runs."}
-        entries.append(write_proven(ckpt, out_dir, name="ptl_int8", file=FILES["ptl_int8"], fmt="torchscript-lite",
-                                    precision="int8", runtime="pytorch-lite", engine=engine, details=details,
+        entries.append(write_proven(ckpt, out_dir, "ptl_int8", engine=engine, details=details,
                                     write=lambda t: {**qinfo, **save_ptl(qmodule, t, bytecode_version)},
                                     prove=_int8_proof(ref, qref, inputs, engine)))
     return entries
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m export.lite`; the argument handling lives in export.lite_cli."""
-    from export.lite_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Build every variant the quantization report compares, each loaded in the runtime it ships in.
 
-The report orchestrates across stages: the ONNX variants need the float ONNX file, which comes from
-`export.onnx.write_onnx` (imported lazily so the quantize library itself never depends on export).
+The report sits above the export stage (import-linter layers): the ONNX variants start from the float file
+`export.onnx.write_onnx` writes, and every variant runs in the runner its artifact ships with.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: 
                   threads: int | None, progress: bool = True, x86_isa: str = "auto") -> list[Variant]:
     """Float ONNX (the export stage's writer), then ORT dynamic and static QDQ int8 from it; the static
     one is made for the `x86_isa` target (7-bit weights for avx2, see quantize.onnx_rt)."""
-    from export.onnx import write_onnx  # cross-stage: the report needs the exported float graph
+    from export.onnx import write_onnx
     from quantize.onnx_rt import dynamic_int8_onnx, graph_summary, static_int8_onnx
 
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def onnx_variants(ckpt: Checkpoint, calib: np.ndarray, method: str, models_dir: 
     out = []
     for name, path, prec, info in (("onnx_fp32", fp32, "fp32", {**export_info, **graph_summary(fp32)}),
                                    ("onnx_int8_dynamic", dyn, "int8", dyn_info),
-                                   ("onnx_int8_static_qdq", sta, "int8", sta_info)):
+                                   ("onnx_int8_static", sta, "int8", sta_info)):
         out.append(_onnx_variant(name, path, prec, info, threads))
     return out
 
@@ -171,9 +171,9 @@ def latency_fns(variants: Sequence[Variant], image: np.ndarray) -> dict[str, Any
 
 
 def loaded_under(module: torch.nn.Module, engine: str, example: torch.Tensor) -> torch.nn.Module:
-    """`module` made TorchScript as `export.lite` ships it, saved and loaded back with `engine` set. Loading
+    """`module` made TorchScript as `python -m export.lite` ships it, saved and loaded back with `engine` set. Loading
     re-packs int8 weights for the current engine's kernels; an in-memory model keeps its original packing."""
-    from export.lite import script_or_trace  # cross-stage: time the same TorchScript the export ships
+    from export.torchscript import script_or_trace  # time the same TorchScript the export ships
 
     previous = torch.backends.quantized.engine
     buf = io.BytesIO()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from train.explain_maps import METHOD_TITLES, METHODS
+from train.explain.maps import METHOD_TITLES, METHODS
 
 REGIONS = ("border", "corners", "centre")
 LIMITS = [

@@ -1,33 +1,42 @@
 """Where does the model look? Grad-CAM / EigenCAM overlays plus a shortcut audit, as a report section.
 
-`write_explanations` is what `python -m train.evaluate --explain N` embeds; `python -m train.explain`
-writes the same section as a standalone report with ROC curves and, with --int8, the float-vs-int8
-heatmap comparison from `quantize.cam_compare`.
+`write_explanations` is what `python -m train.evaluate --explain N` embeds; `run_explain` writes the
+same section as the standalone `python -m train.explain` report with ROC curves. The float-vs-int8
+comparison is passed in as an `Int8Comparison` by the entry point, because `train` sits below
+`quantize` in the layers and must not import it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from train.checkpoint import Checkpoint
 from train.data import DatasetIndex, Sample, load_batch
-from train.errors import cli_errors
-from train.explain_audit import (BAND, area_shares, cohort_audit, mass_shares, mean_or_none,
+from train.explain.audit import (BAND, area_shares, cohort_audit, mass_shares, mean_or_none, plot_roc,
                                  source_audit)
-from train.explain_maps import (METHOD_TITLES, METHODS, float_cams, overlay, save_grid, save_png,
+from train.explain.maps import (METHOD_TITLES, METHODS, float_cams, overlay, save_grid, save_png,
                                 select_per_class)
-from train.explain_report import REGIONS, explanations_markdown, limits, standalone_markdown
+from train.explain.report import REGIONS, explanations_markdown, limits, standalone_markdown
 
 log = logging.getLogger(__name__)
 
 GRID_MAX_COLS = 6
+
+
+class Int8Comparison(Protocol):
+    """The float-vs-int8 heatmap step of `run_explain`, built by `python -m train.explain --int8`."""
+
+    def check(self) -> None:
+        """Raise a ToolkitError for unusable settings, before minutes of float work."""
+
+    def __call__(self, ckpt: Checkpoint, index: DatasetIndex, samples: list[Sample], out_dir: Path,
+                 per_class: int, progress: bool) -> tuple[str, dict]:
+        """(Markdown section, JSON-able dict stored as the report's 'int8')."""
 
 
 def predict_probs(model: torch.nn.Module, samples: Sequence[Sample], ckpt: Checkpoint,
@@ -129,23 +138,19 @@ def _gradcam_version() -> str:
         return "grad-cam (version unknown)"
 
 
-
-
 def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val", per_class: int = 4,
-                out_dir: str | Path = Path("reports/explain"), int8: bool = False, engine: str = "qnnpack",
-                calib_size: int = 128, seed: int = 0, progress: bool = True) -> dict:
-    """The standalone explanation report: ROC curves, heatmaps, shortcut audit (and float vs int8)."""
+                out_dir: str | Path = Path("reports/explain"), int8: Int8Comparison | None = None,
+                seed: int = 0, progress: bool = True) -> dict:
+    """The standalone explanation report: ROC curves, heatmaps, shortcut audit and, when `int8` is
+    given, its float-vs-int8 section. Writes explain.json and explain.md under `out_dir`."""
     from train.atomic import write_json, write_text
     from train.checkpoint import load_checkpoint
-    from train.data import DataError, assign_splits, discover, seeded_subset
-    from train.explain_audit import plot_roc
+    from train.data import DataError, assign_splits, discover
 
     if per_class < 1:
         raise DataError(f"--per-class must be at least 1, got {per_class}")
-    if int8:
-        from quantize.torch_ao import check_engine
-
-        check_engine(engine)  # fail before minutes of work, not after
+    if int8 is not None:
+        int8.check()  # fail before minutes of work, not after
     out_dir = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
     index = discover(data, class_names=ckpt.spec.class_names)
@@ -163,55 +168,9 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
     report = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "data": str(data),
               "split": split, "roc": {**roc, "png": "roc.png"}, "explanations": result}
     sections = [section]
-    if int8:
-        from quantize.cam_compare import compare_float_int8
-        from quantize.variants import make_int8_model
-
-        train = index.split("train")
-        if not train:  # calibrating on the images being compared would flatter int8
-            raise DataError(f"--int8: {data} has no train split to calibrate on; pass data with a train split")
-        calib = seeded_subset(train, calib_size, seed)
-        qmodel = make_int8_model(ckpt, "static", engine, calib, progress=progress)
-        md, report["int8"] = compare_float_int8(ckpt, qmodel, samples, out_dir, per_class, progress=progress)
-        report["int8"].update({"mode": "static", "engine": engine, "calibration_images": len(calib)})
+    if int8 is not None:
+        md, report["int8"] = int8(ckpt, index, samples, out_dir, per_class, progress)
         sections.append(md)
     write_json(out_dir / "explain.json", report)
     write_text(out_dir / "explain.md", standalone_markdown(report, sections))
     return report
-
-
-@cli_errors
-def main(argv: Sequence[str] | None = None) -> int:
-    from quantize.torch_ao import QuantizationError
-    from train.checkpoint import CheckpointError
-    from train.data import SPLITS, DataError
-
-    p = argparse.ArgumentParser(prog="python -m train.explain", description=(
-        "Write a standalone explanation report: one-vs-rest ROC curves, Grad-CAM/EigenCAM overlays, a "
-        "shortcut audit (heatmap mass at the border, accuracy per source, source-only baseline) and, with "
-        "--int8, float-vs-int8 heatmaps."))
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt) to explain")
-    p.add_argument("--data", required=True, help="dataset folder or CSV (path,label[,split][,source])")
-    p.add_argument("--split", default="val", choices=SPLITS, help="split to evaluate (default val)")
-    p.add_argument("--per-class", type=int, default=4, help="heatmap images per class (default 4)")
-    p.add_argument("--out", default="reports/explain", help="output folder (default reports/explain)")
-    p.add_argument("--int8", action="store_true", help="also compare float and static int8 heatmaps")
-    p.add_argument("--engine", default="qnnpack", help="quantized engine for --int8 (default qnnpack)")
-    p.add_argument("--calib-size", type=int, default=128, help="train images to calibrate int8 (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing images (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run_explain(a.checkpoint, a.data, split=a.split, per_class=a.per_class, out_dir=Path(a.out),
-                             int8=a.int8, engine=a.engine, calib_size=a.calib_size, seed=a.seed,
-                             progress=not a.no_progress)
-    except (CheckpointError, DataError, QuantizationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {Path(a.out) / 'explain.md'} (macro AUC {report['roc']['macro_auc']})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

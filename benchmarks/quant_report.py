@@ -15,7 +15,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from quantize import builders, metrics, torch_ao
+from benchmarks import quant_variants as builders
+from benchmarks.timing import time_interleaved
+from quantize import torch_ao
+from quantize.targets import budget_violations, exceeds
 from quantize.onnx_rt import CALIB_METHODS
 from quantize.targets import TARGETS
 from quantize.torch_ao import QuantizationError
@@ -24,6 +27,7 @@ from train.checkpoint import load_checkpoint
 from train.cpu import cpu_description
 from train.data import DataError, assign_splits, discover, images_origin, seeded_subset
 from train.errors import ToolkitError
+from train.metrics import against_float
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def _record(v: builders.Variant, logits: np.ndarray, labels, ref, class_names, f
     return {"precision": v.precision, "runtime": v.runtime, "engine": v.engine, "size_bytes": v.size_bytes,
             "size_ratio": v.size_bytes / float_size, "settings": v.settings, "touched": v.touched,
             "path": str(v.path) if v.path else None,
-            "metrics": metrics.against_float(labels, ref, logits, class_names)}
+            "metrics": against_float(labels, ref, logits, class_names)}
 
 
 def _drop_budget(max_drop: float | None) -> tuple[float, float]:
@@ -71,14 +75,14 @@ def _misses(m: dict[str, Any], budget: tuple[float, float]) -> list[str]:
     """Why a static variant needs the float fallback: over the drop budget, or under the agreement target."""
     acc, cls = budget
     why = ([f"loses more than {acc} accuracy points or a class more than {cls} recall points"]
-           if metrics.exceeds(m, acc, cls) else [])
+           if exceeds(m, acc, cls) else [])
     if m["top1_agreement"] < TARGETS["min_top1_agreement"]:
         why.append(f"top-1 agreement {100 * m['top1_agreement']:.2f}% is under "
                    f"{100 * TARGETS['min_top1_agreement']:.1f}%")
     return why
 
 
-STATIC_PREFIXES = ("torch_static_int8_", "onnx_int8_static_qdq")
+STATIC_PREFIXES = ("torch_static_int8_", "onnx_int8_static")
 
 
 def _is_static(name: str) -> bool:
@@ -155,10 +159,8 @@ def _sensitivity(ckpt, calib, variants, results, logits, labels, *, budget, forc
 
 
 def _cam(cam: int, ckpt, variants, eval_samples, out_dir: Path) -> tuple[str, dict]:
-    try:
-        from quantize.cam_compare import compare_float_int8  # engineer CAM's module, optional here
-    except ImportError as err:
-        return f"\n## Grad-CAM float vs int8\n\nNot available: {err}\n", {"error": str(err)}
+    from quantize.cam_compare import compare_float_int8
+
     static = [v for v in variants if v.name.startswith("torch_static_int8_") and v.module is not None]
     target = next((v for v in static if v.engine == "qnnpack"), static[0] if static else None)
     if target is None:
@@ -166,6 +168,47 @@ def _cam(cam: int, ckpt, variants, eval_samples, out_dir: Path) -> tuple[str, di
     torch_ao.set_engine(target.engine)
     md, data = compare_float_int8(ckpt, target.module, eval_samples, out_dir / "cam", per_class=cam)
     return md, {"int8_variant": target.name, **data}
+
+
+def _check_args(calib_method: str, engines: Sequence[str], reduce_range: str, latency_runs: int) -> None:
+    """Every option that can be wrong is rejected before any work."""
+    if calib_method not in CALIB_METHODS:
+        raise ReportError(f"--calib-method must be one of {CALIB_METHODS}, got {calib_method!r}")
+    if not engines:
+        raise ReportError("--engines needs at least one quantized engine, e.g. qnnpack,x86")
+    for e in engines:
+        torch_ao.check_engine(e)
+    torch_ao.resolve_x86_isa(reduce_range)
+    if latency_runs < 1:
+        raise ReportError("--latency-runs must be at least 1")
+
+
+def _int8_setup(engines: Sequence[str], reduce_range: str) -> dict[str, Any]:
+    """The observers, x86 target and kernel facts the int8 variants were built under, for the report."""
+    return {"torch_observers": {e: torch_ao.qconfig_description(e, reduce_range) for e in engines},
+            "reduce_range": reduce_range, "x86_isa_requested": reduce_range,
+            "x86_isa": {"torch": torch_ao.resolve_x86_isa(reduce_range, "torch"),
+                        "onnxruntime": torch_ao.resolve_x86_isa(reduce_range, "onnxruntime")},
+            "cpu_has_vnni": torch_ao.cpu_has_vnni(),
+            "int8_kernels_saturate": {e: torch_ao.int8_kernels_saturate(e) for e in engines}}
+
+
+def _add_latency(results: dict[str, dict], variants: list, images: np.ndarray, runs: int,
+                 threads: int) -> dict[str, dict]:
+    """Time every variant side by side (benchmarks.timing) and add each one's speedups to its result."""
+    latency = time_interleaved(builders.latency_fns(variants, images[0]), runs=runs)
+    torch.set_num_threads(threads)
+    for row in latency.values():
+        row["speedup_vs_float"] = latency["float"]["median_ms"] / row["median_ms"]
+    for name, r in results.items():
+        r["latency"] = latency.get(name)
+        r["speedup_vs_float"] = latency[name]["speedup_vs_float"] if name in latency else None
+        same = "onnx_fp32" if r["runtime"] == "onnxruntime" else "float"  # vs the float model of its runtime
+        r["speedup_vs_runtime_float"] = (latency[same]["median_ms"] / latency[name]["median_ms"]
+                                         if name in latency and same in latency else None)
+        r["speedup_vs_float_loaded_under"] = {k.split("@")[1]: v["speedup_vs_float"]
+                                              for k, v in latency.items() if k.startswith(name + "@")}
+    return latency
 
 
 def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: str = "val",
@@ -178,17 +221,9 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                             reduce_range: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Build, evaluate, time and compare every variant; write the report; return its JSON dict.
     `report['gate']['passed']` is False when `max_drop` is given and some variant breaks it."""
-    from quantize.render import write_report
+    from benchmarks.quant_render import write_report
 
-    if calib_method not in CALIB_METHODS:
-        raise ReportError(f"--calib-method must be one of {CALIB_METHODS}, got {calib_method!r}")
-    if not engines:
-        raise ReportError("--engines needs at least one quantized engine, e.g. qnnpack,x86")
-    for e in engines:
-        torch_ao.check_engine(e)
-        torch_ao.resolve_x86_isa(reduce_range)  # rejects a bad --x86-isa before any work
-    if latency_runs < 1:
-        raise ReportError("--latency-runs must be at least 1")
+    _check_args(calib_method, engines, reduce_range, latency_runs)
     ckpt = load_checkpoint(checkpoint)
     index = discover(data, class_names=ckpt.spec.class_names)
     split_note = "given by the data"
@@ -216,20 +251,9 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                         threads=threads, progress=progress, reduce_range=reduce_range)
     del logits["__images__"]
 
-    latency = metrics.time_interleaved(builders.latency_fns(variants, images[0]), runs=latency_runs)
-    torch.set_num_threads(threads)
-    for row in latency.values():
-        row["speedup_vs_float"] = latency["float"]["median_ms"] / row["median_ms"]
-    for name, r in results.items():
-        r["latency"] = latency.get(name)
-        r["speedup_vs_float"] = latency[name]["speedup_vs_float"] if name in latency else None
-        same = "onnx_fp32" if r["runtime"] == "onnxruntime" else "float"  # vs the float model of its runtime
-        r["speedup_vs_runtime_float"] = (latency[same]["median_ms"] / latency[name]["median_ms"]
-                                         if name in latency and same in latency else None)
-        r["speedup_vs_float_loaded_under"] = {k.split("@")[1]: v["speedup_vs_float"]
-                                              for k, v in latency.items() if k.startswith(name + "@")}
+    latency = _add_latency(results, variants, images, latency_runs, threads)
 
-    violations = metrics.budget_violations(results, max_drop) if max_drop is not None else []
+    violations = budget_violations(results, max_drop) if max_drop is not None else []
     report = {
         "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "source_format": ckpt.source_format},
         "data": {"root": str(index.root), "split": split, "split_source": split_note, "n_images": len(labels),
@@ -237,13 +261,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                  "split_images": split_total, "max_images": max_images,
                  "class_names": list(classes), "class_counts": np.bincount(labels, minlength=len(classes)).tolist()},
         "calibration": {"split": "train", "size": len(calib_samples), "requested": calib_size, "seed": seed,
-                        "onnx_method": calib_method, "torch_observers": {e: torch_ao.qconfig_description(e, reduce_range)
-                                                                         for e in engines},
-                        "reduce_range": reduce_range, "x86_isa_requested": reduce_range,
-                        "x86_isa": {"torch": torch_ao.resolve_x86_isa(reduce_range, "torch"),
-                                    "onnxruntime": torch_ao.resolve_x86_isa(reduce_range, "onnxruntime")},
-                        "cpu_has_vnni": torch_ao.cpu_has_vnni(),
-                        "int8_kernels_saturate": {e: torch_ao.int8_kernels_saturate(e) for e in engines},
+                        "onnx_method": calib_method, **_int8_setup(engines, reduce_range),
                         "samples": [str(s.path) for s in calib_samples],
                         "sample_splits": sorted({str(s.split) for s in calib_samples})},
         "timing": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median",

@@ -1,0 +1,159 @@
+"""What every export command shares: its common flags, one way to find the checkpoint's data, the output
+folder checks and the result table. Each `python -m export...` parses, calls one export function with
+keywords (see run_cli), and prints what was written."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from export.common import ExportError, require_calibration
+from export.manifest import ArtifactEntry, record_source
+from export.pipeline import source_record
+from quantize.torch_ao import X86_ISA_CHOICES
+from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from train.checkpoint import Checkpoint
+from train.data import DataError, Sample, verification_sets
+
+log = logging.getLogger(__name__)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.pt): toolkit format, torchvision state "
+                                                      "dict or notebook style")
+    add_data_args(p)
+    p.add_argument("--out", type=Path, default=Path("artifacts"),
+                   help="folder for the artifacts and artifacts.json (default artifacts/)")
+
+
+def add_data_args(p: argparse.ArgumentParser, calib_size: int = 300, eval_size: int = 100) -> None:
+    p.add_argument("--data", type=Path, help="labelled real images: the train split calibrates int8, the val "
+                                             "split verifies. Default: the training data the checkpoint "
+                                             "records; with neither, static int8 stops and float files are only "
+                                             "checked on generated inputs (status 'exported', not 'verified')")
+    p.add_argument("--calib-size", type=int, default=calib_size,
+                   help=f"train images that calibrate int8 (default {calib_size})")
+    p.add_argument("--eval-size", type=int, default=eval_size,
+                   help=f"val images each artifact is verified on (default {eval_size})")
+
+
+def add_x86_isa_arg(p: argparse.ArgumentParser) -> None:
+    """For the commands that make server-side x86 int8 (ONNX Runtime static, torch x86)."""
+    p.add_argument("--x86-isa", default="auto", choices=X86_ISA_CHOICES,
+                   help="x86 CPUs that server-side int8 (ONNX Runtime static, torch x86) must stay exact on: "
+                        "avx2 = every x86-64 CPU (saturation-free: 7-bit weights), vnni = only "
+                        "CPUs with VNNI/AMX (full 8 bits), auto = this machine (default)")
+
+
+def refuse_file(out: Path, flag: str = "--out") -> None:
+    """An output folder whose place a file takes is a user error, found before any work or writing."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ExportError(f"{flag} {out} is a file; pass a folder (it is created if missing)")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> Path:
+    """A folder we can write into, made if missing; a file in its place, or no permission, is a user error,
+    not a traceback."""
+    out = Path(out)
+    refuse_file(out, flag)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ExportError(f"{flag} {out}: cannot write there ({err.strerror or err}); choose a writable "
+                          f"folder") from err
+    return out
+
+
+def training_data_of(ckpt: Checkpoint) -> Path | None:
+    """The data a toolkit checkpoint was trained on, when it still exists: the run's splits.csv (the exact
+    split training used) or the recorded --data folder."""
+    splits = Path(ckpt.path).parent / "splits.csv"
+    if ckpt.source_format == CHECKPOINT_FORMAT and splits.is_file():
+        return splits
+    recorded = (ckpt.meta.get("train_config") or {}).get("data")
+    return Path(recorded) if recorded and Path(recorded).exists() else None
+
+
+def resolve_data(data: Path | None, ckpt: Checkpoint, static_int8: bool, what: str, alternatives: str) -> Path | None:
+    """--data, else the training data the checkpoint records (and say so); static int8 with neither stops
+    before anything is written."""
+    if data is None:
+        data = training_data_of(ckpt)
+        if data is not None:
+            log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
+        elif static_int8:
+            require_calibration(None, f"{what} from {ckpt.path}", alternatives)
+    return data
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """Image counts given on the command line must be at least 1 (0 never silently means 'all')."""
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def load_inputs(args: argparse.Namespace, ckpt: Checkpoint, static_int8: bool = False,
+                alternatives: str = "choose an int8 mode that needs no calibration") -> tuple[
+                    Path | None, list[Sample] | None, list[Sample] | None]:
+    """(data folder, eval samples from val, calibration samples from train); raises the toolkit's errors
+    before anything is written. Without --data the training data the checkpoint records is used (and said);
+    static int8 with neither stops with an error."""
+    check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
+    data = resolve_data(args.data, ckpt, static_int8, "static int8", alternatives)
+    if data is None:
+        return None, None, None
+    eval_samples, calib_samples = verification_sets(data, ckpt.spec.class_names, args.calib_size, args.eval_size)
+    return Path(data), eval_samples, calib_samples
+
+
+def print_entries(rows: Sequence[ArtifactEntry], file: Any = None) -> None:
+    file = file or sys.stdout  # looked up now, so redirected stdout (tests, tee) is honoured
+    for e in rows:
+        v = e.verification
+        if e.status == "failed":
+            print(f"{e.name:18s} failed    {e.error}", file=file)
+            continue
+        size = f"{e.size_bytes / 1e6:7.2f} MB" if e.size_bytes is not None else "      - MB"
+        print(f"{e.name:18s} {e.status:9s} {e.path or '-':26s} {size}  "
+              f"max|dlogit| {v.get('max_abs_logit_diff', float('nan')):.2e}  "
+              f"top-1 agreement {v.get('top1_agreement', float('nan')):.3f}", file=file)
+    reasons = sorted({e.status_reason for e in rows if e.status == "exported" and e.status_reason})
+    for reason in reasons:
+        print(f"note: 'exported', not 'verified': {reason}", file=file)
+
+
+def setup_logging() -> None:
+    """INFO for the toolkit, WARNING for the libraries (ONNX Runtime's quantizer logs every tensor at INFO)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("export", "quantize", "train", "mobile_assets"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[ArtifactEntry]],
+            argv: Sequence[str] | None, options: Callable[[argparse.Namespace], dict],
+            static_int8: Callable[[dict], bool] = lambda opts: False,
+            alternatives: str = "choose an int8 mode that needs no calibration") -> int:
+    """Parse, check every input (static int8 needs real calibration images), call one export function with
+    keywords, print a table. Exit 2 on bad input (before anything is written), 1 when an artifact failed."""
+    from train.checkpoint import load_checkpoint
+
+    args = parser.parse_args(argv)
+    setup_logging()
+    opts = options(args)
+    check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
+    refuse_file(args.out)
+    ckpt = load_checkpoint(args.checkpoint)
+    data, eval_samples, calib_samples = load_inputs(args, ckpt, static_int8(opts), alternatives)
+    check_out_dir(args.out)
+    record_source(args.out, source_record(ckpt, data, eval_samples))
+    rows = export(ckpt, args.out, eval_samples=eval_samples, calib_samples=calib_samples, **opts)
+    print_entries(rows)
+    return 1 if any(e.status == "failed" for e in rows) else 0
+

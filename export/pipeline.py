@@ -1,0 +1,98 @@
+"""`export_all`: every registered format (export.registry) exports, proves itself in its runtime, and
+becomes rows in artifacts.json; a format that fails is 'failed' rows with the reason, and the others go on."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from export.common import record_failed, tool_versions
+from export.manifest import ArtifactEntry, read_manifest
+from export.registry import FORMATS, Format, get_format
+from train.atomic import write_json
+from train.checkpoint import Checkpoint
+from train.cpu import cpu_description
+from train.data import Sample, images_origin
+
+log = logging.getLogger(__name__)
+
+
+def _failed_rows(fmt: Format, ckpt: Checkpoint, out_dir: Path, before: dict[str, Any], error: str,
+                 wanted: Sequence[str]) -> list[ArtifactEntry]:
+    """A 'failed' row for each wanted entry of `fmt` that this attempt did not write itself."""
+    now = read_manifest(out_dir)["artifacts"]
+    rows = []
+    for name in wanted:
+        if name in now and now[name] != before.get(name):
+            rows.append(ArtifactEntry(**now[name]))  # written by the exporter before it failed
+        else:
+            rows.append(record_failed(ckpt, out_dir, name, error))
+    return rows
+
+
+def export_format(name: str, ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
+                  calib_samples: list[Sample] | None = None, **options: Any) -> list[ArtifactEntry]:
+    """One registered format; whatever goes wrong (missing module, missing library, a crash) becomes
+    'failed' rows that say why, so the caller can go on with the next format."""
+    fmt = get_format(name)
+    out_dir = Path(out_dir)
+    before = dict(read_manifest(out_dir)["artifacts"])
+    try:
+        function = getattr(importlib.import_module(fmt.module), fmt.function)
+    except (ImportError, AttributeError) as err:
+        return _failed_rows(fmt, ckpt, out_dir, before, f"{fmt.module}.{fmt.function} is not available: "
+                            f"{type(err).__name__}: {err}", fmt.entries)
+    try:
+        return list(function(ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples, **options))
+    except Exception as err:  # one format's failure must not stop the others
+        log.exception("%s export failed", name)
+        changed = [n for n in fmt.entries if read_manifest(out_dir)["artifacts"].get(n) != before.get(n)]
+        return _failed_rows(fmt, ckpt, out_dir, before, f"{type(err).__name__}: {err}", changed or fmt.entries)
+
+
+def format_options(names: Sequence[str], int8: str = "static", **shared: Any) -> dict[str, dict[str, Any]]:
+    """Each format's exporter keywords: its registered `--int8` choice, plus those shared options (e.g.
+    x86_isa) that the registry says it takes."""
+    return {n: {**FORMATS[n].int8.get(int8, {}), **{k: v for k, v in shared.items() if k in FORMATS[n].options}}
+            for n in names}
+
+
+def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
+               calib_samples: list[Sample] | None = None, only: Sequence[str] | None = None,
+               options: dict[str, dict[str, Any]] | None = None) -> list[ArtifactEntry]:
+    """Export every registered format (or `only` those), in registry order; returns all rows written.
+    `options` maps a format name to extra keyword arguments for its exporter."""
+    names = list(FORMATS) if only is None else list(only)
+    for n in names:
+        get_format(n)  # an unknown name fails before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[ArtifactEntry] = []
+    for name in names:
+        log.info("exporting %s (%s)", name, FORMATS[name].description)
+        rows += export_format(name, ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples,
+                              **(options or {}).get(name, {}))
+    write_json(out_dir / "export_config.json", {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "formats": names,
+        "options": options or {}, "eval_images": len(eval_samples) if eval_samples else "generated",
+        "eval_images_origin": images_origin(eval_samples) if eval_samples else "generated",
+        "calibration_images": len(calib_samples) if calib_samples else None,
+        "machine": cpu_description(),
+        "tool_versions": tool_versions(), "registry": [asdict(FORMATS[n]) for n in names],
+        "results": {r.name: r.status for r in rows}})
+    return rows
+
+
+def source_record(ckpt: Checkpoint, data: Path | None, eval_samples: Sequence[Sample] | None) -> dict[str, Any]:
+    """artifacts.json's source block: enough to rebuild the bundle or the benchmark without the command line."""
+    from train.data import images_origin
+
+    return {"checkpoint": str(Path(ckpt.path).resolve()), "checkpoint_sha256": ckpt.sha256, "arch": ckpt.arch,
+            "spec": ckpt.spec.to_dict(), "data": str(Path(data).resolve()) if data else None,
+            "eval_images_origin": images_origin(eval_samples) if eval_samples else "generated",
+            "eval_images": [{"path": str(Path(s.path).resolve()), "label": int(s.label)} for s in eval_samples or []]}

@@ -1,0 +1,259 @@
+"""The Flutter asset bundle: models, labels, manifest.json, test vectors and the app developers' README.
+
+Written from the artifact manifest (artifacts.json), never from a directory listing. Everything is staged in
+a hidden temporary folder inside the bundle folder (same file system, and covered by its .gitignore), validated against mobile_assets/manifest.schema.json, then moved
+into place with os.replace, manifest.json last: a folder holds a bundle exactly when it holds manifest.json,
+and an interrupted run leaves the old bundle (failure before the move) or no manifest.json (during it).
+The bundle folder may also hold source files (the default mobile_assets/ does); only generated_names() are
+ever replaced or removed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from export.manifest import ArtifactEntry, entries, read_source, verify_file
+from export.registry import bundle_variants, variant
+from mobile_assets import APP_README_PATH, validate_manifest
+from mobile_assets.vectors import evaluate_models, write_test_vectors
+from train.atomic import sha256_file, size_bytes
+from train.data import Sample
+from train.errors import ToolkitError
+from train.spec import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+BUNDLE_SCHEMA_VERSION = 1
+FIXED = ("labels.txt", "test_vectors", "README.md", "manifest.json")
+NOTICE = ("RESEARCH SOFTWARE, NOT A MEDICAL DEVICE. This model has not been validated for clinical use and "
+          "must not be used to diagnose, treat or triage patients. Its training data confounds diagnosis with "
+          "image source, so its accuracy on other images is unknown.")
+
+
+def generated_names() -> tuple[str, ...]:
+    """Every name a bundle writes (model files from the registry): the only names ever replaced or removed."""
+    return (*(v.file for v in bundle_variants().values()), *FIXED)
+
+
+class BundleError(ToolkitError, RuntimeError):
+    """A bundle that cannot be written as asked; the message names the folder or artifact."""
+
+
+def check_target(bundle_dir: Path, force: bool) -> None:
+    """Called before minutes of export, so a bundle that cannot be written fails first."""
+    if bundle_dir.exists() and not bundle_dir.is_dir():
+        raise BundleError(f"--out {bundle_dir} is a file, not a folder; choose a folder for the bundle")
+    if (bundle_dir / "manifest.json").exists() and not force:
+        raise BundleError(f"--out {bundle_dir} already holds a bundle (manifest.json); pass --force to "
+                          f"replace it or choose another --out")
+
+
+def _stage(bundle_dir: Path) -> Path:
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".staging.", suffix=".partial", dir=bundle_dir))
+    except OSError as err:
+        raise BundleError(f"cannot write the bundle to --out {bundle_dir}: {err.strerror or err}; choose a "
+                          f"writable folder") from err
+
+
+def pick_models(artifacts_dir: Path, checkpoint_sha256: str | None, include: Sequence[str] | None,
+                allow_unverified: bool = False) -> list[ArtifactEntry]:
+    """Bundled entries (export.registry: `bundle`) of *this* checkpoint verified on real images, with their files
+    unaltered. `allow_unverified` (the SYNTHETIC demo only) also takes 'exported' entries, and the bundle says so."""
+    accepted = ("verified", "exported") if allow_unverified else ("verified",)
+    bundled = bundle_variants()
+    chosen = []
+    for e in entries(artifacts_dir):
+        if e.name not in bundled or (include is not None and e.name not in include):
+            continue
+        if e.status not in accepted:
+            log.warning("skipping %s: status %s (%s)", e.name, e.status, e.error or e.status_reason)
+        elif e.source_checkpoint_sha256 != checkpoint_sha256:
+            log.warning("skipping %s: exported from another checkpoint", e.name)
+        else:
+            verify_file(artifacts_dir, e)
+            chosen.append(e)
+    primary = next(iter(bundled))
+    if not any(e.name == primary for e in chosen):
+        raise BundleError(f"{artifacts_dir}/artifacts.json has no {primary} entry verified on real images for "
+                          f"checkpoint {str(checkpoint_sha256)[:12]}; run `python -m export.lite --checkpoint CKPT "
+                          f"--data REAL_IMAGES` first (a bundle only ships files verified on real X-rays)")
+    return sorted(chosen, key=lambda e: list(bundled).index(e.name))
+
+
+def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
+    d, v = e.details, variant(e.name)
+    return {"name": e.name, "file": v.file, "format": e.format, "precision": e.precision, "runtime": e.runtime,
+            "app_runtime": v.bundle, "input_layout": v.layout, "batch": v.batch,
+            "status": e.status, "status_reason": e.status_reason,
+            "quantized_engine": e.engine if e.precision == "int8" else None,
+            "recommended_runtime_engine": d.get("recommended_runtime_engine"),
+            "bytecode_version": d.get("bytecode_version"), "conversion": d.get("conversion"),
+            "optimize_for_mobile": d.get("optimize_for_mobile"), "operators": d.get("operators"),
+            "sha256": sha256_file(stage / v.file), "size_bytes": size_bytes(stage / v.file),
+            "verification": e.verification}
+
+
+def _input_block(spec: PreprocessSpec, layout: str) -> dict[str, Any]:
+    return {"shape": list(spec.input_shape), "layout": layout, "dtype": "float32", "value_range": [0.0, 1.0],
+            "colour": "RGB: the grayscale radiograph repeated in all 3 channels",
+            "resize": {"method": spec.resize, "size": [spec.input_size, spec.input_size],
+                       "order": "decode -> grayscale -> resize -> repeat to 3 channels -> divide by 255"},
+            "normalization_inside_model": True, "contrast_stretch_inside_model": spec.contrast_stretch,
+            "mean_std_inside_model": {"mean": list(spec.mean), "std": list(spec.std)},
+            "app_must_pass_mean": [0.0, 0.0, 0.0], "app_must_pass_std": [1.0, 1.0, 1.0]}
+
+
+def build_manifest(stage: Path, source: dict[str, Any], models: list[ArtifactEntry], vectors: dict[str, Any],
+                   evaluation: dict[str, Any] | None, model_name: str | None, model_version: str | None) -> dict:
+    spec = PreprocessSpec.from_dict(source["spec"])
+    primary = models[0]
+    int8 = next((e for e in models if e.runtime == primary.runtime and e.precision == "int8"), None)
+    files = [{"path": str(p.relative_to(stage)), "sha256": sha256_file(p), "size_bytes": size_bytes(p)}
+             for p in sorted(stage.rglob("*")) if p.is_file() and p.name != "manifest.json"]
+    sha, arch = source.get("checkpoint_sha256"), source.get("arch", "resnet18")
+    return {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "notice": NOTICE,
+        "model": {"name": model_name or f"cxr-{arch}-{spec.num_classes}class",
+                  "version": model_version or (sha or "unknown")[:12], "architecture": arch,
+                  "source_checkpoint_sha256": sha,
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        "classes": list(spec.class_names),
+        "labels_file": "labels.txt",
+        "input": _input_block(spec, variant(primary.name).layout),
+        "outputs": {"name": "logits", "shape": [1, spec.num_classes], "dtype": "float32",
+                    "order": "same as classes / labels.txt", "postprocess": "apply softmax for probabilities"},
+        "runtime": {"torch_version": primary.tool_versions.get("torch"),
+                    "bytecode_version": primary.details.get("bytecode_version"),
+                    "optimize_for_mobile": primary.details.get("optimize_for_mobile"),
+                    "int8_engine": int8.engine if int8 else None,
+                    "recommended_runtime_engine": (int8.details.get("recommended_runtime_engine") if int8 else None)},
+        "models": [_model_record(e, stage) for e in models],
+        "files": files,
+        "test_vectors": vectors,
+        "evaluation": evaluation,
+    }
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """os.replace for files and folders; an existing folder is moved aside first (rename cannot overwrite it)."""
+    trash = None
+    if dest.is_dir() and not dest.is_symlink():
+        trash = dest.with_name(f".{dest.name}.old.partial")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dest, trash)
+    os.replace(src, dest)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def commit(stage: Path, bundle_dir: Path) -> None:
+    """Move staged files into place, manifest.json last; stale generated files of an old bundle go."""
+    marker = bundle_dir / "manifest.json"
+    marker.unlink(missing_ok=True)  # from here until the end, the folder does not claim to hold a bundle
+    staged = {p.name for p in stage.iterdir()}
+    for name in generated_names():
+        if name == "manifest.json":
+            continue
+        if name in staged:
+            _replace(stage / name, bundle_dir / name)
+        elif name != "README.md" and (bundle_dir / name).exists():
+            stale = bundle_dir / name
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    os.replace(stage / "manifest.json", marker)
+
+
+def check_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """Re-read a bundle: schema-valid manifest and every listed file present with its sha256."""
+    import json
+
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    validate_manifest(manifest)
+    for f in manifest["files"]:
+        if sha256_file(bundle_dir / f["path"]) != f["sha256"]:
+            raise BundleError(f"{bundle_dir / f['path']}: sha256 differs from manifest.json")
+    return manifest
+
+
+def _samples(records: Sequence[dict[str, Any]], artifacts_dir: Path) -> list[Sample]:
+    samples = [Sample(Path(r["path"]), int(r["label"])) for r in records]
+    missing = [str(s.path) for s in samples if not s.path.is_file()]
+    if missing:
+        raise BundleError(f"{artifacts_dir}/artifacts.json: {len(missing)} verification images are gone (e.g. "
+                          f"{missing[0]}); pass --data with the images, or export again")
+    return samples
+
+
+def bundle_images(artifacts_dir: Path, source: dict[str, Any], data: Path | None,
+                  metrics_size: int | None) -> tuple[list[Sample], list[Sample] | None, dict[str, Any] | None]:
+    """(test-vector images, images the bundled models are scored on, where those came from): the images the
+    artifacts were verified on, and the val split of the data they recorded (or of `data`)."""
+    from train.data import DataError, labelled_splits, seeded_subset
+
+    spec = PreprocessSpec.from_dict(source["spec"])
+    vectors = _samples(source.get("eval_images") or [], artifacts_dir)
+    data = data or (Path(source["data"]) if source.get("data") and Path(source["data"]).exists() else None)
+    if data is None:
+        return vectors, vectors or None, {"data": "the verification images in artifacts.json", "split": "val"}
+    idx = labelled_splits(data, spec.class_names)
+    val = idx.split("val") or idx.split("test")
+    if not val:
+        raise DataError(f"--data {data}: no val or test images to score the bundled models on")
+    metrics = val if metrics_size is None else seeded_subset(val, metrics_size, seed=1)
+    return vectors or seeded_subset(val, 32, seed=1), metrics, {"data": str(data), "split": "val"}
+
+
+def _reference_model(source: dict[str, Any]) -> Any:
+    """The float PyTorch model, when its checkpoint is still where it was exported from (for the reference logits)."""
+    from train.checkpoint import load_checkpoint
+
+    path = Path(source.get("checkpoint") or "")
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    return ckpt.build_deploy_model() if ckpt.sha256 == source.get("checkpoint_sha256") else None
+
+
+def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Path | None = None,
+                 force: bool = False, include: Sequence[str] | None = None, test_vectors: int = 3,
+                 model_name: str | None = None, model_version: str | None = None, metrics_size: int | None = None,
+                 allow_unverified: bool = False) -> Path:
+    """Write the Flutter bundle from `artifacts_dir`/artifacts.json alone: its source block names the checkpoint,
+    the spec and the images the files were verified on; `data` (labelled images) overrides the recorded data."""
+    from train.atomic import write_json, write_text
+
+    artifacts_dir, bundle_dir = Path(artifacts_dir), Path(bundle_dir)
+    check_target(bundle_dir, force)
+    source = read_source(artifacts_dir)
+    models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified)
+    spec = PreprocessSpec.from_dict(source["spec"])
+    vector_images, metric_images, eval_info = bundle_images(artifacts_dir, source, data, metrics_size)
+    stage = _stage(bundle_dir)
+    try:
+        for e in models:
+            shutil.copyfile(artifacts_dir / e.path, stage / variant(e.name).file)
+        write_text(stage / "labels.txt", "".join(f"{c}\n" for c in spec.class_names))
+        vectors = write_test_vectors(stage, spec, models, vector_images, test_vectors, _reference_model(source))
+        evaluation = evaluate_models(stage, spec, models, metric_images) if metric_images else None
+        if evaluation is not None:
+            evaluation.update(eval_info or {})
+        shutil.copyfile(APP_README_PATH, stage / "README.md")
+        manifest = build_manifest(stage, source, models, vectors, evaluation, model_name, model_version)
+        validate_manifest(manifest)
+        write_json(stage / "manifest.json", manifest)
+        commit(stage, bundle_dir)
+    except OSError as err:
+        raise BundleError(f"writing the bundle to {bundle_dir} failed: {err}") from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("wrote the Flutter bundle to %s (%d models)", bundle_dir, len(models))
+    return bundle_dir

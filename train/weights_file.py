@@ -1,0 +1,72 @@
+"""Reading weights from a .pt file in any layout the toolkit accepts, with weights_only.
+
+Accepted layouts:
+  * the toolkit's own checkpoint (`format == FORMAT`), written by `python -m train` or `python -m train.convert`;
+  * a plain torchvision ResNet-18 state dict (`conv1.weight`, ..., `fc.weight`);
+  * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`.
+Both `train.model` (--weights PATH) and `train.checkpoint` read files this way, so it lives below both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.errors import ToolkitError
+
+FORMAT = "cxr-toolkit-checkpoint"
+NOTEBOOK_PREFIXES = ("resnet18.", "model.", "module.")
+
+
+class CheckpointError(ToolkitError, ValueError):
+    """A checkpoint that is missing, unreadable or inconsistent; the message names the file."""
+
+
+def read_raw(path: str | Path) -> Any:
+    """The file's contents as plain data; never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint with a .pt file "
+                              f"written by `python -m train` or a ResNet-18 state dict")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the .pt file inside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+            f"It must be a file saved with torch.save holding only tensors and plain data "
+            f"(the toolkit never unpickles arbitrary objects)."
+        ) from err
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    for prefix in NOTEBOOK_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Return (state dict, source format) from any accepted layout."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(raw).__name__}")
+    if raw.get("format") == FORMAT:
+        return raw["state_dict"], FORMAT
+    for key in ("model_state_dict", "state_dict", "model"):
+        if isinstance(raw.get(key), dict):
+            return _strip_prefix(raw[key]), "notebook"
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        stripped = _strip_prefix(raw)
+        return stripped, "torchvision_state_dict" if stripped is raw else "notebook"
+    raise CheckpointError(
+        f"{path}: not a toolkit checkpoint, a torchvision state dict, or a notebook-style "
+        f"{{'model_state_dict': ...}} dict (top-level keys: {sorted(raw)[:8]})"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Just the weights, from any accepted layout."""
+    return as_state_dict(read_raw(path), Path(path))[0]
