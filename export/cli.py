@@ -49,6 +49,14 @@ def add_x86_isa_arg(p: argparse.ArgumentParser) -> None:
                         "CPUs with VNNI/AMX (full 8 bits), auto = this machine (default)")
 
 
+def variants_option(value: str, choices: Sequence[str], flag: str = "--variants") -> tuple[str, ...]:
+    """A comma-separated list of a format's variants, checked against its choices before anything is written."""
+    variants = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not variants or set(variants) - set(choices):
+        raise ExportError(f"{flag} {value!r}: choose from {', '.join(choices)} (comma-separated)")
+    return variants
+
+
 def refuse_file(out: Path, flag: str = "--out") -> None:
     """An output folder whose place a file takes is a user error, found before any work or writing."""
     if Path(out).exists() and not Path(out).is_dir():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.cli import add_common_args, run_cli
+from export.cli import add_common_args, run_cli, variants_option
 from export.common import ExportError, eval_inputs, record_failed, reference_logits, tool_versions, write_proven
 from export.manifest import ArtifactEntry
 from train.checkpoint import Checkpoint
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), export_coreml, argv,
-                   lambda a: {"variants": tuple(v.strip() for v in a.variants.split(",") if v.strip()),
+                   lambda a: {"variants": variants_option(a.variants, VARIANTS),
                               "target": a.target})
 
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from export.cli import add_common_args, run_cli
+from export.cli import add_common_args, run_cli, variants_option
 from export.common import (FLOAT_ATOL, ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed,
                            reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
@@ -115,18 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _variants_option(value: str) -> tuple[str, ...]:
-    variants = tuple(v.strip() for v in value.split(",") if v.strip())
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not variants:
-        raise ExportError(f"--variants {value!r}: choose from {', '.join(VARIANTS)} (comma-separated)")
-    return variants
-
-
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), export_executorch, argv,
-                   lambda a: {"variants": _variants_option(a.variants), "tolerance": a.tolerance},
+                   lambda a: {"variants": variants_option(a.variants, VARIANTS), "tolerance": a.tolerance},
                    static_int8=lambda o: "int8" in o["variants"], alternatives=ALTERNATIVES)
 
 

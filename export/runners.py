@@ -204,6 +204,44 @@ class ExecuTorchRunner(Runner):
         return torch.cat(outs).float().numpy()
 
 
+class LiteRTRunner(Runner):
+    """LiteRT's own interpreter (ai-edge-litert, with its default XNNPACK delegate: what tflite_flutter embeds).
+    Takes the toolkit's NCHW batch like every runner and feeds each image in the file's own layout (NHWC files
+    get a transpose) and dtype; quantized outputs are dequantized with the file's scale and zero point."""
+
+    runtime = "litert"
+
+    def load(self, path: str | Path) -> "LiteRTRunner":
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as err:
+            raise RunnerError(f"ai-edge-litert is not installed ({err}); pip install ai-edge-litert") from err
+        try:
+            self.model = Interpreter(model_path=str(path), num_threads=self.threads or None)
+            self.model.allocate_tensors()
+        except Exception as err:
+            raise RunnerError(f"the LiteRT interpreter cannot load {path}: {err}") from err
+        self._in, self._out = self.model.get_input_details()[0], self.model.get_output_details()[0]
+        shape = tuple(self._in["shape"])
+        self.layout = "NHWC" if shape[-1] == 3 and shape[1] != 3 else "NCHW"
+        self.engine = self.engine or "XNNPACK"
+        return self
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        outs = []
+        for x in np.asarray(batch, dtype=np.float32):
+            x = x.transpose(1, 2, 0) if self.layout == "NHWC" else x
+            scale, zero = self._in["quantization"]
+            if scale:  # an integer input tensor: quantize as the file says
+                x = np.clip(np.round(x / scale + zero), -128, 127)
+            self.model.set_tensor(self._in["index"], np.ascontiguousarray(x[None], dtype=self._in["dtype"]))
+            self.model.invoke()
+            out = self.model.get_tensor(self._out["index"]).astype(np.float32)
+            scale, zero = self._out["quantization"]
+            outs.append((out - zero) * scale if scale else out)
+        return np.concatenate(outs)
+
+
 class CoreMLRunner(Runner):
     """CoreML prediction. Only macOS has the CoreML framework; elsewhere `load` says so."""
 
@@ -238,7 +276,8 @@ class CoreMLRunner(Runner):
 
 
 RUNNERS: dict[str, Callable[..., Runner]] = {
-    r.runtime: r for r in (EagerRunner, TorchScriptRunner, LiteRunner, OnnxRunner, ExecuTorchRunner, CoreMLRunner)
+    r.runtime: r for r in (EagerRunner, TorchScriptRunner, LiteRunner, OnnxRunner, ExecuTorchRunner, LiteRTRunner,
+                            CoreMLRunner)
 }
 
 

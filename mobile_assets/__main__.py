@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from export.registry import bundle_variants
 from train.errors import cli_errors
+
+RUNTIMES = tuple(dict.fromkeys(v.bundle for v in bundle_variants().values()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="labelled images whose val split scores the bundled models "
                                              "(default: the data recorded in artifacts.json)")
     p.add_argument("--metrics-size", type=int, help="val images the bundled models are scored on (default: all)")
+    p.add_argument("--runtime", default="all", choices=("all", *RUNTIMES),
+                   help="the Flutter runtime package the bundle is for: only the files it loads (default all: every "
+                        "bundled runtime whose files were exported and verified)")
     p.add_argument("--test-vectors", type=int, default=3, help="test vectors in the bundle (default 3)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--model-name", help="model name in manifest.json (default cxr-resnet18-<N>class)")
@@ -36,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_sizes(metrics_size=a.metrics_size, test_vectors=a.test_vectors)
     write_bundle(a.artifacts, a.out, data=a.data, force=a.force, test_vectors=a.test_vectors,
-                 model_name=a.model_name, model_version=a.model_version, metrics_size=a.metrics_size)
+                 model_name=a.model_name, model_version=a.model_version, metrics_size=a.metrics_size,
+                 runtime=None if a.runtime == "all" else a.runtime)
     print(f"Flutter bundle written to {a.out}/ (manifest.json, labels.txt, test_vectors/, README.md)")
     return 0
 

@@ -64,11 +64,12 @@ def _stage(bundle_dir: Path) -> Path:
 
 
 def pick_models(artifacts_dir: Path, checkpoint_sha256: str | None, include: Sequence[str] | None,
-                allow_unverified: bool = False) -> list[ArtifactEntry]:
-    """Bundled entries (export.registry: `bundle`) of *this* checkpoint verified on real images, with their files
-    unaltered. `allow_unverified` (the SYNTHETIC demo only) also takes 'exported' entries, and the bundle says so."""
+                allow_unverified: bool = False, runtime: str | None = None) -> list[ArtifactEntry]:
+    """Bundled entries (export.registry: `bundle`, for one Flutter runtime package or all) of *this* checkpoint
+    verified on real images, with their files unaltered. `allow_unverified` (the SYNTHETIC demo only) also takes
+    'exported' entries, and the bundle says so. The first float model in registry order is the primary one."""
     accepted = ("verified", "exported") if allow_unverified else ("verified",)
-    bundled = bundle_variants()
+    bundled = bundle_variants(runtime)
     chosen = []
     for e in entries(artifacts_dir):
         if e.name not in bundled or (include is not None and e.name not in include):
@@ -80,18 +81,23 @@ def pick_models(artifacts_dir: Path, checkpoint_sha256: str | None, include: Seq
         else:
             verify_file(artifacts_dir, e)
             chosen.append(e)
-    primary = next(iter(bundled))
-    if not any(e.name == primary for e in chosen):
-        raise BundleError(f"{artifacts_dir}/artifacts.json has no {primary} entry verified on real images for "
+    floats = [n for n, v in bundled.items() if not v.is_int8]
+    if not any(e.name in floats for e in chosen):
+        wanted = " or ".join(floats) or f"(no registered file for runtime {runtime!r})"
+        raise BundleError(f"{artifacts_dir}/artifacts.json has no {wanted} entry verified on real images for "
                           f"checkpoint {str(checkpoint_sha256)[:12]}; run `python -m export.lite --checkpoint CKPT "
-                          f"--data REAL_IMAGES` first (a bundle only ships files verified on real X-rays)")
-    return sorted(chosen, key=lambda e: list(bundled).index(e.name))
+                          f"--data REAL_IMAGES` (or `python -m export` for the other formats) first (a bundle only "
+                          f"ships files verified on real X-rays)")
+    chosen.sort(key=lambda e: list(bundled).index(e.name))
+    primary = next(e for e in chosen if e.name in floats)
+    return [primary] + [e for e in chosen if e is not primary]
 
 
 def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
     d, v = e.details, variant(e.name)
     return {"name": e.name, "file": v.file, "format": e.format, "precision": e.precision, "runtime": e.runtime,
-            "app_runtime": v.bundle, "input_layout": v.layout, "batch": v.batch,
+            "app_runtime": v.bundle, "input_layout": d.get("input_layout") or v.layout, "batch": v.batch,
+            "output": (d.get("graph") or {}).get("output"),
             "status": e.status, "status_reason": e.status_reason,
             "quantized_engine": e.engine if e.precision == "int8" else None,
             "recommended_runtime_engine": d.get("recommended_runtime_engine"),
@@ -102,7 +108,8 @@ def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
 
 
 def _input_block(spec: PreprocessSpec, layout: str) -> dict[str, Any]:
-    return {"shape": list(spec.input_shape), "layout": layout, "dtype": "float32", "value_range": [0.0, 1.0],
+    n, c, h, w = spec.input_shape
+    return {"shape": [n, h, w, c] if layout == "NHWC" else [n, c, h, w], "layout": layout, "dtype": "float32", "value_range": [0.0, 1.0],
             "colour": "RGB: the grayscale radiograph repeated in all 3 channels",
             "resize": {"method": spec.resize, "size": [spec.input_size, spec.input_size],
                        "order": "decode -> grayscale -> resize -> repeat to 3 channels -> divide by 255"},
@@ -128,10 +135,11 @@ def build_manifest(stage: Path, source: dict[str, Any], models: list[ArtifactEnt
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
         "classes": list(spec.class_names),
         "labels_file": "labels.txt",
-        "input": _input_block(spec, variant(primary.name).layout),
+        "input": _input_block(spec, primary.details.get("input_layout") or variant(primary.name).layout),
         "outputs": {"name": "logits", "shape": [1, spec.num_classes], "dtype": "float32",
                     "order": "same as classes / labels.txt", "postprocess": "apply softmax for probabilities"},
-        "runtime": {"torch_version": primary.tool_versions.get("torch"),
+        "runtime": {"app_runtimes": sorted({variant(e.name).bundle for e in models}),
+                    "torch_version": primary.tool_versions.get("torch"),
                     "bytecode_version": primary.details.get("bytecode_version"),
                     "optimize_for_mobile": primary.details.get("optimize_for_mobile"),
                     "int8_engine": int8.engine if int8 else None,
@@ -226,15 +234,16 @@ def _reference_model(source: dict[str, Any]) -> Any:
 def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Path | None = None,
                  force: bool = False, include: Sequence[str] | None = None, test_vectors: int = 3,
                  model_name: str | None = None, model_version: str | None = None, metrics_size: int | None = None,
-                 allow_unverified: bool = False) -> Path:
+                 allow_unverified: bool = False, runtime: str | None = None) -> Path:
     """Write the Flutter bundle from `artifacts_dir`/artifacts.json alone: its source block names the checkpoint,
-    the spec and the images the files were verified on; `data` (labelled images) overrides the recorded data."""
+    the spec and the images the files were verified on; `data` (labelled images) overrides the recorded data.
+    `runtime` (a Flutter runtime package, e.g. tflite_flutter) bundles only the files that package loads."""
     from train.atomic import write_json, write_text
 
     artifacts_dir, bundle_dir = Path(artifacts_dir), Path(bundle_dir)
     check_target(bundle_dir, force)
     source = read_source(artifacts_dir)
-    models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified)
+    models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified, runtime)
     spec = PreprocessSpec.from_dict(source["spec"])
     vector_images, metric_images, eval_info = bundle_images(artifacts_dir, source, data, metrics_size)
     stage = _stage(bundle_dir)

@@ -33,7 +33,8 @@ def _vector_images(spec: PreprocessSpec, samples: Sequence[Sample] | None, n: in
     return [(p, "SYNTHETIC generated image (no images recorded)") for p in sorted(root.rglob("*.png"))[:n]]
 
 
-def _write_inputs(out: Path, spec: PreprocessSpec, images: list[tuple[Path, str]]) -> tuple[list[dict], np.ndarray]:
+def _write_inputs(out: Path, spec: PreprocessSpec, images: list[tuple[Path, str]],
+                  nhwc: bool) -> tuple[list[dict], np.ndarray]:
     from PIL import Image
 
     vectors, batch = [], []
@@ -47,6 +48,9 @@ def _write_inputs(out: Path, spec: PreprocessSpec, images: list[tuple[Path, str]
         batch.append(x[0])
         vectors.append({"name": name, "png": f"test_vectors/{name}.png", "input": f"test_vectors/{name}.bin",
                         "shape": list(x.shape), "dtype": "float32", "byte_order": "little", "source": source})
+        if nhwc:  # the same numbers in the order NHWC models (.tflite) take them
+            (out / f"{name}.nhwc.bin").write_bytes(x.transpose(0, 2, 3, 1).astype("<f4").tobytes())
+            vectors[-1]["input_nhwc"] = f"test_vectors/{name}.nhwc.bin"
     return vectors, np.stack(batch)
 
 
@@ -59,7 +63,8 @@ def write_test_vectors(stage: Path, spec: PreprocessSpec, models: list[ArtifactE
     out = stage / "test_vectors"
     out.mkdir()
     with tempfile.TemporaryDirectory(prefix="cxr-vectors-") as tmp:
-        vectors, x = _write_inputs(out, spec, _vector_images(spec, samples, n, Path(tmp)))
+        nhwc = any((e.details.get("input_layout") or variant(e.name).layout) == "NHWC" for e in models)
+        vectors, x = _write_inputs(out, spec, _vector_images(spec, samples, n, Path(tmp)), nhwc)
     expected: dict[str, Any] = {}
     if reference is not None:
         expected["reference (PyTorch eager float)"] = get_runner("torch-eager").use_module(reference).run(x)

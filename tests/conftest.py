@@ -95,3 +95,12 @@ def synthetic_index(synthetic_data, ckpt):
     from train.data import discover
 
     return discover(synthetic_data, ckpt.spec.class_names)
+
+
+@pytest.fixture(scope="session")
+def export_samples(synthetic_data, ckpt):
+    """(verification images from val, calibration images from train) of the synthetic data, as every export
+    command takes them (train.data.verification_sets), small enough for fast tests."""
+    from train.data import verification_sets
+
+    return verification_sets(synthetic_data, ckpt.spec.class_names, calib_size=8, eval_size=4)

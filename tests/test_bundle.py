@@ -166,7 +166,7 @@ def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):
     art, _ = built
     (tmp_path / "other").mkdir()
     record_source(tmp_path / "other", {**read_manifest(art)["source"], "checkpoint_sha256": "0" * 64})
-    with pytest.raises(bundle.BundleError, match="no ptl_fp32 entry verified"):
+    with pytest.raises(bundle.BundleError, match="no ptl_fp32 or executorch_fp32 or litert_fp32 entry verified"):
         bundle.write_bundle(tmp_path / "other", tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "manifest.json").exists()
 
@@ -183,3 +183,32 @@ def test_python_m_mobile_assets_builds_the_bundle_from_artifacts_json_alone(buil
     assert m["evaluation"]["float"] == ref["evaluation"]["float"]
     assert bundle_main(["--artifacts", str(art), "--out", str(tmp_path / "b")]) == 2  # exists: needs --force
     assert "--force" in capsys.readouterr().err
+
+
+def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
+    """--runtime picks the files one Flutter plugin loads; NHWC models get NHWC test vectors and input shape."""
+    pytest.importorskip("litert_torch")
+    from export.litert import export_litert
+    from export.manifest import read_source
+    from mobile_assets.__main__ import main as bundle_main
+    from train.data import Sample
+
+    art, _ = built
+    art2 = tmp_path / "artifacts"
+    shutil.copytree(art, art2)
+    verify = [Sample(__import__("pathlib").Path(r["path"]), r["label"]) for r in read_source(art2)["eval_images"]]
+    (row,) = export_litert(ckpt, art2, eval_samples=verify, variants=("fp32",))
+    assert row.status == "verified"
+    assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "tfl"), "--runtime", "tflite_flutter",
+                        "--test-vectors", "1"]) == 0
+    m = bundle.check_bundle(tmp_path / "tfl")
+    assert [x["file"] for x in m["models"]] == ["model.tflite"] and m["runtime"]["app_runtimes"] == ["tflite_flutter"]
+    assert m["input"]["layout"] == "NHWC" and m["input"]["shape"] == [1, 32, 32, 3]
+    vec = m["test_vectors"]["vectors"][0]
+    x = np.fromfile(tmp_path / "tfl" / vec["input_nhwc"], dtype="<f4").reshape(1, 32, 32, 3)
+    expected = json.loads((tmp_path / "tfl" / "test_vectors" / "expected_logits.json").read_text())["logits"]
+    logits = get_runner("litert").load(tmp_path / "tfl" / "model.tflite").run(x.transpose(0, 3, 1, 2))
+    assert np.abs(logits[0] - expected["model.tflite"][vec["name"]]).max() <= 1e-4
+    assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "all"), "--test-vectors", "1"]) == 0
+    files = [x["file"] for x in bundle.check_bundle(tmp_path / "all")["models"]]
+    assert files == ["model.ptl", "model_int8.ptl", "model.tflite"]

@@ -16,21 +16,15 @@ from export.manifest import ArtifactEntry, read_manifest, read_source, record, v
 from export.registry import FORMATS, RegistryError, bundle_variants, format_of, get_format, variant, variants
 from export.runners import RUNNERS, get_runner
 from train.atomic import sha256_file, size_bytes
-from train.data import verification_sets
 
 PRECISIONS = {"fp32", "fp16", "int8", "w8", "palette6", "palette4"}
 
 
 @pytest.fixture(scope="module")
-def samples(synthetic_data, ckpt):
-    return verification_sets(synthetic_data, ckpt.spec.class_names, calib_size=8, eval_size=4)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, ckpt, samples):
+def exported(tmp_path_factory, ckpt, export_samples):
     """Every registered format, exported once from the tiny checkpoint through the one pipeline."""
     out = tmp_path_factory.mktemp("all_formats")
-    rows = pipeline.export_all(ckpt, out, eval_samples=samples[0], calib_samples=samples[1],
+    rows = pipeline.export_all(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1],
                                options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"))
     return out, {r.name: r for r in rows}
 
@@ -59,7 +53,7 @@ def test_unknown_names_say_what_is_registered():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(variants()))
-def test_every_registered_file_exports_runs_and_is_recorded(exported, name, samples, ckpt):
+def test_every_registered_file_exports_runs_and_is_recorded(exported, name, export_samples, ckpt):
     """Each registry row: written under its registered file name, recorded with the registry's facts, unaltered
     on disk, and run again in its registered runtime (where that runtime runs here)."""
     out, rows = exported
@@ -80,7 +74,7 @@ def test_every_registered_file_exports_runs_and_is_recorded(exported, name, samp
         return
     from train.data import load_batch
 
-    x = load_batch(samples[0], ckpt.spec)
+    x = load_batch(export_samples[0], ckpt.spec)
     logits = get_runner(v.runtime, engine=entry.engine).load(path).run(x)
     assert logits.shape == (len(x), ckpt.spec.num_classes)
     if not v.is_int8:
@@ -88,14 +82,14 @@ def test_every_registered_file_exports_runs_and_is_recorded(exported, name, samp
         assert abs(logits - ref).max() <= entry.verification["tolerance"]
 
 
-def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, samples, monkeypatch):
+def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, export_samples, monkeypatch):
     import export.coreml
 
     def boom(*a, **k):
         raise RuntimeError("forced failure for the test")
 
     monkeypatch.setattr(export.coreml, "export_coreml", boom)
-    rows = pipeline.export_all(ckpt, tmp_path, eval_samples=samples[0], calib_samples=samples[1],
+    rows = pipeline.export_all(ckpt, tmp_path, eval_samples=export_samples[0], calib_samples=export_samples[1],
                                only=["onnx", "coreml", "torchscript"], options={"onnx": {"int8": ("dynamic",)}})
     by = {r.name: r for r in rows}
     coreml = set(FORMATS["coreml"].entries)
@@ -153,7 +147,7 @@ def test_format_options_follow_the_registry():
     opts = pipeline.format_options(["onnx", "lite", "coreml"], "dynamic", x86_isa="avx2")
     assert opts == {"onnx": {"int8": ("dynamic",), "x86_isa": "avx2"},
                     "lite": {"int8": "dynamic", "x86_isa": "avx2"}, "coreml": {}}
-    assert [f for f in FORMATS if FORMATS[f].calibrates("static")] == ["onnx", "lite", "executorch"]
+    assert [f for f in FORMATS if FORMATS[f].calibrates("static")] == ["onnx", "lite", "executorch", "litert"]
     assert not any(f.calibrates("dynamic") for f in FORMATS.values())
 
 

@@ -1,0 +1,160 @@
+"""`python -m export.litert`: LiteRT (.tflite, the TensorFlow Lite runtime) for tflite_flutter apps.
+
+The visible pipeline (Google's litert-torch converter):
+  fp32: DeployModel -> (NHWC: litert_torch.to_channel_last_io) -> litert_torch.convert -> model.tflite
+  int8: the same graph -> torch.export -> PT2E with litert-torch's PT2EQuantizer (quantize.pt2e: int8
+        per-channel weights, int8 activations calibrated on train-split images) -> litert_torch.convert -> model_int8.tflite
+Contract: input float32 (1, H, W, 3) NHWC by default (what tflite_flutter apps build from image bytes; --layout nchw
+gives (1, 3, H, W)), RGB (gray repeated) in [0, 1]; normalization is inside the graph. Output (1, classes) logits:
+float32 for model.tflite; int8 for model_int8.tflite (logits = scale * (q - zero_point), both recorded in the
+manifest; the top class needs no dequantizing). Each file is run in LiteRT's own interpreter (ai-edge-litert, default
+XNNPACK delegate) and compared with the float PyTorch model; the manifest counts the int8 file's quantized ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from export.cli import add_common_args, run_cli, variants_option
+from export.common import (ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed, reference_logits,
+                           require_calibration, write_proven)
+from export.manifest import ArtifactEntry
+from train.checkpoint import Checkpoint
+from train.data import Sample
+from train.errors import cli_errors
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("nhwc", "nchw")
+VARIANTS = {"fp32": "litert_fp32", "int8": "litert_int8"}  # --variants value -> registry entry
+ALTERNATIVES = "pass --variants fp32"
+
+
+def layout_model(model: nn.Module, layout: str) -> nn.Module:
+    """The model with the input layout the app feeds: NHWC adds one transpose at the graph's input."""
+    if layout == "nchw":
+        return model.eval()
+    import litert_torch
+
+    return litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
+
+
+def example_input(spec: Any, layout: str) -> tuple[torch.Tensor, ...]:
+    size = spec.input_size
+    return (torch.zeros(1, size, size, 3) if layout == "nhwc" else torch.zeros(1, 3, size, size),)
+
+
+def convert(model: nn.Module, example: tuple[torch.Tensor, ...], dest: Path, quantizer: Any = None) -> None:
+    """litert_torch.convert, then the flatbuffer written to `dest`."""
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    config = QuantConfig(pt2e_quantizer=quantizer) if quantizer is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        litert_torch.convert(model, example, quant_config=config).export(str(dest))
+
+
+def op_summary(path: Path) -> dict[str, Any]:
+    """Operators of the .tflite with their input dtypes, read without delegates (so none hide in a DELEGATE
+    node), and how many conv/fully-connected ops really run in int8: a recipe that silently leaves layers in
+    float shows up here."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    dtypes = {t["index"]: t["dtype"].__name__ for t in it.get_tensor_details()}
+    ops: dict[str, int] = {}
+    for op in it._get_ops_details():
+        key = f"{op['op_name']}({','.join(sorted({dtypes[i] for i in op['inputs'] if i >= 0}))})"
+        ops[key] = ops.get(key, 0) + 1
+    compute = {k: n for k, n in ops.items() if k.startswith(("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"))}
+    out = it.get_output_details()[0]
+    return {"operators": ops, "compute_ops": sum(compute.values()),
+            "compute_ops_int8": sum(n for k, n in compute.items() if "int8" in k),
+            "input": {"shape": it.get_input_details()[0]["shape"].tolist(),
+                      "dtype": it.get_input_details()[0]["dtype"].__name__},
+            "output": {"dtype": out["dtype"].__name__, "scale": float(out["quantization"][0]),
+                       "zero_point": int(out["quantization"][1])}}
+
+
+def _writer(build, example: tuple[torch.Tensor, ...], int8: bool):
+    def write(tmp: Path) -> dict[str, Any]:
+        model, quantizer = build()
+        convert(model, example, tmp, quantizer)
+        summary = op_summary(tmp)
+        if int8 and summary["compute_ops_int8"] < summary["compute_ops"]:
+            raise ExportError(f"int8 recipe left {summary['compute_ops'] - summary['compute_ops_int8']} of "
+                              f"{summary['compute_ops']} conv/fully-connected ops in float")
+        return {"graph": summary}
+    return write
+
+
+def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
+                  calib_samples: list[Sample] | None = None, variants: Sequence[str] = tuple(VARIANTS),
+                  layout: str = "nhwc", **_: Any) -> list[ArtifactEntry]:
+    """model.tflite (litert_fp32) and model_int8.tflite (litert_int8), each run in LiteRT's interpreter."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or layout not in LAYOUTS:
+        raise ExportError(f"--variants {unknown or list(variants)} / --layout {layout}: choose variants from "
+                          f"{list(VARIANTS)} and a layout from {list(LAYOUTS)}")
+    if "int8" in variants:
+        require_calibration(calib_samples, "LiteRT int8", ALTERNATIVES)
+    out_dir = Path(out_dir)
+    try:
+        import ai_edge_litert  # noqa: F401  (the runner needs it)
+        import litert_torch  # noqa: F401
+    except ImportError as err:
+        return [record_failed(ckpt, out_dir, VARIANTS[v], f"LiteRT is not installed ({err}); pip install "
+                              f"litert-torch ai-edge-litert") for v in variants]
+    inputs = eval_inputs(ckpt, eval_samples)
+    ref = reference_logits(ckpt, inputs.x)
+    example = example_input(ckpt.spec, layout)
+    base = {"input_layout": layout.upper(), "input_range": [0.0, 1.0], "batch": "fixed at 1",
+            "normalization_in_graph": True, "converter": "litert_torch.convert", "spec": ckpt.spec.to_dict()}
+    rows = []
+    if "fp32" in variants:
+        rows.append(write_proven(ckpt, out_dir, "litert_fp32", details=base,
+                                 write=_writer(lambda: (layout_model(ckpt.build_deploy_model(), layout), None),
+                                               example, int8=False),
+                                 prove=prove_in_runtime("litert_fp32", ref, inputs)))
+    if "int8" in variants:
+        from quantize.pt2e import LITERT_INT8_SCHEME, quantize_pt2e_litert
+
+        calib, note = calib_inputs(ckpt, calib_samples)
+        images = calib.transpose(0, 2, 3, 1) if layout == "nhwc" else calib
+        details = {**base, "quantization": {**LITERT_INT8_SCHEME, "calibration": note}}
+        build = lambda: quantize_pt2e_litert(layout_model(ckpt.build_deploy_model(), layout), example, images)  # noqa: E731
+        rows.append(write_proven(ckpt, out_dir, "litert_int8", details=details,
+                                 write=_writer(build, example, int8=True),
+                                 prove=prove_in_runtime("litert_int8", ref, inputs)))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.litert", description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--variants", default="fp32,int8", help="comma-separated: fp32, int8 (default both)")
+    p.add_argument("--layout", default="nhwc", choices=LAYOUTS,
+                   help="input layout: nhwc (default; what tflite_flutter apps build from image bytes) or nchw")
+    return p
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), export_litert, argv,
+                   lambda a: {"variants": variants_option(a.variants, VARIANTS), "layout": a.layout},
+                   static_int8=lambda o: "int8" in o["variants"], alternatives=ALTERNATIVES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

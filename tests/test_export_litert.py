@@ -1,0 +1,71 @@
+"""export.litert: .tflite files proven in LiteRT's own interpreter, in the layout apps feed, with the int8 recipe
+checked op by op (the registry-parametrized test in test_export_all covers the common contract)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_litert")
+
+import export.litert as xlt  # noqa: E402
+from export.runners import get_runner  # noqa: E402
+from train.data import load_batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def nhwc(tmp_path_factory, ckpt, export_samples):
+    out = tmp_path_factory.mktemp("litert")
+    return out, {r.name: r for r in xlt.export_litert(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1])}
+
+
+def test_default_layout_is_nhwc_and_the_runner_transposes_correctly(nhwc, ckpt, export_samples):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, rows = nhwc
+    e = rows["litert_fp32"]
+    assert e.status == "verified" and e.details["input_layout"] == "NHWC"
+    assert e.details["graph"]["input"]["shape"] == [1, 32, 32, 3] and e.details["graph"]["output"]["dtype"] == "float32"
+    x = load_batch(export_samples[0], ckpt.spec)
+    it = Interpreter(model_path=str(out / e.path))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(x[:1].transpose(0, 2, 3, 1)))
+    it.invoke()  # what an app does: NHWC bytes in, logits out
+    direct = it.get_tensor(it.get_output_details()[0]["index"])
+    assert np.abs(get_runner("litert").load(out / e.path).run(x[:1]) - direct).max() == 0
+    ref = get_runner("torch-eager").use_module(ckpt.build_deploy_model()).run(x)
+    assert np.abs(direct - ref[:1]).max() <= 1e-4
+
+
+def test_int8_file_runs_every_conv_and_fc_in_int8(nhwc, ckpt, export_samples):
+    out, rows = nhwc
+    e = rows["litert_int8"]
+    g = e.details["graph"]
+    assert e.status == "verified" and g["compute_ops"] == 21 and g["compute_ops_int8"] == 21  # 20 conv + fc
+    assert g["output"]["dtype"] == "int8" and g["output"]["scale"] > 0  # logits = scale * (q - zero_point)
+    assert e.details["quantization"]["calibration"].startswith("8 images from the train split")
+    assert (out / "model_int8.tflite").stat().st_size < 0.3 * (out / "model.tflite").stat().st_size
+    x = load_batch(export_samples[0], ckpt.spec)
+    logits = get_runner("litert").load(out / e.path).run(x)
+    assert logits.dtype == np.float32 and np.isfinite(logits).all() and logits.shape == (4, ckpt.spec.num_classes)
+
+
+def test_nchw_layout_on_request(tmp_path, ckpt, export_samples):
+    (e,) = xlt.export_litert(ckpt, tmp_path, eval_samples=export_samples[0], variants=("fp32",), layout="nchw")
+    assert e.status == "verified" and e.details["input_layout"] == "NCHW"
+    assert e.details["graph"]["input"]["shape"] == [1, 3, 32, 32]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layout", "nhcw"], "--layout"),
+    (["--variants", "int8"], "real calibration images"),
+    (["--variants", "fp16"], "--variants"),
+])
+def test_cli_rejects_bad_input_before_writing(tiny_checkpoint, tmp_path, capsys, argv, message):
+    try:
+        code = xlt.main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"), *argv])
+    except SystemExit as exit_:  # argparse's own choice check
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
