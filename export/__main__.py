@@ -9,7 +9,8 @@ import sys
 from typing import Sequence
 
 from export.cli import add_common_args, add_x86_isa_arg, run_cli
-from export.pipeline import export_all, format_options
+from export.manifest import read_manifest
+from export.pipeline import export_all, format_options, timing_table
 from export.registry import FORMATS, INT8_CHOICES, get_format
 from train.errors import cli_errors
 
@@ -41,7 +42,9 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _export(ckpt, out, *, eval_samples, calib_samples, only, options, static):
-    return export_all(ckpt, out, eval_samples=eval_samples, calib_samples=calib_samples, only=only, options=options)
+    rows = export_all(ckpt, out, eval_samples=eval_samples, calib_samples=calib_samples, only=only, options=options)
+    print(timing_table(read_manifest(out)["export_timing_s"]))
+    return rows
 
 
 @cli_errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -205,8 +206,11 @@ def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[
     details = dict(details or {})
     try:
         with atomic_path(dest) as tmp:
+            t0 = time.perf_counter()
             details.update(write(tmp) or {})
+            t1 = time.perf_counter()
             verification = prove(tmp)
+            details["timing_s"] = {"convert_and_write": round(t1 - t0, 2), "verify": round(time.perf_counter() - t1, 2)}
         status, reason = status_for(verification)
         entry = ArtifactEntry(**_entry_fields(ckpt, name, engine), path=file, status=status, status_reason=reason,
                               sha256=sha256_file(dest), size_bytes=size_bytes(dest), verification=verification,

@@ -31,6 +31,7 @@ from torch import nn
 from export.cli import add_common_args, run_cli, variants_option
 from export.common import ExportError, eval_inputs, record_failed, reference_logits, tool_versions, write_proven
 from export.manifest import ArtifactEntry
+from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.errors import cli_errors
@@ -153,6 +154,23 @@ def _set_metadata(model: Any, ckpt: Checkpoint, variant: str, version: str) -> N
         model.user_defined_metadata[k] = v
 
 
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The toolkit's metadata from the package's user-defined metadata (the spec only: no CoreML runtime needed)."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    return from_json(dict(spec.description.metadata.userDefined).get(METADATA_KEY))
+
+
+def describe(path: Path) -> dict[str, Any]:
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    return {"spec_version": spec.specificationVersion, "model_type": spec.WhichOneof("Type"),
+            "inputs": [i.name for i in spec.description.input], "outputs": [o.name for o in spec.description.output],
+            "version": spec.description.metadata.versionString, "classifier": spec.description.predictedFeatureName}
+
+
 def _package_version() -> str:
     versions = tool_versions(("cxr-mobile-export",))
     v = versions["cxr-mobile-export"]
@@ -191,8 +209,10 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
                 state["base"] = _convert_base(graph, ckpt.spec, target)
             model = _with_classifier(_compress(state["base"], variant), ckpt.spec, target)
             _set_metadata(model, ckpt, variant, version)
+            meta = embedded_metadata(ckpt, f"coreml_{variant}")
+            model.user_defined_metadata[METADATA_KEY] = to_json(meta)
             model.save(str(tmp))
-            return {"coremltools": ct.__version__, "model_version": version}
+            return {"coremltools": ct.__version__, "model_version": version, "embedded_metadata": read_metadata(tmp)}
 
         details = {"variant": variant, "compression": settings, "minimum_deployment_target": target,
                    "compute_precision": "float16", "input": INPUT_NAME, "input_type": "ImageType RGB, scale 1/255",

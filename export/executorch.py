@@ -27,6 +27,7 @@ from export.cli import add_common_args, run_cli, variants_option
 from export.common import (FLOAT_ATOL, ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed,
                            reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
+from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from quantize.pt2e import XNNPACK_INT8_SCHEME, quantize_pt2e_xnnpack
 from train.checkpoint import Checkpoint
 from train.data import Sample
@@ -42,15 +43,19 @@ def _example(spec: Any) -> tuple[torch.Tensor, ...]:
     return (torch.zeros(1, 3, spec.input_size, spec.input_size),)
 
 
-def lower_to_pte(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[bytes, dict[str, Any]]:
-    """torch.export -> edge dialect lowered to XNNPACK -> ExecuTorch program bytes, with what was delegated."""
+def lower_to_pte(model: nn.Module, example: tuple[torch.Tensor, ...],
+                 meta: dict[str, Any] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """torch.export -> edge dialect lowered to XNNPACK -> ExecuTorch program bytes, with what was delegated.
+    `meta` goes in as a constant method (METADATA_KEY) returning the JSON as uint8: ExecuTorch programs have no
+    metadata table, and constant methods are how ExecuTorch models carry configuration."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, example)  # callers pass eval-mode (or converted PT2E) models
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        constants = {METADATA_KEY: torch.frombuffer(bytearray(to_json(meta).encode()), dtype=torch.uint8)} if meta else None
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constants)
         graph = edge.exported_program().graph
         delegated = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
         left = sorted({str(n.target) for n in graph.nodes if n.op == "call_function"
@@ -58,11 +63,27 @@ def lower_to_pte(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[b
         return edge.to_executorch().buffer, {"xnnpack_delegate_calls": delegated, "ops_outside_delegate": left}
 
 
-def _writer(model_fn, example: tuple[torch.Tensor, ...]):
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The metadata constant method of a .pte, run in the ExecuTorch runtime (None when the program has none)."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(Path(path))
+    if METADATA_KEY not in program.method_names:
+        return None
+    return from_json(bytes(program.load_method(METADATA_KEY).execute([])[0].numpy().tobytes()))
+
+
+def describe(path: Path) -> dict[str, Any]:
+    from executorch.runtime import Runtime
+
+    return {"methods": sorted(Runtime.get().load_program(Path(path)).method_names)}
+
+
+def _writer(model_fn, example: tuple[torch.Tensor, ...], meta: dict[str, Any]):
     def write(tmp: Path) -> dict[str, Any]:
-        data, info = lower_to_pte(model_fn(), example)
+        data, info = lower_to_pte(model_fn(), example, meta)
         tmp.write_bytes(data)
-        return info
+        return {**info, "embedded_metadata": read_metadata(tmp)}
     return write
 
 
@@ -94,14 +115,16 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
         note = ("XNNPACK's float kernels reorder sums; the default FLOAT_ATOL holds in practice"
                 if tolerance == FLOAT_ATOL else f"tolerance raised to {tolerance} by the caller")
         rows.append(write_proven(ckpt, out_dir, "executorch_fp32", details=base,
-                                 write=_writer(ckpt.build_deploy_model, example),
+                                 write=_writer(ckpt.build_deploy_model, example,
+                                               embedded_metadata(ckpt, "executorch_fp32")),
                                  prove=prove_in_runtime("executorch_fp32", ref, inputs, tol=tolerance, note=note)))
     if "int8" in variants:
         calib, calib_note = calib_inputs(ckpt, calib_samples)
         details = {**base, "quantization": {**XNNPACK_INT8_SCHEME, "calibration": calib_note}}
         rows.append(write_proven(ckpt, out_dir, "executorch_int8", details=details,
                                  write=_writer(lambda: quantize_pt2e_xnnpack(ckpt.build_deploy_model(), example,
-                                                                             calib), example),
+                                                                             calib), example,
+                                               embedded_metadata(ckpt, "executorch_int8")),
                                  prove=prove_in_runtime("executorch_int8", ref, inputs)))
     return rows
 

@@ -27,6 +27,7 @@ from export.cli import add_common_args, run_cli, variants_option
 from export.common import (ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed, reference_logits,
                            require_calibration, write_proven)
 from export.manifest import ArtifactEntry
+from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.errors import cli_errors
@@ -87,15 +88,48 @@ def op_summary(path: Path) -> dict[str, Any]:
                        "zero_point": int(out["quantization"][1])}}
 
 
-def _writer(build, example: tuple[torch.Tensor, ...], int8: bool):
+def embed_metadata(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The toolkit's metadata as a named entry of the flatbuffer's `metadata` table (the place TFLite keeps
+    model metadata; readers that do not know the name ignore it)."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(to_json(meta).encode(), dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_KEY, len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_KEY.encode()] + [entry]
+    flatbuffer_utils.write_model(model, str(path))
+    return meta
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    for m in model.metadata or []:
+        if m.name in (METADATA_KEY, METADATA_KEY.encode()):
+            return from_json(bytes(model.buffers[m.buffer].data))
+    return None
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return op_summary(path)
+
+
+def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str, Any]):
     def write(tmp: Path) -> dict[str, Any]:
         model, quantizer = build()
         convert(model, example, tmp, quantizer)
+        embed_metadata(tmp, meta)
         summary = op_summary(tmp)
         if int8 and summary["compute_ops_int8"] < summary["compute_ops"]:
             raise ExportError(f"int8 recipe left {summary['compute_ops'] - summary['compute_ops_int8']} of "
                               f"{summary['compute_ops']} conv/fully-connected ops in float")
-        return {"graph": summary}
+        return {"graph": summary, "embedded_metadata": read_metadata(tmp)}
     return write
 
 
@@ -125,7 +159,8 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
     if "fp32" in variants:
         rows.append(write_proven(ckpt, out_dir, "litert_fp32", details=base,
                                  write=_writer(lambda: (layout_model(ckpt.build_deploy_model(), layout), None),
-                                               example, int8=False),
+                                               example, int8=False,
+                                               meta=embedded_metadata(ckpt, "litert_fp32", layout)),
                                  prove=prove_in_runtime("litert_fp32", ref, inputs)))
     if "int8" in variants:
         from quantize.pt2e import LITERT_INT8_SCHEME, quantize_pt2e_litert
@@ -135,7 +170,8 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
         details = {**base, "quantization": {**LITERT_INT8_SCHEME, "calibration": note}}
         build = lambda: quantize_pt2e_litert(layout_model(ckpt.build_deploy_model(), layout), example, images)  # noqa: E731
         rows.append(write_proven(ckpt, out_dir, "litert_int8", details=details,
-                                 write=_writer(build, example, int8=True),
+                                 write=_writer(build, example, int8=True,
+                                               meta=embedded_metadata(ckpt, "litert_int8", layout)),
                                  prove=prove_in_runtime("litert_int8", ref, inputs)))
     return rows
 

@@ -99,9 +99,14 @@ def record(out_dir: str | Path, entry: ArtifactEntry) -> Path:
 def record_source(out_dir: str | Path, source: dict[str, Any]) -> Path:
     """What the entries were exported from and checked on (checkpoint, spec, data, the verification images),
     so the Flutter bundle and the benchmark can be built from this file alone."""
+    return record_field(out_dir, "source", source)
+
+
+def record_field(out_dir: str | Path, key: str, value: Any) -> Path:
+    """One top-level field of the manifest (its source, the last export's timing), atomically."""
     data = read_manifest(out_dir)
     data["manifest_version"] = MANIFEST_VERSION
-    data["source"] = source
+    data[key] = value
     return write_json(manifest_path(out_dir), data)
 
 

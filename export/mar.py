@@ -28,6 +28,7 @@ import torch
 
 from export.common import write_proven
 from export.manifest import ArtifactEntry, record
+from export.metadata import METADATA_FILE, embedded_metadata, from_json
 from export.registry import variant
 from train.atomic import write_json, write_text
 from train import spec as spec_module
@@ -72,11 +73,29 @@ def stage_files(ckpt: Checkpoint, staging: Path, *, batch_size: int, max_batch_d
     torch.jit.save(module, str(staging / "model.pt"))
     write_json(staging / "spec.json", ckpt.spec.to_dict())
     write_json(staging / "index_to_name.json", {str(i): c for i, c in enumerate(ckpt.spec.class_names)})
+    meta = embedded_metadata(ckpt, ENTRY_NAME)
+    write_json(staging / METADATA_FILE, meta)
     shutil.copyfile(SPEC_SRC, staging / "cxr_spec.py")
     shutil.copyfile(HANDLER_SRC, staging / HANDLER_SRC.name)
     write_text(staging / "model-config.yaml", model_config_yaml(batch_size, max_batch_delay_ms, workers, threads))
     return {"torchscript": how, "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay_ms,
-            "workers": workers, "threads": threads, "handler": HANDLER_SRC.name}
+            "workers": workers, "threads": threads, "handler": HANDLER_SRC.name, "embedded_metadata": meta}
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    with zipfile.ZipFile(path) as zf:
+        return from_json(zf.read(METADATA_FILE)) if METADATA_FILE in zf.namelist() else None
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """The archive's own manifest (model name, version, handler) and its files."""
+    import json
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        manifest = json.loads(zf.read("MAR-INF/MANIFEST.json")) if "MAR-INF/MANIFEST.json" in names else {}
+    return {"model": manifest.get("model", {}), "archiver_version": manifest.get("archiverVersion"),
+            "files": sorted(names)}
 
 
 def run_archiver(staging: Path, export_dir: Path, version: str) -> Path:
@@ -85,7 +104,7 @@ def run_archiver(staging: Path, export_dir: Path, version: str) -> Path:
     tmp = staging / "tmp"
     tmp.mkdir(exist_ok=True)
     export_dir.mkdir(exist_ok=True)
-    extra = ",".join(str(staging / f) for f in ("spec.json", "index_to_name.json", "cxr_spec.py"))
+    extra = ",".join(str(staging / f) for f in ("spec.json", "index_to_name.json", "cxr_spec.py", METADATA_FILE))
     cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME,
            "--serialized-file", str(staging / "model.pt"), "--handler", str(staging / HANDLER_SRC.name),
            "--extra-files", extra, "--config-file", str(staging / "model-config.yaml"),

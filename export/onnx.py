@@ -23,6 +23,7 @@ from export.cli import add_common_args, add_x86_isa_arg, run_cli
 from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs, eval_inputs, prove_in_runtime,
                            record_failed, reference_logits, require_calibration, run_artifact, write_proven)
 from export.manifest import ArtifactEntry
+from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from export.registry import variant
 from quantize.torch_ao import resolve_x86_isa
 from train.atomic import atomic_path
@@ -58,6 +59,40 @@ def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: 
 
 
 INT8_MODES = ("dynamic", "static")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                 "DynamicQuantizeLinear")
+
+
+def embed_metadata(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The toolkit's metadata into the model's metadata_props (kept beside any the exporter wrote)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({METADATA_KEY: to_json(meta), "classes": ",".join(meta["classes"])})
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(path))
+    return meta
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return from_json({p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY))
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Opset, node count, operators and how many of them are quantized ones."""
+    from collections import Counter
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    return {"opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import}, "nodes": sum(ops.values()),
+            "operators": dict(sorted(ops.items())), "quantized_ops": sum(ops[k] for k in QUANTIZED_OPS),
+            "inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output]}
 
 
 def _prove_fp32(ref: np.ndarray, inputs: InputSet):
@@ -75,7 +110,8 @@ def _prove_fp32(ref: np.ndarray, inputs: InputSet):
     return prove
 
 
-def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, method: str, x86_isa: str):
+def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, method: str, x86_isa: str,
+                 meta: dict[str, Any]):
     """Calls the quantization stage's ORT functions (quantize.onnx_rt) on the verified float file."""
     def write(tmp: Path) -> dict[str, Any]:
         from quantize import onnx_rt
@@ -86,7 +122,8 @@ def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, met
             info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method, x86_isa=x86_isa)
             info["calibration"] = calib[1]
         info.pop("path", None)  # the temporary name; the entry records the final one
-        return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME}
+        return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                "embedded_metadata": embed_metadata(tmp, meta)}
     return write
 
 
@@ -111,7 +148,8 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
             ckpt.spec.input_size, ckpt.spec.input_size], "input_range": [0.0, 1.0],
             "normalization_in_graph": True, "external_data": False, "spec": ckpt.spec.to_dict()}
     rows = [write_proven(ckpt, out_dir, "onnx_fp32", details=base,
-                         write=lambda tmp: write_onnx(ckpt.build_deploy_model(), ckpt.spec, tmp, opset),
+                         write=lambda tmp: {**write_onnx(ckpt.build_deploy_model(), ckpt.spec, tmp, opset),
+                                            "embedded_metadata": embed_metadata(tmp, embedded_metadata(ckpt, "onnx_fp32"))},
                          prove=_prove_fp32(ref, inputs))]
     src = out_dir / variant("onnx_fp32").file
     calib = calib_inputs(ckpt, calib_samples) if "static" in int8 and rows[0].status != "failed" else None
@@ -125,7 +163,8 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
                                       details=details))
             continue
         rows.append(write_proven(ckpt, out_dir, name, details=details,
-                                 write=_int8_writer(mode, src, calib, calib_method, x86_isa),
+                                 write=_int8_writer(mode, src, calib, calib_method, x86_isa,
+                                                    embedded_metadata(ckpt, name)),
                                  prove=prove_in_runtime(name, ref, inputs)))
     return rows
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from export.common import record_failed, tool_versions
-from export.manifest import ArtifactEntry, read_manifest
+from export.manifest import ArtifactEntry, read_manifest, record_field
 from export.registry import FORMATS, Format, get_format
 from train.atomic import write_json
 from train.checkpoint import Checkpoint
@@ -72,10 +73,16 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[ArtifactEntry] = []
+    timing: dict[str, Any] = {}
     for name in names:
         log.info("exporting %s (%s)", name, FORMATS[name].description)
-        rows += export_format(name, ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples,
-                              **(options or {}).get(name, {}))
+        t0 = time.perf_counter()
+        done = export_format(name, ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples,
+                             **(options or {}).get(name, {}))
+        timing[name] = {"total": round(time.perf_counter() - t0, 2),
+                        "files": {r.name: r.details.get("timing_s") for r in done}}
+        rows += done
+    record_field(out_dir, "export_timing_s", timing)
     write_json(out_dir / "export_config.json", {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "formats": names,
@@ -84,8 +91,19 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
         "calibration_images": len(calib_samples) if calib_samples else None,
         "machine": cpu_description(),
         "tool_versions": tool_versions(), "registry": [asdict(FORMATS[n]) for n in names],
-        "results": {r.name: r.status for r in rows}})
+        "results": {r.name: r.status for r in rows}, "timing_s": timing})
     return rows
+
+
+def timing_table(timing: dict[str, Any]) -> str:
+    """Where an export's time went: per format, and per file convert-and-write vs verify (seconds)."""
+    lines = [f"{'format':12s} {'total s':>8s}  files (convert+write / verify s)"]
+    for fmt, t in timing.items():
+        files = ", ".join(f"{n} {v['convert_and_write']:.1f}/{v['verify']:.1f}" if v else f"{n} -"
+                          for n, v in t["files"].items())
+        lines.append(f"{fmt:12s} {t['total']:8.1f}  {files}")
+    lines.append(f"{'all':12s} {sum(t['total'] for t in timing.values()):8.1f}")
+    return "\n".join(lines)
 
 
 def source_record(ckpt: Checkpoint, data: Path | None, eval_samples: Sequence[Sample] | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs_note,
                            prove_in_runtime,
                            reference_logits, require_calibration, run_artifact, write_proven)
 from export.manifest import ArtifactEntry
+from export.metadata import METADATA_FILE, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.metrics import compare_logits
@@ -98,14 +99,16 @@ def check_bytecode_version(version: int | None) -> None:
                               f"runtimes that say 'model version must be between 3 and 7')")
 
 
-def save_ptl(module: torch.jit.ScriptModule, dest: Path, bytecode_version: int | None) -> dict[str, Any]:
-    """_save_for_lite_interpreter, then backport if asked; returns bytecode version and operator list."""
+def save_ptl(module: torch.jit.ScriptModule, dest: Path, bytecode_version: int | None,
+             meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """_save_for_lite_interpreter with the metadata as an extra file, then backport if asked; returns bytecode
+    version, operator list and the embedded metadata as read back from the written file."""
     from torch.jit.mobile import (_backport_for_mobile, _export_operator_list, _get_model_bytecode_version,
                                   _load_for_lite_interpreter)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module._save_for_lite_interpreter(str(dest))
+        module._save_for_lite_interpreter(str(dest), _extra_files={METADATA_FILE: to_json(meta)} if meta else {})
         written = _get_model_bytecode_version(str(dest))
         if bytecode_version is not None and bytecode_version != written:
             newer = dest.with_name(dest.name + ".v" + str(written))
@@ -117,8 +120,38 @@ def save_ptl(module: torch.jit.ScriptModule, dest: Path, bytecode_version: int |
             finally:
                 newer.unlink(missing_ok=True)
         ops = sorted(_export_operator_list(_load_for_lite_interpreter(str(dest))))
+    embedded = read_metadata(dest)
+    if meta and embedded != meta:
+        raise ExportError(f"{dest.name}: the embedded metadata did not survive saving (bytecode v{bytecode_version})")
     return {"bytecode_version": _get_model_bytecode_version(str(dest)), "bytecode_version_written": written,
-            "operators": ops}
+            "operators": ops, "embedded_metadata": embedded}
+
+
+def read_metadata(path: Path) -> dict[str, Any] | None:
+    """The metadata extra file of a TorchScript or .ptl archive (a zip), read without loading the model."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        name = next((n for n in zf.namelist() if n.endswith(f"/extra/{METADATA_FILE}")), None)
+        return from_json(zf.read(name)) if name else None
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """For a .ptl: its bytecode version and the operators the lite interpreter needs; for full TorchScript: its
+    archive's code files."""
+    import zipfile
+
+    from torch.jit.mobile import _export_operator_list, _get_model_bytecode_version, _load_for_lite_interpreter
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if not any(n.endswith("/bytecode.pkl") for n in names):
+        return {"kind": "full TorchScript (torch.jit.load)", "code_files": sum(n.endswith(".py") for n in names)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = sorted(_export_operator_list(_load_for_lite_interpreter(str(path))))
+    return {"kind": "TorchScript Lite (lite interpreter)", "bytecode_version": _get_model_bytecode_version(str(path)),
+            "operator_types": len(ops), "quantized_operator_types": sum(o.startswith("quantized::") for o in ops)}
 
 
 def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
@@ -131,8 +164,10 @@ def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sa
 
     def write(tmp: Path) -> dict:
         module, method = script_or_trace(model, torch.from_numpy(inputs.x[:1]))
-        torch.jit.save(module, str(tmp))
-        return {"conversion": method}
+        module, folded = fold_and_freeze(module, inputs.x, ref, FLOAT_ATOL)
+        meta = embedded_metadata(ckpt, "torchscript_fp32")
+        torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: to_json(meta)})
+        return {"conversion": method, "fold_and_freeze": folded, "embedded_metadata": read_metadata(tmp)}
 
     details = {"input_shape": list(ckpt.spec.input_shape), "input_range": [0.0, 1.0],
                "normalization_in_graph": True, "spec": ckpt.spec.to_dict()}
@@ -140,16 +175,35 @@ def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sa
                          prove=prove_in_runtime("torchscript_fp32", ref, inputs))]
 
 
+def fold_and_freeze(module: torch.jit.ScriptModule, x: np.ndarray, ref: np.ndarray,
+                    tol: float) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The part of mobile optimization that needs no XNNPACK: torch.jit.freeze inlines the weights and folds
+    every BatchNorm into its convolution (no aten::batch_norm left), kept only if the logits stay within `tol`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(module.eval())
+    diff = float(np.abs(reference_logits(None, x, frozen) - ref).max())
+    left = sum(n.kind() == "aten::batch_norm" for n in frozen.graph.nodes())
+    if not diff <= tol:
+        return module, {"status": "not applied", "reason": f"freezing changed logits by {diff:.3g} > {tol}"}
+    return frozen, {"status": "applied", "batch_norm_left": left, "max_abs_logit_change": diff}
+
+
 def _choose_module(model: nn.Module, x: np.ndarray, ref: np.ndarray, tol: float | None) -> tuple[Any, dict]:
-    """Script (or trace), then optimize_for_mobile where it works and keeps the logits (within `tol`)."""
+    """Script (or trace); for float models freeze and fold BatchNorm (fold_and_freeze); then optimize_for_mobile
+    where it works and keeps the logits (within `tol`)."""
     scripted, method = script_or_trace(model, torch.from_numpy(x[:1]))
+    folded = None
+    if tol is not None:
+        scripted, folded = fold_and_freeze(scripted, x, ref, tol)
     optimized, ofm = try_optimize_for_mobile(scripted)
     if optimized is not None and tol is not None:
         diff = float(np.abs(reference_logits(None, x, optimized) - ref).max())
         if not diff <= tol:
             optimized, ofm = None, {"status": "not applied",
                                     "reason": f"optimized model changed logits by {diff:.3g} > {tol}"}
-    return (optimized if optimized is not None else scripted), {"conversion": method, "optimize_for_mobile": ofm}
+    return (optimized if optimized is not None else scripted), {"conversion": method, "optimize_for_mobile": ofm,
+                                                                "fold_and_freeze": folded}
 
 
 def _int8_proof(float_ref: np.ndarray, int8_ref: np.ndarray, inputs: InputSet, engine: str):
@@ -184,7 +238,8 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
             "spec": spec.to_dict(), "requested_bytecode_version": bytecode_version}
     module, info = _choose_module(model, x, ref, FLOAT_ATOL)
     entries = [write_proven(ckpt, out_dir, "ptl_fp32", details=base,
-                            write=lambda t: {**info, **save_ptl(module, t, bytecode_version)},
+                            write=lambda t: {**info, **save_ptl(module, t, bytecode_version,
+                                                                embedded_metadata(ckpt, "ptl_fp32"))},
                             prove=prove_in_runtime("ptl_fp32", ref, inputs))]
     if int8 == "none":
         return entries
@@ -201,6 +256,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
                                   f"(phones: qnnpack). On x86 desktops the 'x86' engine runs it much faster "
                                   f"but is not what a phone runs."}
         entries.append(write_proven(ckpt, out_dir, "ptl_int8", engine=engine, details=details,
-                                    write=lambda t: {**qinfo, **save_ptl(qmodule, t, bytecode_version)},
+                                    write=lambda t: {**qinfo, **save_ptl(qmodule, t, bytecode_version,
+                                                                         embedded_metadata(ckpt, "ptl_int8"))},
                                     prove=_int8_proof(ref, qref, inputs, engine)))
     return entries

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from export.manifest import ArtifactEntry, entries, read_source, verify_file
+from export.metadata import RESEARCH_NOTICE
 from export.registry import bundle_variants, variant
 from mobile_assets import APP_README_PATH, validate_manifest
 from mobile_assets.vectors import evaluate_models, write_test_vectors
@@ -31,9 +32,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_SCHEMA_VERSION = 1
 FIXED = ("labels.txt", "test_vectors", "README.md", "manifest.json")
-NOTICE = ("RESEARCH SOFTWARE, NOT A MEDICAL DEVICE. This model has not been validated for clinical use and "
-          "must not be used to diagnose, treat or triage patients. Its training data confounds diagnosis with "
-          "image source, so its accuracy on other images is unknown.")
+NOTICE = RESEARCH_NOTICE  # the same notice every model file carries inside (export.metadata)
 
 
 def generated_names() -> tuple[str, ...]:

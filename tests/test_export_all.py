@@ -66,6 +66,11 @@ def test_every_registered_file_exports_runs_and_is_recorded(exported, name, expo
     assert entry.source_checkpoint_sha256 == ckpt.sha256 and entry.verification["inputs_origin"] == "real"
     path = verify_file(out, entry)
     assert entry.sha256 == sha256_file(path) and entry.size_bytes == size_bytes(path)
+    # the metadata inside the file, read back with the format's own library, is the manifest's record of it
+    embedded = importlib.import_module(format_of(name).module).read_metadata(path)
+    assert embedded == entry.details["embedded_metadata"] and embedded["artifact"] == name
+    assert embedded["classes"] == list(ckpt.spec.class_names) and embedded["precision"] == v.precision
+    assert embedded["input"]["layout"] == v.layout and embedded["source_checkpoint_sha256"] == ckpt.sha256
     if v.runtime not in RUNNERS:  # served: checked through its own handler at export
         assert entry.verification["runtime"] == "torchserve handler" and entry.verification["n_images"] >= 1
         return
@@ -103,6 +108,10 @@ def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, exp
     assert set(manifest) == set(by)
     config = json.loads((tmp_path / "export_config.json").read_text())
     assert config["results"]["coreml_w8"] == "failed" and config["checkpoint_sha256"] == ckpt.sha256
+    timing = read_manifest(tmp_path)["export_timing_s"]  # where the time went, per format and per file
+    assert set(timing) == {"onnx", "coreml", "torchscript"} and timing == config["timing_s"]
+    assert timing["onnx"]["total"] >= timing["onnx"]["files"]["onnx_fp32"]["convert_and_write"] > 0
+    assert timing["onnx"]["files"]["onnx_fp32"]["verify"] > 0 and timing["coreml"]["files"]["coreml_w8"] is None
 
 
 def _fake_exporter(entries: tuple[str, ...], fail: bool):
@@ -159,7 +168,7 @@ def test_cli_rejects_unknown_format(capsys):
 def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
     code = export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--formats", "torchscript"])
     out = capsys.readouterr().out
-    assert code == 0 and "torchscript_fp32" in out
+    assert code == 0 and "torchscript_fp32" in out and "total s" in out  # the timing table
     row = read_manifest(tmp_path)["artifacts"]["torchscript_fp32"]
     assert row["status"] == "exported" and "GENERATED" in row["status_reason"]  # no --data: a numerics check
     source = read_source(tmp_path)

@@ -50,6 +50,9 @@ def test_float_ptl_matches_eager_in_lite_interpreter(exported, ckpt):
     assert e.details["conversion"] == "script"
     assert e.details["bytecode_version"] == max(lite.bytecode_versions())
     assert "aten::conv2d" in e.details["operators"] or any("conv" in op for op in e.details["operators"])
+    # BatchNorm folded into the convolutions by freezing (what optimize_for_mobile would do, without XNNPACK)
+    assert e.details["fold_and_freeze"]["status"] == "applied" and e.details["fold_and_freeze"]["batch_norm_left"] == 0
+    assert not any("batch_norm" in op for op in e.details["operators"])
     verify_file(out, e)  # sha256 in artifacts.json matches the file
 
 
@@ -125,8 +128,8 @@ def test_failed_proof_leaves_no_artifact(tmp_path, ckpt, monkeypatch):
 def test_interrupted_export_leaves_no_half_file(tmp_path, ckpt, monkeypatch):
     real_save = lite.save_ptl
 
-    def save_then_die(module, dest, bytecode_version):
-        real_save(module, dest, bytecode_version)
+    def save_then_die(module, dest, bytecode_version, meta=None):
+        real_save(module, dest, bytecode_version, meta)
         raise KeyboardInterrupt  # e.g. Ctrl-C after the bytes hit the disk, before the proof
 
     monkeypatch.setattr(lite, "save_ptl", save_then_die)

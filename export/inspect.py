@@ -1,0 +1,124 @@
+"""`python -m export.inspect FILE [FILE ...] [--json]`: what an artifact is, the metadata it carries inside, and
+whether it agrees with the artifacts.json or bundle manifest.json beside it.
+
+The format comes from the file name, matched against the registry's files (export.registry). Each format's own
+module reads its file (`describe`, `read_metadata`) with that format's library. A file the toolkit did not write
+is described as far as its format allows, with a note that it carries no toolkit metadata. Exit code 0 when every
+file agrees with its manifest, 1 when one does not (altered after export, or metadata that differs), 2 when a file
+cannot be read at all (missing, truncated, not that format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from export.metadata import mismatches
+from export.registry import FORMATS, Format, variants
+from train.atomic import sha256_file, size_bytes
+from train.errors import ToolkitError, cli_errors
+
+
+class InspectError(ToolkitError, ValueError):
+    """A file that cannot be inspected: missing, of no known kind, or unreadable as its format."""
+
+
+def _suffix(file: str) -> str:
+    return "".join(Path(file).suffixes[-2:]) if file.endswith(".torchscript.pt") else Path(file).suffix
+
+
+SUFFIXES: dict[str, Format] = {_suffix(v.file): f for f in FORMATS.values() for v in f.variants}
+
+
+def format_for(path: Path) -> Format:
+    """The registered format whose files end like `path` (the longest matching ending wins)."""
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if path.name.endswith(suffix):
+            return SUFFIXES[suffix]
+    if path.suffix == ".pt":
+        return FORMATS["torchscript"]
+    raise InspectError(f"{path}: unknown kind of file; inspect reads {', '.join(sorted({*SUFFIXES, '.pt'}))}")
+
+
+def _manifest_checks(path: Path, meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Agreement with artifacts.json (sha256 and embedded metadata) and a bundle's manifest.json (sha256)."""
+    checks = []
+    artifacts = path.parent / "artifacts.json"
+    if artifacts.is_file():
+        for entry in json.loads(artifacts.read_text(encoding="utf-8")).get("artifacts", {}).values():
+            if entry.get("path") == path.name:
+                recorded = (entry.get("details") or {}).get("embedded_metadata")
+                checks.append({"manifest": str(artifacts), "entry": entry["name"],
+                               "sha256_matches": entry.get("sha256") == sha256_file(path),
+                               "metadata_mismatches": mismatches(meta, recorded) if recorded else []})
+    bundle = path.parent / "manifest.json"
+    if bundle.is_file():
+        for model in json.loads(bundle.read_text(encoding="utf-8")).get("models", []):
+            if model.get("file") == path.name:
+                checks.append({"manifest": str(bundle), "entry": model.get("name"),
+                               "sha256_matches": model.get("sha256") == sha256_file(path), "metadata_mismatches": []})
+    return checks
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    """Everything inspect reports about one file, as a dict (the --json output)."""
+    path = Path(path)
+    if not path.exists():
+        raise InspectError(f"{path}: no such file")
+    fmt = format_for(path)
+    module = importlib.import_module(fmt.module)
+    try:
+        summary, meta = module.describe(path), module.read_metadata(path)
+    except Exception as err:  # truncated, corrupt, or another format under this name
+        raise InspectError(f"{path}: cannot be read as {fmt.name} ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'}); "
+                           f"the file may be truncated or corrupt: export it again") from err
+    known = variants().get((meta or {}).get("artifact", ""))
+    precision = (meta or {}).get("precision") or next((v.precision for v in fmt.variants if v.file == path.name), None)
+    checks = _manifest_checks(path, meta)
+    return {"file": str(path), "format": fmt.name, "description": fmt.description, "precision": precision,
+            "size_bytes": size_bytes(path), "sha256": sha256_file(path), "summary": summary,
+            "embedded_metadata": meta, "runtime": known.runtime if known else fmt.variants[0].runtime,
+            "note": None if meta else "carries no toolkit metadata (not written by this toolkit, or by an older version)",
+            "manifest_checks": checks,
+            "agrees": all(c["sha256_matches"] and not c["metadata_mismatches"] for c in checks)}
+
+
+def render(info: dict[str, Any]) -> str:
+    meta = info["embedded_metadata"] or {}
+    lines = [f"{info['file']}: {info['format']} ({info['description']})",
+             f"  precision {info['precision'] or '?'}, runtime {info['runtime']}, {info['size_bytes'] / 1e6:.2f} MB, "
+             f"sha256 {info['sha256'][:16]}..."]
+    lines += [f"  {k}: {v}" for k, v in info["summary"].items() if k not in ("files", "operators")]
+    if meta:
+        lines.append(f"  metadata: {meta['artifact']}, classes {meta['classes']}, input {meta['input']['shape']} "
+                     f"{meta['input']['layout']} {meta['input']['dtype']} in {meta['input']['value_range']}, "
+                     f"normalization inside (mean {meta['normalization_inside_model']['mean']}), from checkpoint "
+                     f"{str(meta['source_checkpoint_sha256'])[:12]}, toolkit {meta['toolkit_version']}, {meta['created']}")
+    else:
+        lines.append(f"  note: {info['note']}")
+    for c in info["manifest_checks"]:
+        state = "agrees with" if c["sha256_matches"] and not c["metadata_mismatches"] else "DISAGREES with"
+        why = ([] if c["sha256_matches"] else ["sha256 differs (altered after export)"]) + \
+            [f"metadata field {m!r} differs" for m in c["metadata_mismatches"]]
+        lines.append(f"  {state} {c['manifest']} (entry {c['entry']})" + (f": {'; '.join(why)}" if why else ""))
+    return "\n".join(lines)
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", type=Path, help="artifacts: .ptl, .pt, .onnx, .pte, .mlpackage, .tflite, .mar")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    a = p.parse_args(argv)
+    infos = [inspect_file(f) for f in a.files]
+    print(json.dumps(infos, indent=2, default=str) if a.json else "\n\n".join(render(i) for i in infos))
+    return 0 if all(i["agrees"] for i in infos) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
