@@ -112,8 +112,8 @@ def load_inputs(args: argparse.Namespace, ckpt: Checkpoint, static_int8: bool = 
                     Path | None, list[Sample] | None, list[Sample] | None]:
     """(data folder, eval samples from val, calibration samples from train); raises the toolkit's errors
     before anything is written. Without --data the training data the checkpoint records is used (and said);
-    static int8 with neither stops with an error."""
-    check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
+    static int8 with neither stops with an error. The image counts are checked by the caller (run_cli), before
+    the checkpoint is loaded."""
     data = resolve_data(args.data, ckpt, static_int8, "static int8", alternatives)
     if data is None:
         return None, None, None

@@ -44,7 +44,7 @@ def format_for(path: Path) -> Format:
     raise InspectError(f"{path}: unknown kind of file; inspect reads {', '.join(sorted({*SUFFIXES, '.pt'}))}")
 
 
-def _manifest_checks(path: Path, meta: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _manifest_checks(path: Path, sha256: str, meta: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Agreement with artifacts.json (sha256 and embedded metadata) and a bundle's manifest.json (sha256)."""
     checks = []
     artifacts = path.parent / "artifacts.json"
@@ -53,14 +53,14 @@ def _manifest_checks(path: Path, meta: dict[str, Any] | None) -> list[dict[str, 
             if entry.get("path") == path.name:
                 recorded = (entry.get("details") or {}).get("embedded_metadata")
                 checks.append({"manifest": str(artifacts), "entry": entry["name"],
-                               "sha256_matches": entry.get("sha256") == sha256_file(path),
+                               "sha256_matches": entry.get("sha256") == sha256,
                                "metadata_mismatches": mismatches(meta, recorded) if recorded else []})
     bundle = path.parent / "manifest.json"
     if bundle.is_file():
         for model in json.loads(bundle.read_text(encoding="utf-8")).get("models", []):
             if model.get("file") == path.name:
                 checks.append({"manifest": str(bundle), "entry": model.get("name"),
-                               "sha256_matches": model.get("sha256") == sha256_file(path), "metadata_mismatches": []})
+                               "sha256_matches": model.get("sha256") == sha256, "metadata_mismatches": []})
     return checks
 
 
@@ -79,9 +79,10 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
                            f"the file may be truncated or corrupt: export it again") from err
     known = variants().get((meta or {}).get("artifact", ""))
     precision = (meta or {}).get("precision") or next((v.precision for v in fmt.variants if v.file == path.name), None)
-    checks = _manifest_checks(path, meta)
+    sha256 = sha256_file(path)  # hashed once: an .mlpackage or .mar is tens of MB
+    checks = _manifest_checks(path, sha256, meta)
     return {"file": str(path), "format": fmt.name, "description": fmt.description, "precision": precision,
-            "size_bytes": size_bytes(path), "sha256": sha256_file(path), "summary": summary,
+            "size_bytes": size_bytes(path), "sha256": sha256, "summary": summary,
             "embedded_metadata": meta, "runtime": known.runtime if known else fmt.variants[0].runtime,
             "note": None if meta else "carries no toolkit metadata (not written by this toolkit, or by an older version)",
             "manifest_checks": checks,
