@@ -54,11 +54,11 @@ def toolkit_side(data: str, batch_size: int, workers: int, input_size: int):
     spec = recipe.make_spec(cfg, idx.class_names)
     loader = recipe.make_train_loader(idx, spec, cfg, ctx)
     model = recipe.make_model(cfg, spec, init=True).train()
-    criterion = recipe.make_criterion(cfg, idx, ctx.device)
+    criterion = recipe.make_criterion(cfg, idx, ctx)
     opt = recipe.make_optimizer(cfg, model)
     sched = recipe.make_scheduler(cfg, opt, len(loader))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return loader, lambda x, y: train_step(model, x, y, criterion, opt, sched, scaler, ctx.device)
+    return loader, lambda x, y: train_step(model, x, y, criterion, opt, sched, scaler, device=ctx.device)
 
 
 def plain_side(data: str, batch_size: int, workers: int, input_size: int):

@@ -20,15 +20,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from train.distributed import DEVICES  # noqa: E402  (after the OpenMP setting)
 from train.errors import cli_errors  # noqa: E402
 from train.model import FREEZE_MODES  # noqa: E402
-from train.recipe import BALANCE, OPTIMIZERS, SCHEDULES, TrainError  # noqa: E402
+from train.distributed import DEFAULT_TIMEOUT_S  # noqa: E402
+from train.recipe import AMP_MODES, BALANCE, OPTIMIZERS, SCHEDULES, TrainError  # noqa: E402
 from train.spec import RESIZE_METHODS  # noqa: E402
 
 # the built-in demo: about a minute on 2 CPU cores, weights from scratch so it works offline
 DEMO = {"epochs": 4, "batch_size": 16, "input_size": 64, "weights": "none", "workers": 0, "lr": 2e-3}
-REAL = {"epochs": 10, "batch_size": 32, "input_size": 224, "weights": "imagenet", "workers": 2, "lr": 1e-3}
+REAL = {"epochs": 10, "batch_size": 32, "input_size": 224, "weights": "imagenet", "workers": None, "lr": 1e-3}
 OTHER = {"optimizer": "adamw", "schedule": "onecycle", "freeze": "none", "resize": "bilinear",
          "contrast_stretch": False, "balance": "loss", "seed": 0, "skip_bad": False, "val_frac": 0.15,
-         "test_frac": 0.15, "weight_decay": 1e-4, "data_root": None}
+         "test_frac": 0.15, "weight_decay": 1e-4, "data_root": None, "sync_bn": False, "amp": "auto",
+         "deterministic": False, "dist_timeout": DEFAULT_TIMEOUT_S}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                                          "weighted sampler, none (default loss)")
     a("--seed", type=int, help="seed for split, init, shuffling and augmentation (default 0)")
     a("--device", default="auto", choices=DEVICES, help="auto = CUDA, then MPS, then CPU (default auto)")
-    a("--workers", type=int, help="data loader processes per training process (default 2; demo 0)")
+    a("--workers", type=int, help="data loader processes per training process (default: the CPU count shared "
+                                  "by the processes on this machine, at most 8; demo 0)")
+    a("--amp", choices=AMP_MODES, help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with a "
+                                      "loss scaler; fp32 on CPU and MPS (default auto)")
+    a("--sync-bn", action="store_true", default=None,
+      help="under torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
+    a("--deterministic", action="store_true", default=None,
+      help="deterministic kernels only (GPU runs replay bit for bit; slower), cuDNN autotuning off")
+    a("--dist-timeout", type=float, help=f"under torchrun: seconds a collective waits for a rank that hangs "
+                                         f"before the job ends with an error (default {DEFAULT_TIMEOUT_S})")
     a("--skip-bad", action="store_true", default=None,
       help="skip unreadable images (listed in the log and config.json) instead of stopping")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=not a.no_progress, skip_bad=kw["skip_bad"], resume=a.resume, resize=kw["resize"],
         contrast_stretch=kw["contrast_stretch"], balance=kw["balance"], val_frac=kw["val_frac"],
         test_frac=kw["test_frac"], data_root=kw["data_root"], weight_decay=kw["weight_decay"],
-        stop_after=kw.get("stop_after"), evaluate=not a.no_report)
+        stop_after=kw.get("stop_after"), evaluate=not a.no_report, sync_bn=kw["sync_bn"], amp=kw["amp"],
+        deterministic=kw["deterministic"], dist_timeout=kw["dist_timeout"])
     if rank == 0:
         print(f"best checkpoint: {best}")
     return 0

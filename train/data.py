@@ -206,7 +206,11 @@ def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = Tru
 
 
 class ImageDataset:
-    """A torch Dataset of (float tensor (3, H, W) in [0, 1], label). Normalization happens in the model."""
+    """A torch Dataset of (float tensor (3, H, W) in [0, 1], label). Normalization happens in the model.
+
+    Training augmentation runs on the one gray channel and is then repeated to 3 (a third of the work,
+    the same result). An item key may be `(index, seed)` (from EpochSampler(with_seeds=True)): the
+    augmentation then draws from that seed alone, in whichever loader worker runs it."""
 
     def __init__(self, samples: Sequence[Sample], spec: PreprocessSpec, augment=None) -> None:
         self.samples = list(samples)
@@ -216,14 +220,24 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
         import torch
 
+        i, seed = key if isinstance(key, tuple) else (key, None)
         s = self.samples[i]
         x = torch.from_numpy(load_unit_image(s.path, self.spec))
         if self.augment is not None:
-            x = self.augment(x)
+            x = self._augment_gray(x[:1], seed).expand(3, -1, -1).contiguous()
         return x, s.label
+
+    def _augment_gray(self, gray, seed: int | None):
+        import torch
+
+        if seed is None:
+            return self.augment(gray)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.augment(gray)
 
 
 def load_batch(samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:

@@ -30,34 +30,48 @@ BEST_METRIC = "macro_f1"  # best.pt = highest validation macro-F1 (ties keep the
 # settings that define a run; on --resume the stored values are used
 RUN_KEYS = ("data", "data_root", "epochs", "batch_size", "lr", "optimizer", "schedule", "weights", "freeze",
             "input_size", "resize", "contrast_stretch", "balance", "seed", "skip_bad", "val_frac",
-            "test_frac", "weight_decay")
+            "test_frac", "weight_decay", "sync_bn", "amp", "deterministic")
+# values of settings added later, for resuming runs whose last.pt predates them
+LEGACY_DEFAULTS = {"sync_bn": False, "amp": "auto", "deterministic": False}
 
 
 def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 32,
                 lr: float = 1e-3, optimizer: str = "adamw", schedule: str = "cosine", weights: str = "none",
                 freeze: str = "none", input_size: int = 224, seed: int = 0, device: str = "auto",
-                workers: int = 2, progress: bool = True, skip_bad: bool = False, resume: bool = False,
+                workers: int | None = None, progress: bool = True, skip_bad: bool = False, resume: bool = False,
                 resize: str = "bilinear", contrast_stretch: bool = False, balance: str = "loss",
                 val_frac: float = 0.15, test_frac: float = 0.15, data_root: str | Path | None = None,
                 weight_decay: float = 1e-4, stop_after: int | None = None, evaluate: bool = True,
-                synthetic_per_class: int = 60) -> Path:
+                synthetic_per_class: int = 60, sync_bn: bool = False, amp: str = "auto",
+                deterministic: bool = False, dist_timeout: float = D.DEFAULT_TIMEOUT_S) -> Path:
     """Train (or resume) a run in `out_dir` and return the path of its best.pt.
 
     data=None trains on SYNTHETIC images generated into out_dir/synthetic-data (the built-in demo).
-    stop_after=N ends this invocation after N epochs (resume later with resume=True)."""
+    stop_after=N ends this invocation after N epochs (resume later with resume=True).
+    workers=None: loader processes from the CPU count (recipe.default_workers)."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
-    ctx = D.init(device)
+    ctx = D.init(device, timeout_s=dist_timeout)
     handler = _log_to_file(out_dir) if ctx.is_main else None
+    failed = True
     try:
         cfg = _resolve_config(cfg, out_dir, resume, ctx, synthetic_per_class)
-        return _run(cfg, out_dir, ctx, workers=workers, progress=progress and ctx.is_main,
+        workers = recipe.default_workers() if workers is None else workers
+        best = _run(cfg, out_dir, ctx, workers=workers, progress=progress and ctx.is_main,
                     resume=resume, stop_after=stop_after, evaluate=evaluate)
+        failed = False
+        return best
+    except RuntimeError as err:
+        if not D.is_collective_failure(err, ctx):
+            raise
+        raise TrainError(f"rank {ctx.rank}: a collective with the other processes failed ({type(err).__name__}: "
+                         f"{str(err).splitlines()[-1][:200] if str(err) else ''}); another rank ended with an error or "
+                         f"hung for --dist-timeout {dist_timeout:g} s: see its log above") from err
     finally:
         if handler is not None:
             logging.getLogger("train").removeHandler(handler)
             handler.close()
-        D.cleanup(ctx)
+        D.cleanup(ctx, failed=failed)
 
 
 def _log_to_file(out_dir: Path) -> logging.Handler:
@@ -84,7 +98,7 @@ def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.Dis
         if changed:
             log.warning("--resume uses the run's stored settings; ignoring %s (stored: %s)", changed,
                         {k: stored[k] for k in changed})
-        return dict(stored)
+        return {**LEGACY_DEFAULTS, **stored}
     if last.exists():
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or "
                          f"choose another --out")
@@ -141,7 +155,9 @@ def seed_everything(seed: int) -> None:
 def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int, progress: bool,
          resume: bool, stop_after: int | None, evaluate: bool) -> Path:
     seed_everything(cfg["seed"])
-    idx, generated = recipe.prepare_index(cfg, progress)
+    recipe.configure_determinism(cfg["deterministic"], ctx.device)
+    # rank 0 decodes the index and every rank gets its answer: ranks cannot disagree about the data
+    idx, generated = D.from_main(lambda: recipe.prepare_index(cfg, progress), ctx)
     spec = recipe.make_spec(cfg, idx.class_names)
     summary = recipe.data_summary(idx, generated, out_dir)
     state = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True) if resume else None
@@ -152,11 +168,14 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     model = recipe.make_model(cfg, spec, init=state is None).to(ctx.device)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
+    model = recipe.apply_sync_bn(model, cfg["sync_bn"], ctx)
     loader = recipe.make_train_loader(idx, spec, {**cfg, "workers": workers}, ctx)
-    criterion = recipe.make_criterion(cfg, idx, ctx.device)
+    criterion = recipe.make_criterion(cfg, idx, ctx)
     opt = recipe.make_optimizer(cfg, model)
     sched = recipe.make_scheduler(cfg, opt, len(loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
+    dtype = recipe.amp_dtype(cfg["amp"], ctx.device)
+    # a loss scaler only for fp16 (bf16 has fp32's range)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and dtype == torch.float16)
     history: list[dict[str, Any]] = []
     best = {"score": -1.0, "epoch": None, "metrics": {}}
     if state is not None:
@@ -177,9 +196,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
         if stop_after is not None and epoch - start >= stop_after:
             log.info("stopping after %d epoch(s) as asked; continue with --resume", stop_after)
             break
-        row = _train_epoch(ddp_model, loader, criterion, opt, sched, scaler, ctx, epoch, cfg, progress)
+        row = _train_epoch(ddp_model, loader, (criterion, opt, sched, scaler, dtype), ctx, epoch, cfg, progress)
         D.broadcast_buffers(model, ctx)
-        val = _validate(model, idx.split("val"), spec, ctx, workers, cfg["batch_size"], progress)
+        val = _validate(model, idx.split("val"), spec, ctx, (workers, cfg["batch_size"], dtype), progress)
         row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")},
                    val_recall={c: m["recall"] for c, m in val["per_class"].items()})
         history.append(row)
@@ -202,40 +221,48 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     return best_path
 
 
-def _train_epoch(model, loader, criterion, opt, sched, scaler, ctx: D.DistContext, epoch: int,
-                 cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _train_epoch(model, loader, step_parts, ctx: D.DistContext, epoch: int, cfg: dict[str, Any],
+                 progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    # reseeded per epoch: augmentation and worker RNG depend only on (seed, epoch, rank), so --resume
-    # replays exactly what an uninterrupted run would have done, and every rank draws its own augmentation
-    seed = epoch_seed(cfg["seed"], epoch, ctx.rank)
-    torch.manual_seed(seed)
-    loader.generator.manual_seed(seed)
+    # anything random outside the loader depends only on (seed, epoch, rank); the loader's augmentation
+    # comes from the sampler's per-position seeds, so --resume replays exactly what an uninterrupted run did
+    torch.manual_seed(epoch_seed(cfg["seed"], epoch, ctx.rank))
     loader.sampler.set_epoch(epoch)
     model.train()
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    # running sums stay on the device: reading them every step would stall the GPU twice per batch
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", disable=not progress)
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar):
         y = y.to(ctx.device, non_blocking=True)
-        loss, logits = train_step(model, x, y, criterion, opt, sched, scaler, ctx.device)
-        loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        loss, logits = train_step(model, x, y, *step_parts, device=ctx.device)
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
+    loss_sum, correct = float(loss_sum), int(correct)
     seconds = time.perf_counter() - t0
     loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen], ctx)
     return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "lr": opt.param_groups[0]["lr"], "train_images": int(seen), "train_seconds": round(seconds, 2),
+            "lr": opt_lr(step_parts[1]), "train_images": int(seen), "train_seconds": round(seconds, 2),
             "images_per_s": round(seen / max(seconds, 1e-9), 2)}
 
 
-def train_step(model, x, y, criterion, opt, sched, scaler, device: torch.device):
-    """One optimisation step (AMP and channels-last on CUDA only). Returns (loss, logits)."""
-    use_cuda = device.type == "cuda"
+def opt_lr(opt: torch.optim.Optimizer) -> float:
+    return float(opt.param_groups[0]["lr"])
+
+
+def train_step(model, x, y, criterion, opt, sched, scaler, dtype: torch.dtype | None = None, *,
+               device: torch.device):
+    """One optimisation step: autocast in `dtype` (None: fp32), channels-last on CUDA. Returns (loss, logits),
+    both still on the device."""
     x = x.to(device, non_blocking=True)
-    if use_cuda:
+    if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, enabled=use_cuda):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         logits = model(x)
         loss = criterion(logits, y)
     opt.zero_grad(set_to_none=True)
@@ -246,13 +273,14 @@ def train_step(model, x, y, criterion, opt, sched, scaler, device: torch.device)
     return loss.detach(), logits.detach()
 
 
-def _validate(model, samples, spec, ctx: D.DistContext, workers: int, batch_size: int,
+def _validate(model, samples, spec, ctx: D.DistContext, loading: tuple[int, int, torch.dtype | None],
               progress: bool) -> dict[str, Any]:
     """Each rank predicts its shard; the logits are gathered so every rank computes the same metrics."""
+    workers, batch_size, dtype = loading
     mine = D.shard(len(samples), ctx)
     logits = predict_logits(model, [samples[i] for i in mine], spec, device=ctx.device,
                             batch_size=batch_size, workers=workers, progress=progress, desc="validate",
-                            channels_last=ctx.device.type == "cuda", amp=True)
+                            channels_last=ctx.device.type == "cuda", autocast=dtype)
     parts = D.all_gather_objects((mine, logits), ctx)
     full = np.zeros((len(samples), spec.num_classes), dtype=np.float32)
     for ids, lg in parts:

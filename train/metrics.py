@@ -14,15 +14,18 @@ from train.spec import PreprocessSpec
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, samples: Sequence[Sample], spec: PreprocessSpec, *,
                    device: torch.device, batch_size: int = 64, workers: int = 0, progress: bool = False,
-                   desc: str = "predict", channels_last: bool = False, amp: bool = False) -> np.ndarray:
+                   desc: str = "predict", channels_last: bool = False,
+                   autocast: torch.dtype | None = None) -> np.ndarray:
     """(N, classes) float32 logits of a model that takes [0, 1] input, in `samples` order.
 
     fp32 by default: the report on a saved checkpoint describes the fp32 weights every exporter reads.
-    `amp=True` (CUDA only) is for per-epoch validation, where speed matters more than the last digit."""
+    `autocast` (the training run's AMP dtype) is for per-epoch validation, where speed matters more than
+    the last digit."""
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(ImageDataset(samples, spec), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+                                         shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     out = []
@@ -30,7 +33,7 @@ def predict_logits(model: torch.nn.Module, samples: Sequence[Sample], spec: Prep
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             out.append(model(x).float().cpu())
     model.train(was_training)
     n = spec.num_classes

@@ -6,6 +6,7 @@ Each builder takes the run's plain-dict config, so the same config rebuilds the 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from train.data import DataError, DatasetIndex, assign_splits, check_images, discover
+from train import distributed as D
 from train.distributed import DistContext, EpochSampler
 from train.errors import ToolkitError
 from train.spec import PreprocessSpec
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 BALANCE = ("loss", "sampler", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 class TrainError(ToolkitError, ValueError):
@@ -36,6 +39,8 @@ def check_choices(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size"):
         if int(cfg[key]) < 1:
             raise TrainError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
+    if cfg.get("amp", "auto") not in AMP_MODES:
+        raise TrainError(f"--amp must be one of {AMP_MODES}, got {cfg['amp']!r}")
     if not float(cfg["lr"]) > 0:
         raise TrainError(f"--lr must be positive, got {cfg['lr']}")
 
@@ -69,8 +74,17 @@ def class_weights(idx: DatasetIndex) -> torch.Tensor:
     return counts.sum() / (len(counts) * counts)
 
 
+def default_workers() -> int:
+    """Loader processes per training process: this machine's cores shared by the processes torchrun starts
+    on it (LOCAL_WORLD_SIZE), at most 8 (decoding a 224-pixel gray PNG is cheap next to a GPU step)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def make_train_loader(idx: DatasetIndex, spec: PreprocessSpec, cfg: dict[str, Any],
                       ctx: DistContext) -> torch.utils.data.DataLoader:
+    """Sharded, reshuffled each epoch, augmented from per-position seeds (see EpochSampler), with workers
+    that persist across epochs and pinned memory on CUDA."""
     from train.augment import train_augment
     from train.data import ImageDataset
 
@@ -83,13 +97,14 @@ def make_train_loader(idx: DatasetIndex, spec: PreprocessSpec, cfg: dict[str, An
     if cfg["balance"] == "sampler":
         per_class = class_weights(idx)
         weights = [float(per_class[s.label]) for s in samples]
-    sampler = EpochSampler(len(samples), ctx, cfg["seed"], weights)
+    sampler = EpochSampler(len(samples), ctx, cfg["seed"], weights, with_seeds=True)
     per_rank_batch = cfg["batch_size"] // ctx.world_size
+    workers = default_workers() if cfg.get("workers") is None else int(cfg["workers"])
     # drop_last: a final batch of one image breaks BatchNorm at small input sizes (1x1 at layer4)
     return torch.utils.data.DataLoader(
         ImageDataset(samples, spec, augment=train_augment(spec)), batch_size=per_rank_batch,
-        sampler=sampler, num_workers=cfg["workers"], drop_last=len(sampler) > per_rank_batch,
-        pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
+        sampler=sampler, num_workers=workers, drop_last=len(sampler) > per_rank_batch,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
 
 
 def make_model(cfg: dict[str, Any], spec: PreprocessSpec, init: bool) -> nn.Module:
@@ -103,9 +118,34 @@ def make_model(cfg: dict[str, Any], spec: PreprocessSpec, init: bool) -> nn.Modu
     return DeployModel(net, spec)
 
 
-def make_criterion(cfg: dict[str, Any], idx: DatasetIndex, device: torch.device) -> nn.Module:
-    weight = class_weights(idx).to(device) if cfg["balance"] == "loss" else None
-    return nn.CrossEntropyLoss(weight=weight)
+class GlobalMeanLoss(nn.Module):
+    """Cross-entropy (class-weighted or not) normalised over the global batch of all ranks.
+
+    PyTorch's weighted mean divides by the weight sum of this rank's targets only, so under DDP (which
+    averages gradients) ranks whose images are rare-class count for less than on one GPU. Here each rank
+    divides its weighted sum by the all-ranks weight sum (one small on-device all-reduce per step): the
+    gradient is exactly that of the whole global batch on one device."""
+
+    def __init__(self, weight: torch.Tensor | None, ctx: DistContext):
+        super().__init__()
+        self.ctx = ctx
+        self.register_buffer("weight", weight)
+        self.ce = nn.CrossEntropyLoss(weight=weight, reduction="sum")
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        local = (self.weight[y].sum() if self.weight is not None
+                 else torch.tensor(float(len(y)), device=logits.device)).detach().float()
+        return rank_share(self.ce(logits.float(), y), D.all_reduce_tensor(local, self.ctx), self.ctx.world_size)
+
+
+def rank_share(weighted_sum: torch.Tensor, global_weight: torch.Tensor, world_size: int) -> torch.Tensor:
+    """This rank's loss such that DDP's gradient average equals the global weighted mean's gradient."""
+    return weighted_sum * world_size / global_weight.clamp_min(1e-12)
+
+
+def make_criterion(cfg: dict[str, Any], idx: DatasetIndex, ctx: DistContext) -> nn.Module:
+    weight = class_weights(idx).to(ctx.device) if cfg["balance"] == "loss" else None
+    return GlobalMeanLoss(weight, ctx)
 
 
 def make_optimizer(cfg: dict[str, Any], model: nn.Module) -> torch.optim.Optimizer:
@@ -113,7 +153,49 @@ def make_optimizer(cfg: dict[str, Any], model: nn.Module) -> torch.optim.Optimiz
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True,
                                weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    fused = bool(params) and params[0].is_cuda  # one kernel for all parameters instead of one per tensor
+    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=fused or None)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step, None for fp32.
+
+    auto: bf16 on CUDA GPUs that support it (same range as fp32, no loss scaler), else fp16 with a scaler;
+    fp32 on the CPU and MPS. bf16 may be asked for on the CPU (autocast supports it there)."""
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise TrainError(f"--amp fp16 needs a CUDA GPU (this run is on {device.type}); use --amp bf16 or off")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """--deterministic: only deterministic kernels (an error names any op without one), cuDNN autotuning
+    off, cuBLAS's fixed workspace. Otherwise cuDNN autotunes, which pays off for a fixed input size."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def apply_sync_bn(model: nn.Module, sync_bn: bool, ctx: DistContext) -> nn.Module:
+    """--sync-bn: BatchNorm statistics over the global batch, not each GPU's share (8 GPUs at a global
+    batch of 32 would otherwise normalise over 4 images). The weights and checkpoint keys are unchanged."""
+    if not sync_bn:
+        return model
+    if not ctx.enabled:
+        log.warning("--sync-bn has no effect in a single-process run")
+        return model
+    if ctx.device.type != "cuda":
+        raise D.DeviceError("--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU kernel; drop the "
+                            "flag for a CPU (Gloo) run")
+    model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
+    return model
 
 
 def make_scheduler(cfg: dict[str, Any], opt: torch.optim.Optimizer, steps_per_epoch: int):
