@@ -8,7 +8,9 @@ registry (export.registry), and 'verified' is decided in one place (status_for).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import shutil
 import time
@@ -62,6 +64,26 @@ class InputSet:
     origin: str
 
 
+# Every format of one `python -m export` checks on the same images against the same float logits: decode the
+# images and run the float model once per process, not once per format (copies are handed out).
+_CACHE: dict[tuple, np.ndarray] = {}
+_CACHE_ENTRIES = 6
+
+
+def _cached(key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_ENTRIES:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = compute()
+    return _CACHE[key].copy()
+
+
+def load_images(ckpt: Checkpoint, samples: Sequence[Sample]) -> np.ndarray:
+    """load_batch, once per process for the same images and preprocessing."""
+    key = ("images", json.dumps(ckpt.spec.to_dict(), sort_keys=True), tuple(str(s.path) for s in samples))
+    return _cached(key, lambda: load_batch(list(samples), ckpt.spec))
+
+
 def eval_inputs(ckpt: Checkpoint, samples: Sequence[Sample] | None, n: int = GENERATED_EVAL,
                 seed: int = 0) -> InputSet:
     """Real images when given (the proof that matters), else seeded grayscale noise in [0, 1]
@@ -69,7 +91,7 @@ def eval_inputs(ckpt: Checkpoint, samples: Sequence[Sample] | None, n: int = GEN
     if samples:
         origin = images_origin(samples)
         label = "real images (val split)" if origin == "real" else "SYNTHETIC images (val split)"
-        return InputSet(load_batch(list(samples), ckpt.spec), f"{len(samples)} {label}", origin)
+        return InputSet(load_images(ckpt, samples), f"{len(samples)} {label}", origin)
     size = ckpt.spec.input_size
     gray = np.random.default_rng(seed).integers(0, 256, (n, 1, size, size)).astype(np.float32) / 255.0
     return InputSet(np.repeat(gray, 3, axis=1), f"{n} GENERATED random inputs in [0, 1] (no --data given; "
@@ -94,7 +116,7 @@ def calib_inputs_note(samples: Sequence[Sample] | None) -> str:
 def calib_inputs(ckpt: Checkpoint, samples: Sequence[Sample] | None) -> tuple[np.ndarray, str]:
     """Train-split images for static int8; raises ExportError without them (see require_calibration)."""
     note = calib_inputs_note(samples)  # raises without samples
-    return load_batch(list(samples), ckpt.spec), note
+    return load_images(ckpt, samples), note
 
 
 def run_artifact(name: str, path: Path, x: np.ndarray, engine: str | None = None) -> np.ndarray:
@@ -109,7 +131,10 @@ def reference_logits(ckpt: Checkpoint, x: np.ndarray, module: Any = None) -> np.
     path as the benchmarks."""
     from export.runners import EagerRunner
 
-    return EagerRunner().use_module(module if module is not None else ckpt.build_deploy_model()).run(x)
+    if module is not None or not ckpt.sha256:  # cached only for a checkpoint read from a file
+        return EagerRunner().use_module(module if module is not None else ckpt.build_deploy_model()).run(x)
+    key = ("reference", ckpt.sha256, x.shape, hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
+    return _cached(key, lambda: EagerRunner().use_module(ckpt.build_deploy_model()).run(x))
 
 
 def check_logits(out: np.ndarray, n: int, classes: int, what: str) -> None:

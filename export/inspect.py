@@ -31,11 +31,18 @@ def _suffix(file: str) -> str:
     return "".join(Path(file).suffixes[-2:]) if file.endswith(".torchscript.pt") else Path(file).suffix
 
 
-SUFFIXES: dict[str, Format] = {_suffix(v.file): f for f in FORMATS.values() for v in f.variants}
+SUFFIXES: dict[str, Format] = {}
+for _f in FORMATS.values():  # a suffix two formats share (.onnx) belongs to the first registered
+    for _v in _f.variants:
+        SUFFIXES.setdefault(_suffix(_v.file), _f)
+FILES: dict[str, Format] = {v.file: f for f in FORMATS.values() for v in f.variants}
 
 
 def format_for(path: Path) -> Format:
-    """The registered format whose files end like `path` (the longest matching ending wins)."""
+    """The registered format that writes a file of this name, else the one whose files end like `path` (the
+    longest matching ending wins)."""
+    if path.name in FILES:
+        return FILES[path.name]
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if path.name.endswith(suffix):
             return SUFFIXES[suffix]

@@ -137,7 +137,8 @@ class LiteRunner(_TorchRunner):
 
 
 class OnnxRunner(Runner):
-    """ONNX Runtime, CPU execution provider, sequential execution."""
+    """ONNX Runtime (.onnx and .ort files), CPU execution provider, sequential execution. A file whose batch
+    is fixed (the ORT Mobile files, batch 1) runs a larger batch one image at a time."""
 
     runtime = "onnxruntime"
 
@@ -154,11 +155,16 @@ class OnnxRunner(Runner):
         except Exception as err:
             raise RunnerError(f"ONNX Runtime cannot load {path}: {err}") from err
         self.engine = self.engine or "CPUExecutionProvider"
-        self._input = self.model.get_inputs()[0].name
+        first = self.model.get_inputs()[0]
+        self._input = first.name
+        self._fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
         return self
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.model.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self._fixed_batch == 1 and len(batch) != 1:
+            return np.concatenate([self.model.run(None, {self._input: x[None]})[0] for x in batch])
+        return self.model.run(None, {self._input: batch})[0]
 
 
 class ExecuTorchRunner(Runner):

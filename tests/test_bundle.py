@@ -166,7 +166,7 @@ def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):
     art, _ = built
     (tmp_path / "other").mkdir()
     record_source(tmp_path / "other", {**read_manifest(art)["source"], "checkpoint_sha256": "0" * 64})
-    with pytest.raises(bundle.BundleError, match="no ptl_fp32 or executorch_fp32 or litert_fp32 entry verified"):
+    with pytest.raises(bundle.BundleError, match="no ptl_fp32 or executorch_fp32 or litert_fp32 or ort_mobile_fp32 entry verified"):
         bundle.write_bundle(tmp_path / "other", tmp_path / "bundle")
     assert not (tmp_path / "bundle" / "manifest.json").exists()
 

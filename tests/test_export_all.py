@@ -156,7 +156,7 @@ def test_format_options_follow_the_registry():
     opts = pipeline.format_options(["onnx", "lite", "coreml"], "dynamic", x86_isa="avx2")
     assert opts == {"onnx": {"int8": ("dynamic",), "x86_isa": "avx2"},
                     "lite": {"int8": "dynamic", "x86_isa": "avx2"}, "coreml": {}}
-    assert [f for f in FORMATS if FORMATS[f].calibrates("static")] == ["onnx", "lite", "executorch", "litert"]
+    assert [f for f in FORMATS if FORMATS[f].calibrates("static")] == ["onnx", "lite", "executorch", "litert", "ort"]
     assert not any(f.calibrates("dynamic") for f in FORMATS.values())
 
 

@@ -125,3 +125,20 @@ def test_missing_library_is_a_failed_row(tmp_path, ckpt, monkeypatch):
     rows = xcm.export_coreml(ckpt, tmp_path, variants=("fp16", "w8"))
     assert [r.status for r in rows] == ["failed", "failed"] and "coremltools is not installed" in rows[0].error
     assert read_manifest(tmp_path)["artifacts"]["coreml_w8"]["status"] == "failed"
+
+
+def test_float16_emulation_agrees_with_real_float16(ckpt, eval_samples):
+    """The drift check's float16 emulation (float32 compute on float16-rounded values, float32 speed) against
+    PyTorch's real float16 execution: they differ from each other less than float16 differs from float32."""
+    from export.coreml_verify import run_float16
+    from train.data import load_batch
+
+    graph = xcm.CoreMLGraph(ckpt.build_deploy_model())
+    x = load_batch(eval_samples, ckpt.spec)
+    with torch.inference_mode():
+        ref = graph(torch.from_numpy(x))[1].numpy()
+    emulated, real = run_float16(graph, x), run_float16(graph, x, emulated=False)
+    drift = np.abs(real - ref).max()
+    assert np.abs(emulated - ref).max() > 0  # it does round: not the float32 model again
+    assert np.abs(emulated - real).max() <= max(drift, 1e-3)
+    assert (emulated.argmax(1) == real.argmax(1)).all()

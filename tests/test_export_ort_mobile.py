@@ -1,0 +1,66 @@
+"""export.ort_mobile: batch-1 files that ONNX Runtime runs, in ORT format with the reduced-build operator config,
+and the mobile checker's verdicts (the registry-parametrized test in test_export_all covers the common contract)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import export.ort_mobile as om
+from export.onnx import write_onnx
+from export.runners import get_runner
+from train.data import load_batch
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ckpt, export_samples):
+    out = tmp_path_factory.mktemp("ortmobile")
+    rows = om.export_ort(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1])
+    return out, {r.name: r for r in rows}
+
+
+def test_batch_is_fixed_at_one_and_a_larger_batch_runs_image_by_image(exported, ckpt, export_samples):
+    out, rows = exported
+    assert [rows[n].status for n in ("ort_mobile_fp32", "ort_fp32", "ort_mobile_int8", "ort_int8")] == ["verified"] * 4
+    shape = [d.dim_value for d in onnx.load(str(out / "model_mobile.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == [1, 3, 32, 32]
+    x = load_batch(export_samples[0], ckpt.spec)
+    ref = get_runner("torch-eager").use_module(ckpt.build_deploy_model()).run(x)
+    for file in ("model_mobile.onnx", "model.ort"):
+        runner = get_runner("onnxruntime").load(out / file)
+        assert runner.model.get_inputs()[0].shape == [1, 3, 32, 32]
+        assert np.abs(runner.run(x) - ref).max() <= 1e-4  # 4 images, one at a time
+    assert (out / "model_int8.ort").stat().st_size < 0.3 * (out / "model.ort").stat().st_size
+
+
+def test_ort_files_come_with_the_operator_config_and_their_own_verdicts(exported):
+    out, rows = exported
+    config = (out / om.CONFIG_FILE).read_text()
+    assert "ai.onnx;" in config and "QLinearConv" in config  # the int8 file's fused kernels are listed
+    assert rows["ort_int8"].details["ort_format"]["reduced_build_config"] == om.CONFIG_FILE
+    fixed = rows["ort_mobile_fp32"].details["mobile_usability"]["nnapi"]
+    assert fixed["supported_nodes"] == fixed["nodes"] and fixed["should_perform_well"] == "YES"
+    fused = rows["ort_fp32"].details["mobile_usability"]["nnapi"]  # CPU-fused graph: NNAPI cannot take FusedConv
+    assert fused["supported_nodes"] < fused["nodes"] and "com.microsoft:FusedConv" in fused["unsupported_ops"]
+    assert rows["ort_int8"].details["quantization"]["calibration"].startswith("8 images from the train split")
+
+
+def test_the_checker_sees_what_the_issue_measured_on_the_dynamic_file(tmp_path, ckpt):
+    """ONNX Runtime's mobile checker: a dynamic batch leaves NNAPI nothing, the fixed batch everything."""
+    dynamic, fixed = tmp_path / "dynamic.onnx", tmp_path / "fixed.onnx"
+    write_onnx(ckpt.build_deploy_model(), ckpt.spec, dynamic)
+    om.fix_batch(dynamic, fixed)
+    before, after = om.mobile_usability(dynamic)["nnapi"], om.mobile_usability(fixed)["nnapi"]
+    assert before["supported_nodes"] == 0 and before["should_perform_well"] == "NO"
+    assert after["supported_nodes"] == after["nodes"] > 0 and after["should_perform_well"] == "YES"
+
+
+def test_int8_without_real_calibration_images_is_refused(tmp_path, ckpt, export_samples):
+    from export.common import ExportError
+
+    with pytest.raises(ExportError, match="real"):
+        om.export_ort(ckpt, tmp_path, eval_samples=export_samples[0], calib_samples=None)
+    assert not list(tmp_path.iterdir())
+    rows = om.export_ort(ckpt, tmp_path, eval_samples=export_samples[0], variants=("fp32",))
+    assert [r.name for r in rows] == ["ort_mobile_fp32", "ort_fp32"]
