@@ -56,11 +56,25 @@ def lower_to_pte(model: nn.Module, example: tuple[torch.Tensor, ...],
         program = torch.export.export(model, example)  # callers pass eval-mode (or converted PT2E) models
         constants = {METADATA_KEY: torch.frombuffer(bytearray(to_json(meta).encode()), dtype=torch.uint8)} if meta else None
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=constants)
-        graph = edge.exported_program().graph
-        delegated = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
-        left = sorted({str(n.target) for n in graph.nodes if n.op == "call_function"
-                       and "executorch_call_delegate" not in str(n.target) and "getitem" not in str(n.target)})
-        return edge.to_executorch().buffer, {"xnnpack_delegate_calls": delegated, "ops_outside_delegate": left}
+        coverage = delegation_coverage(edge.exported_program().graph_module)
+        return edge.to_executorch().buffer, coverage
+
+
+def delegation_coverage(graph_module: Any) -> dict[str, Any]:
+    """What runs inside the XNNPACK delegate and what falls back to portable kernels, by edge operator
+    (ExecuTorch's devtools.backend_debug.get_delegation_info). Recorded in the manifest entry."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    graph = graph_module.graph
+    calls = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    ops = {op: b for op, b in sorted(info.delegation_by_operator.items()) if op != "getitem"}  # tuple unpacking
+    inside, outside = sum(b.delegated for b in ops.values()), sum(b.non_delegated for b in ops.values())
+    return {"xnnpack_delegate_calls": calls, "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated_ops_count": inside, "portable_ops_count": outside,
+            "delegation_coverage": round(inside / (inside + outside), 4) if inside + outside else None,
+            "ops_outside_delegate": sorted(op for op, b in ops.items() if b.non_delegated),
+            "delegated_ops": {op: b.delegated for op, b in ops.items() if b.delegated}}
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:

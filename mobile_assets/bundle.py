@@ -102,6 +102,7 @@ def _model_record(e: ArtifactEntry, stage: Path) -> dict[str, Any]:
             "recommended_runtime_engine": d.get("recommended_runtime_engine"),
             "bytecode_version": d.get("bytecode_version"), "conversion": d.get("conversion"),
             "optimize_for_mobile": d.get("optimize_for_mobile"), "operators": d.get("operators"),
+            "mobile_usability": d.get("mobile_usability"),
             "sha256": sha256_file(stage / v.file), "size_bytes": size_bytes(stage / v.file),
             "verification": e.verification}
 

@@ -212,3 +212,30 @@ def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "all"), "--test-vectors", "1"]) == 0
     files = [x["file"] for x in bundle.check_bundle(tmp_path / "all")["models"]]
     assert files == ["model.ptl", "model_int8.ptl", "model.tflite"]
+
+
+def test_a_flutter_onnxruntime_bundle(built, ckpt, tmp_path):
+    """--runtime flutter_onnxruntime: the batch-1 .onnx with ORT's NNAPI/CoreML verdicts, not the .ort files."""
+    from export.manifest import read_source
+    from export.ort_mobile import export_ort
+    from mobile_assets.__main__ import main as bundle_main
+    from train.data import Sample
+
+    art, _ = built
+    art2 = tmp_path / "artifacts"
+    shutil.copytree(art, art2)
+    verify = [Sample(__import__("pathlib").Path(r["path"]), r["label"]) for r in read_source(art2)["eval_images"]]
+    rows = export_ort(ckpt, art2, eval_samples=verify, variants=("fp32",))
+    assert [r.status for r in rows] == ["verified", "verified"]
+    assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "ort"), "--runtime",
+                        "flutter_onnxruntime", "--test-vectors", "1"]) == 0
+    m = bundle.check_bundle(tmp_path / "ort")
+    (model,) = m["models"]
+    assert model["file"] == "model_mobile.onnx" and model["app_runtime"] == "flutter_onnxruntime"
+    assert model["batch"] == "1" and model["mobile_usability"]["nnapi"]["should_perform_well"] == "YES"
+    assert not list((tmp_path / "ort").glob("*.ort"))
+    expected = json.loads((tmp_path / "ort" / "test_vectors" / "expected_logits.json").read_text())["logits"]
+    vec = m["test_vectors"]["vectors"][0]
+    x = np.fromfile(tmp_path / "ort" / vec["input"], dtype="<f4").reshape(1, 3, 32, 32)
+    logits = get_runner("onnxruntime").load(tmp_path / "ort" / "model_mobile.onnx").run(x)
+    assert np.abs(logits[0] - expected["model_mobile.onnx"][vec["name"]]).max() <= 1e-4

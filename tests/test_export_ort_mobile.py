@@ -64,3 +64,19 @@ def test_int8_without_real_calibration_images_is_refused(tmp_path, ckpt, export_
     assert not list(tmp_path.iterdir())
     rows = om.export_ort(ckpt, tmp_path, eval_samples=export_samples[0], variants=("fp32",))
     assert [r.name for r in rows] == ["ort_mobile_fp32", "ort_fp32"]
+
+
+def test_ort_profile_shows_the_graph_onnx_runtime_runs(exported, tmp_path):
+    """benchmarks.ort_profile: ORT's own profiler; every file runs its 20 convolutions (fused or int8)."""
+    from benchmarks.ort_profile import main, run
+
+    out, _ = exported
+    result = run(out, runs=2)
+    assert set(result["files"]) == {"ort_mobile_fp32", "ort_fp32", "ort_mobile_int8", "ort_int8"}
+    for name, p in result["files"].items():
+        convs = {r["op"]: r["nodes"] for r in p["by_operator"] if "Conv" in r["op"]}
+        assert sum(convs.values()) == 20 and p["run_ms"] > 0, (name, convs)
+        if "int8" in name:
+            assert set(convs) == {"QLinearConv"}  # ORT fused the QDQ pairs into int8 kernels
+    assert main(["--artifacts", str(out), "--out", str(tmp_path / "prof"), "--runs", "2"]) == 0
+    assert "| QLinearConv | 20 |" in (tmp_path / "prof" / "profile.md").read_text()

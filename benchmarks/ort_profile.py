@@ -1,0 +1,114 @@
+"""ONNX Runtime's own profiler on every ONNX Runtime file of an export: the graph ORT actually runs after its
+optimizations (fused, and on x86 re-laid out to NCHWc blocks), and how long each operator kind takes.
+
+    python -m benchmarks.ort_profile --artifacts artifacts/ --out reports/ort_profile [--runs 20] [--threads 1]
+
+Each file runs in a session with the toolkit's settings (CPU execution provider, ORT_ENABLE_ALL graph
+optimizations, sequential execution, --threads intra-op threads) and ORT's profiling on, --runs times at batch 1
+on the first image the export was verified on. Writes profile.md and profile.json (ms per run, the mean over runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from benchmarks.executorch_profile import ProfileError, _input
+from benchmarks.machine import describe, machine_info
+from export.manifest import entries
+from export.registry import variant
+from train.atomic import write_json, write_text
+from train.errors import cli_errors
+
+
+def profile_session(path: Path, x: np.ndarray, runs: int, threads: int | None) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    with tempfile.TemporaryDirectory(prefix="ortprof.") as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.ascontiguousarray(x[:1], dtype=np.float32)}
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return summarize(events, runs)
+
+
+def summarize(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+    """ms per run: the whole run and each operator kind, with how many nodes of that kind ORT executes."""
+    ops: dict[str, dict[str, float]] = defaultdict(lambda: {"nodes": 0, "ms": 0.0})
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            ops[op]["nodes"] += 1 / runs
+            ops[op]["ms"] += e["dur"] / 1000 / runs
+    run_ms = [e["dur"] / 1000 for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    total = float(np.median(run_ms)) if run_ms else None
+    rows = sorted(({"op": k, "nodes": round(v["nodes"]), "ms": round(v["ms"], 3),
+                    "share": round(v["ms"] / total, 4) if total else None} for k, v in ops.items()),
+                  key=lambda r: -r["ms"])
+    return {"run_ms": round(total, 3) if total else None, "nodes_executed": sum(r["nodes"] for r in rows),
+            "by_operator": rows}
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["# ONNX Runtime profile (SessionOptions.enable_profiling)", "",
+             f"CPU: {result['cpu']}; session: {result['session']}; {result['runs']} runs at batch 1 on "
+             f"{result['input']}.", ""]
+    for name, p in result["files"].items():
+        lines += [f"## {name} ({p['file']})", "",
+                  f"run {p['run_ms']} ms (median), {p['nodes_executed']} nodes after ORT's graph optimizations.", "",
+                  "| operator as ORT runs it | nodes | ms per run | share |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['op']} | {r['nodes']} | {r['ms']:.3f} | {100 * (r['share'] or 0):.1f}% |"
+                  for r in p["by_operator"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, Any]:
+    files = [e for e in entries(artifacts) if variant(e.name).runtime == "onnxruntime" and e.path]
+    if not files:
+        raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no ONNX Runtime file; export with "
+                           f"`python -m export --formats onnx` first")
+    x, described = _input(artifacts, files[0])
+    out = {}
+    for e in files:
+        out[e.name] = {"file": e.path, **profile_session(artifacts / e.path, x, runs, threads)}
+        print(f"{e.name}: {out[e.name]['run_ms']} ms per run", flush=True)
+    session = (f"CPUExecutionProvider, ORT_ENABLE_ALL, sequential, "
+               f"{threads or 'default'} intra-op thread(s)")
+    return {"cpu": describe(machine_info()), "session": session, "runs": runs, "input": described, "files": out}
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ort_profile", description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="export folder (default artifacts/)")
+    p.add_argument("--out", type=Path, default=Path("reports/ort_profile"), help="report folder")
+    p.add_argument("--runs", type=int, default=20, help="profiled runs per file (default 20)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1; 0 = ORT's default)")
+    a = p.parse_args(argv)
+    if a.runs < 1:
+        raise ProfileError(f"--runs must be at least 1, got {a.runs}")
+    result = run(a.artifacts, a.runs, a.threads or None)
+    write_json(a.out / "profile.json", result)
+    write_text(a.out / "profile.md", render(result))
+    print(f"wrote {a.out / 'profile.md'} and profile.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
