@@ -11,7 +11,6 @@ Writes profile.md and profile.json (the median of each event over the runs; time
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import tempfile
@@ -22,32 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.machine import describe, machine_info
-from export.manifest import entries, read_source
+from benchmarks.profiling import ProfileError, first_input, profile_cli
+from export.manifest import entries
 from export.registry import variant
-from train.atomic import write_json, write_text
-from train.errors import ToolkitError, cli_errors
-
-
-class ProfileError(ToolkitError, ValueError):
-    """An export folder without ExecuTorch programs, or a program the runtime cannot profile."""
-
-
-def _input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
-    """The first image the export was verified on (from artifacts.json's source block), else seeded noise."""
-    from export.manifest import ManifestError
-    from train.data import Sample, load_batch
-    from train.spec import PreprocessSpec
-
-    try:
-        source = read_source(artifacts)
-    except ManifestError:  # a single-format export writes no source block; the entry still has the spec
-        source = {"spec": entry.details["spec"]}
-    spec = PreprocessSpec.from_dict(source["spec"])
-    images = [i["path"] if isinstance(i, dict) else i for i in source.get("eval_images") or []]
-    if images and Path(images[0]).is_file():
-        return load_batch([Sample(Path(images[0]), 0)], spec), f"{images[0]} ({source.get('eval_images_origin')})"
-    rng = np.random.default_rng(0)  # timing does not depend on pixel values; the report says which input
-    return rng.random((1, 3, spec.input_size, spec.input_size), dtype=np.float32), "seeded random input"
+from train.errors import cli_errors
 
 
 def profile_program(path: Path, x: np.ndarray, runs: int, threads: int | None) -> dict[str, Any]:
@@ -117,7 +94,7 @@ def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, A
     if not programs:
         raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no ExecuTorch program; export with "
                            f"`python -m export --formats executorch` first")
-    x, described = _input(artifacts, programs[0])
+    x, described = first_input(artifacts, programs[0])
     out = {}
     for e in programs:
         out[e.name] = {"file": e.path, **profile_program(artifacts / e.path, x, runs, threads)}
@@ -128,19 +105,8 @@ def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, A
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.executorch_profile", description=__doc__.splitlines()[0])
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="export folder (default artifacts/)")
-    p.add_argument("--out", type=Path, default=Path("reports/executorch_profile"), help="report folder")
-    p.add_argument("--runs", type=int, default=20, help="profiled executions per program (default 20)")
-    p.add_argument("--threads", type=int, default=1, help="XNNPACK threads (default 1; 0 = ExecuTorch's default)")
-    a = p.parse_args(argv)
-    if a.runs < 1:
-        raise ProfileError(f"--runs must be at least 1, got {a.runs}")
-    result = run(a.artifacts, a.runs, a.threads or None)
-    write_json(a.out / "profile.json", result)
-    write_text(a.out / "profile.md", render(result))
-    print(f"wrote {a.out / 'profile.md'} and profile.json")
-    return 0
+    return profile_cli("python -m benchmarks.executorch_profile", __doc__, "reports/executorch_profile", run, render,
+                       "XNNPACK threads (default 1; 0 = ExecuTorch's default)", argv)
 
 
 if __name__ == "__main__":

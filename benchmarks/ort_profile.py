@@ -10,7 +10,6 @@ on the first image the export was verified on. Writes profile.md and profile.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -20,11 +19,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.executorch_profile import ProfileError, _input
 from benchmarks.machine import describe, machine_info
+from benchmarks.profiling import ProfileError, first_input, profile_cli
 from export.manifest import entries
 from export.registry import variant
-from train.atomic import write_json, write_text
 from train.errors import cli_errors
 
 
@@ -83,7 +81,7 @@ def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, A
     if not files:
         raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no ONNX Runtime file; export with "
                            f"`python -m export --formats onnx` first")
-    x, described = _input(artifacts, files[0])
+    x, described = first_input(artifacts, files[0])
     out = {}
     for e in files:
         out[e.name] = {"file": e.path, **profile_session(artifacts / e.path, x, runs, threads)}
@@ -95,19 +93,8 @@ def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, A
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ort_profile", description=__doc__.splitlines()[0])
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="export folder (default artifacts/)")
-    p.add_argument("--out", type=Path, default=Path("reports/ort_profile"), help="report folder")
-    p.add_argument("--runs", type=int, default=20, help="profiled runs per file (default 20)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1; 0 = ORT's default)")
-    a = p.parse_args(argv)
-    if a.runs < 1:
-        raise ProfileError(f"--runs must be at least 1, got {a.runs}")
-    result = run(a.artifacts, a.runs, a.threads or None)
-    write_json(a.out / "profile.json", result)
-    write_text(a.out / "profile.md", render(result))
-    print(f"wrote {a.out / 'profile.md'} and profile.json")
-    return 0
+    return profile_cli("python -m benchmarks.ort_profile", __doc__, "reports/ort_profile", run, render,
+                       "intra-op threads (default 1; 0 = ORT's default)", argv)
 
 
 if __name__ == "__main__":

@@ -138,9 +138,11 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
         mobile, ort_name = VARIANTS[v]
         src, details = dynamic, {"float_source": "model.onnx of this export" if reused else "exported here"}
         if v == "int8":
-            src = staging / "int8_dynamic_batch.onnx"
-            q = onnx_rt.static_int8_onnx(dynamic, src, calib[0], x86_isa=x86_isa)
-            q.pop("path", None)
+            src, q = _reusable_int8(ckpt, out_dir, calib[1], x86_isa) if reused else (None, None)
+            if src is None:
+                src = staging / "int8_dynamic_batch.onnx"
+                q = onnx_rt.static_int8_onnx(dynamic, src, calib[0], x86_isa=x86_isa)
+                q.pop("path", None)
             details["quantization"] = {**q, "calibration": calib[1]}
         for name in (mobile, ort_name):
             dst = staging / f"{Path(_file(name)).stem}.onnx"
@@ -173,6 +175,30 @@ def _reusable_float(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     except Exception:  # unreadable: export it again
         return None
     return path if meta and meta.get("source_checkpoint_sha256") == ckpt.sha256 else None
+
+
+def _reusable_int8(ckpt: Checkpoint, out_dir: Path, calib_note: str,
+                   x86_isa: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """This export's verified model_int8_static.onnx when it is the same recipe from the same checkpoint
+    (MinMax on the same calibration images, the same x86 target, no node kept in float) and unaltered: its
+    batch is fixed instead of calibrating again."""
+    from export.manifest import entries, verify_file
+    from quantize.torch_ao import resolve_x86_isa
+
+    try:
+        entry = next((e for e in entries(out_dir) if e.name == "onnx_int8_static" and e.status == "verified"), None)
+    except Exception:  # no readable artifacts.json: quantize here
+        return None, None
+    q = dict((entry.details.get("quantization") or {}) if entry else {})
+    if not entry or entry.source_checkpoint_sha256 != ckpt.sha256 or q.get("calibration") != calib_note \
+            or q.get("calibration_method") != "MinMax" or q.get("nodes_excluded") \
+            or q.get("x86_isa") != resolve_x86_isa(x86_isa, "onnxruntime"):
+        return None, None
+    try:
+        path = verify_file(out_dir, entry)
+    except Exception:  # missing or altered since: quantize here
+        return None, None
+    return path, {**q, "reused": f"{entry.path} of this export (same recipe and calibration images)"}
 
 
 def export_ort(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,

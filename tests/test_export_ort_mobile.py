@@ -80,3 +80,24 @@ def test_ort_profile_shows_the_graph_onnx_runtime_runs(exported, tmp_path):
             assert set(convs) == {"QLinearConv"}  # ORT fused the QDQ pairs into int8 kernels
     assert main(["--artifacts", str(out), "--out", str(tmp_path / "prof"), "--runs", "2"]) == 0
     assert "| QLinearConv | 20 |" in (tmp_path / "prof" / "profile.md").read_text()
+
+
+def test_reuses_this_exports_onnx_files_when_they_are_the_same_recipe(tmp_path, ckpt, export_samples):
+    """After `python -m export`'s onnx format, the mobile int8 is model_int8_static.onnx with its batch fixed:
+    the same integers, no second calibration. A fresh folder quantizes on its own."""
+    from export.onnx import export_onnx
+
+    export_onnx(ckpt, tmp_path, eval_samples=export_samples[0], calib_samples=export_samples[1])
+    rows = {r.name: r for r in om.export_ort(ckpt, tmp_path, eval_samples=export_samples[0],
+                                             calib_samples=export_samples[1])}
+    assert rows["ort_int8"].details["quantization"]["reused"].startswith("model_int8_static.onnx")
+    assert rows["ort_fp32"].details["float_source"] == "model.onnx of this export"
+    x = load_batch(export_samples[0], ckpt.spec)
+    same = get_runner("onnxruntime").load(tmp_path / "model_int8_static.onnx").run(x)
+    assert np.array_equal(get_runner("onnxruntime").load(tmp_path / "model_int8_mobile.onnx").run(x), same)
+
+
+def test_a_fresh_folder_quantizes_itself(exported):
+    _, rows = exported
+    assert "reused" not in rows["ort_int8"].details["quantization"]
+    assert rows["ort_fp32"].details["float_source"] == "exported here"

@@ -1,0 +1,55 @@
+"""What the runtime profilers (benchmarks.executorch_profile, benchmarks.ort_profile) share: the input they
+time, their errors and their command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from export.manifest import read_source
+from train.atomic import write_json, write_text
+from train.errors import ToolkitError
+
+
+class ProfileError(ToolkitError, ValueError):
+    """An export folder without the files a profiler reads, or a --runs below 1; the message says what to do."""
+
+
+def first_input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
+    """The first image the export was verified on (from artifacts.json's source block), else seeded noise."""
+    from export.manifest import ManifestError
+    from train.data import Sample, load_batch
+    from train.spec import PreprocessSpec
+
+    try:
+        source = read_source(artifacts)
+    except ManifestError:  # a single-format export writes no source block; the entry still has the spec
+        source = {"spec": entry.details["spec"]}
+    spec = PreprocessSpec.from_dict(source["spec"])
+    images = [i["path"] if isinstance(i, dict) else i for i in source.get("eval_images") or []]
+    if images and Path(images[0]).is_file():
+        return load_batch([Sample(Path(images[0]), 0)], spec), f"{images[0]} ({source.get('eval_images_origin')})"
+    rng = np.random.default_rng(0)  # timing does not depend on pixel values; the report says which input
+    return rng.random((1, 3, spec.input_size, spec.input_size), dtype=np.float32), "seeded random input"
+
+
+def profile_cli(prog: str, doc: str, default_out: str, run: Callable[..., dict[str, Any]],
+                render: Callable[[dict[str, Any]], str], threads_help: str,
+                argv: Sequence[str] | None) -> int:
+    """The command line both profilers share: --artifacts, --out, --runs, --threads; profile.md and .json."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="export folder (default artifacts/)")
+    p.add_argument("--out", type=Path, default=Path(default_out), help=f"report folder (default {default_out})")
+    p.add_argument("--runs", type=int, default=20, help="profiled runs per file (default 20)")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
+    a = p.parse_args(argv)
+    if a.runs < 1:
+        raise ProfileError(f"--runs must be at least 1, got {a.runs}")
+    result = run(a.artifacts, a.runs, a.threads or None)
+    write_json(a.out / "profile.json", result)
+    write_text(a.out / "profile.md", render(result))
+    print(f"wrote {a.out / 'profile.md'} and profile.json")
+    return 0
