@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from train.atomic import write_json, write_text
 from train.errors import ToolkitError, cli_errors
@@ -71,7 +71,8 @@ def stage_export(ctx: Context) -> str:
     eval_samples, calib_samples = verification_sets(ctx.eval_data, ckpt.spec.class_names, 64, 32)
     (ctx.out / "artifacts").mkdir(parents=True, exist_ok=True)
     record_source(ctx.out / "artifacts", source_record(ckpt, ctx.eval_data, eval_samples))
-    done = export_all(ckpt, ctx.out / "artifacts", eval_samples=eval_samples, calib_samples=calib_samples)
+    done = export_all(ckpt, ctx.out / "artifacts", eval_samples=eval_samples, calib_samples=calib_samples,
+                      only=ctx.args["formats"])
     ok = [e.name for e in done if e.status != "failed"]
     bad = [f"{e.name} ({(e.error or '')[:80]})" for e in done if e.status == "failed"]
     ctx.results["export"] = {"ok": ok, "failed": bad, "statuses": {e.name: e.status for e in done}}
@@ -147,14 +148,19 @@ def prepare_out(out: Path, force: bool) -> None:
 
 def run_pipeline(out: Path = Path("runs/demo"), *, epochs: int = 2, per_class: int = 40, input_size: int = 64,
                  runs: int = 10, force: bool = False, bundle_dir: Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Every stage in order; returns and writes (<out>/pipeline.json, pipeline.md) the stage summary."""
+                 progress: bool = True, formats: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every stage in order; returns and writes (<out>/pipeline.json, pipeline.md) the stage summary.
+    `formats` (default every registered one) limits what the export stage writes."""
     if epochs < 1 or per_class < 10 or input_size < 32:
         raise PipelineError("--epochs must be >= 1, --per-class >= 10 (a split needs a few per class) and "
                             "--input-size >= 32 (ResNet-18 downsamples 32x)")
+    if formats is not None:
+        from export.registry import get_format
+
+        formats = [get_format(f).name for f in formats]  # an unknown name fails before any work
     prepare_out(out, force)
     ctx = Context(out=out, args={"epochs": epochs, "per_class": per_class, "input_size": input_size, "runs": runs,
-                                 "bundle_dir": bundle_dir, "progress": progress})
+                                 "bundle_dir": bundle_dir, "progress": progress, "formats": formats})
     t0, done, stages = time.perf_counter(), set(), []
     for name, fn, needs in STAGES:
         missing = [n for n in needs if n not in done]
@@ -193,13 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=10, help="timed runs per latency figure (default 10)")
     p.add_argument("--bundle-dir", type=Path, default=None,
                    help="where the Flutter bundle goes (default <out>/mobile_assets; the repo's is mobile_assets/)")
+    p.add_argument("--formats", help="comma-separated formats to export (default: every registered one)")
     p.add_argument("--force", action="store_true", help="replace an earlier pipeline run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     try:
         summary = run_pipeline(a.out, epochs=a.epochs, per_class=a.per_class, input_size=a.input_size, runs=a.runs,
-                               force=a.force, bundle_dir=a.bundle_dir, progress=not a.quiet)
+                               force=a.force, bundle_dir=a.bundle_dir, progress=not a.quiet,
+                               formats=[f.strip() for f in a.formats.split(",") if f.strip()] if a.formats else None)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

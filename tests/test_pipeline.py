@@ -61,15 +61,19 @@ def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
     assert (out / "keep.txt").read_text() == "user file"  # --force removes only the pipeline's outputs
 
 
-def test_bad_settings_name_the_flag(tmp_path):
+def test_bad_settings_name_the_flag(tmp_path, capsys):
     with pytest.raises(PipelineError, match="--input-size"):
         run_pipeline(tmp_path / "x", input_size=8, progress=False)
+    assert main(["--out", str(tmp_path / "y"), "--formats", "onnx,tflite", "--quiet"]) == 2
+    assert "--formats tflite: unknown format; choose from onnx" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.slow
 def test_whole_pipeline_tiny(tmp_path):
-    """Every real stage end to end at 32 px (several minutes on a busy 2-core machine)."""
-    summary = run_pipeline(tmp_path / "demo", epochs=1, per_class=12, input_size=32, runs=3, progress=False)
+    """Every real stage end to end at 32 px, with three formats (test_export_all exports every format)."""
+    summary = run_pipeline(tmp_path / "demo", epochs=1, per_class=12, input_size=32, runs=3, progress=False,
+                           formats=("onnx", "lite", "ort"))
     assert all(s["status"] == "ok" for s in summary["stages"]), summary["stages"]
     report = json.loads((tmp_path / "demo" / "reports" / "benchmarks" / "report.json").read_text())
     names = {r["name"] for r in report["rows"]}
@@ -77,4 +81,5 @@ def test_whole_pipeline_tiny(tmp_path):
     rows = {r["name"]: r for r in report["rows"]}
     for name in ("ptl_fp32", "onnx_fp32"):
         assert rows[name]["measured"] and rows[name]["top1_agreement"] == 1.0, rows[name].get("reason")
+    assert {r["format"] for r in report["rows"] if r["name"] != "pytorch_fp32"} == {"onnx", "lite", "ort"}
     assert (tmp_path / "demo" / "mobile_assets" / "manifest.json").is_file()
