@@ -81,6 +81,6 @@ def test_etdump_profile_shows_every_operator_inside_the_delegate(exported, tmp_p
         assert sum(r["count"] for r in convs) == 20 and all(r["in_delegate"] for r in p["by_operator"])
         assert p["ops_outside_delegate"] == [] and 0 < p["delegate_calls_ms"] <= p["forward_ms"]
     assert main(["--artifacts", str(out), "--out", str(tmp_path / "prof"), "--runs", "2"]) == 0
-    assert "| Convolution (NHWC, F32) IGEMM | 20 |" in (tmp_path / "prof" / "profile.md").read_text()
+    assert "| Convolution (NHWC, F32)" in (tmp_path / "prof" / "profile.md").read_text()  # kernel family varies by CPU
     assert main(["--artifacts", str(tmp_path), "--runs", "2"]) == 2  # no artifacts.json: an error line
     assert "error:" in capsys.readouterr().err
