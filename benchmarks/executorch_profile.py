@@ -21,9 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.machine import describe, machine_info
-from benchmarks.profiling import ProfileError, first_input, profile_cli
-from export.manifest import entries
-from export.registry import variant
+from benchmarks.profiling import profile_cli, profile_each
 from train.errors import cli_errors
 
 
@@ -90,17 +88,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, Any]:
-    programs = [e for e in entries(artifacts) if variant(e.name).runtime == "executorch" and e.path]
-    if not programs:
-        raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no ExecuTorch program; export with "
-                           f"`python -m export --formats executorch` first")
-    x, described = first_input(artifacts, programs[0])
-    out = {}
-    for e in programs:
-        out[e.name] = {"file": e.path, **profile_program(artifacts / e.path, x, runs, threads)}
-        print(f"{e.name}: forward {out[e.name]['forward_ms']} ms, outside the delegate "
-              f"{out[e.name]['outside_delegate_ms']} ms", flush=True)
-    return {"cpu": describe(machine_info()), "threads": threads, "runs": runs, "input": described, "programs": out}
+    programs, described = profile_each(artifacts, "executorch", "ExecuTorch program", profile_program, runs, threads)
+    return {"cpu": describe(machine_info()), "threads": threads, "runs": runs, "input": described,
+            "programs": programs}
 
 
 @cli_errors

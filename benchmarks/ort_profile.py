@@ -20,9 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.machine import describe, machine_info
-from benchmarks.profiling import ProfileError, first_input, profile_cli
-from export.manifest import entries
-from export.registry import variant
+from benchmarks.profiling import profile_cli, profile_each
 from train.errors import cli_errors
 
 
@@ -77,18 +75,9 @@ def render(result: dict[str, Any]) -> str:
 
 
 def run(artifacts: Path, runs: int = 20, threads: int | None = 1) -> dict[str, Any]:
-    files = [e for e in entries(artifacts) if variant(e.name).runtime == "onnxruntime" and e.path]
-    if not files:
-        raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no ONNX Runtime file; export with "
-                           f"`python -m export --formats onnx` first")
-    x, described = first_input(artifacts, files[0])
-    out = {}
-    for e in files:
-        out[e.name] = {"file": e.path, **profile_session(artifacts / e.path, x, runs, threads)}
-        print(f"{e.name}: {out[e.name]['run_ms']} ms per run", flush=True)
-    session = (f"CPUExecutionProvider, ORT_ENABLE_ALL, sequential, "
-               f"{threads or 'default'} intra-op thread(s)")
-    return {"cpu": describe(machine_info()), "session": session, "runs": runs, "input": described, "files": out}
+    files, described = profile_each(artifacts, "onnxruntime", "ONNX Runtime file", profile_session, runs, threads)
+    session = f"CPUExecutionProvider, ORT_ENABLE_ALL, sequential, {threads or 'default'} intra-op thread(s)"
+    return {"cpu": describe(machine_info()), "session": session, "runs": runs, "input": described, "files": files}
 
 
 @cli_errors

@@ -36,6 +36,29 @@ def first_input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
     return rng.random((1, 3, spec.input_size, spec.input_size), dtype=np.float32), "seeded random input"
 
 
+def profile_each(artifacts: Path, runtime: str, what: str, profile: Callable[..., dict[str, Any]], runs: int,
+                 threads: int | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """`profile(path, x, runs, threads)` for every file of `runtime` in artifacts.json, on one input; returns
+    ({entry: figures}, a description of the input)."""
+    from export.manifest import entries
+    from export.registry import variant
+
+    if not (Path(artifacts) / "artifacts.json").is_file():
+        raise ProfileError(f"--artifacts {artifacts}: no artifacts.json there; export first (`python -m export`) "
+                           f"or point --artifacts at the export folder")
+    chosen = [e for e in entries(artifacts) if variant(e.name).runtime == runtime and e.path]
+    if not chosen:
+        raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no {what}; export one with "
+                           f"`python -m export` first")
+    x, described = first_input(artifacts, chosen[0])
+    out = {}
+    for e in chosen:
+        out[e.name] = {"file": e.path, **profile(artifacts / e.path, x, runs, threads)}
+        ms = out[e.name].get("forward_ms", out[e.name].get("run_ms"))
+        print(f"{e.name}: {ms} ms per run (median)", flush=True)
+    return out, described
+
+
 def profile_cli(prog: str, doc: str, default_out: str, run: Callable[..., dict[str, Any]],
                 render: Callable[[dict[str, Any]], str], threads_help: str,
                 argv: Sequence[str] | None) -> int:
