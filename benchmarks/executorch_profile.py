@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.machine import describe, machine_info
-from benchmarks.profiling import profile_cli, profile_each
+from benchmarks.profiling import profile_cli, profile_each, ranked
 from train.errors import cli_errors
 
 
@@ -62,9 +62,7 @@ def summarize(df: Any) -> dict[str, Any]:
         ops[kind]["in_delegate"] = bool(r.is_delegated_op)
     total = by_name.get("Method::execute")
     delegate = float(executed[executed.event_name == "DELEGATE_CALL"][p50].sum())
-    rows = sorted(({"op": k, **v, "ms": round(v["ms"], 3),
-                    "share": round(v["ms"] / total, 4) if total else None} for k, v in ops.items()),
-                  key=lambda r: -r["ms"])
+    rows = ranked(ops, total)
     outside = [r["op"] for r in rows if not r["in_delegate"]]
     return {"forward_ms": round(total, 3) if total else None, "delegate_calls_ms": round(delegate, 3),
             "outside_delegate_ms": round(total - delegate, 3) if total else None,

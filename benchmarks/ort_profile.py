@@ -20,18 +20,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.machine import describe, machine_info
-from benchmarks.profiling import profile_cli, profile_each
+from benchmarks.profiling import profile_cli, profile_each, ranked
 from train.errors import cli_errors
 
 
 def profile_session(path: Path, x: np.ndarray, runs: int, threads: int | None) -> dict[str, Any]:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads:
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    from export.runners import onnx_session_options
+
+    so = onnx_session_options(threads)  # exactly what the export's verification and the benchmark run
     with tempfile.TemporaryDirectory(prefix="ortprof.") as tmp:
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
@@ -53,9 +51,7 @@ def summarize(events: list[dict[str, Any]], runs: int) -> dict[str, Any]:
             ops[op]["ms"] += e["dur"] / 1000 / runs
     run_ms = [e["dur"] / 1000 for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     total = float(np.median(run_ms)) if run_ms else None
-    rows = sorted(({"op": k, "nodes": round(v["nodes"]), "ms": round(v["ms"], 3),
-                    "share": round(v["ms"] / total, 4) if total else None} for k, v in ops.items()),
-                  key=lambda r: -r["ms"])
+    rows = ranked({k: {**v, "nodes": round(v["nodes"])} for k, v in ops.items()}, total)
     return {"run_ms": round(total, 3) if total else None, "nodes_executed": sum(r["nodes"] for r in rows),
             "by_operator": rows}
 

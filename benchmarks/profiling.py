@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from export.manifest import read_source
+from export.manifest import ManifestError, entries, read_source
+from export.registry import variant
 from train.atomic import write_json, write_text
 from train.errors import ToolkitError
 
@@ -20,7 +21,6 @@ class ProfileError(ToolkitError, ValueError):
 
 def first_input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
     """The first image the export was verified on (from artifacts.json's source block), else seeded noise."""
-    from export.manifest import ManifestError
     from train.data import Sample, load_batch
     from train.spec import PreprocessSpec
 
@@ -36,13 +36,17 @@ def first_input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
     return rng.random((1, 3, spec.input_size, spec.input_size), dtype=np.float32), "seeded random input"
 
 
+def ranked(ops: dict[str, dict[str, Any]], total_ms: float | None) -> list[dict[str, Any]]:
+    """Per-operator rows, slowest first, with ms rounded and each one's share of the whole run."""
+    rows = [{"op": k, **v, "ms": round(v["ms"], 3), "share": round(v["ms"] / total_ms, 4) if total_ms else None}
+            for k, v in ops.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
 def profile_each(artifacts: Path, runtime: str, what: str, profile: Callable[..., dict[str, Any]], runs: int,
                  threads: int | None) -> tuple[dict[str, dict[str, Any]], str]:
     """`profile(path, x, runs, threads)` for every file of `runtime` in artifacts.json, on one input; returns
     ({entry: figures}, a description of the input)."""
-    from export.manifest import entries
-    from export.registry import variant
-
     if not (Path(artifacts) / "artifacts.json").is_file():
         raise ProfileError(f"--artifacts {artifacts}: no artifacts.json there; export first (`python -m export`) "
                            f"or point --artifacts at the export folder")

@@ -31,6 +31,7 @@ from export.common import (ExportError, calib_inputs, eval_inputs, prove_in_runt
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json
 from export.onnx import INPUT_NAME, OUTPUT_NAME, embed_metadata, write_onnx
+from export.registry import variant
 from train.atomic import atomic_path
 from train.checkpoint import Checkpoint
 from train.data import Sample
@@ -145,7 +146,7 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
                 q.pop("path", None)
             details["quantization"] = {**q, "calibration": calib[1]}
         for name in (mobile, ort_name):
-            dst = staging / f"{Path(_file(name)).stem}.onnx"
+            dst = staging / f"{Path(variant(name).file).stem}.onnx"
             fix_batch(src, dst)
             meta = embed_metadata(dst, embedded_metadata(ckpt, name))
             built[name] = (dst, {**details, "embedded_metadata": meta})
@@ -153,23 +154,17 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
     ort_names = [VARIANTS[v][1] for v in variants]
     config = convert_to_ort([built[n][0] for n in ort_names], staging / "ort")
     for name in ort_names:
-        stem = Path(_file(name)).stem
+        stem = Path(variant(name).file).stem
         # what ONNX Runtime will run: fused for its CPU kernels, which the phone accelerators do not take
         verdict = mobile_usability(staging / "ort" / f"{stem}.optimized.onnx", optimize=False)
         built[name] = (staging / "ort" / f"{stem}.ort", {**built[name][1], "mobile_usability": verdict})
     return built, config
 
 
-def _file(name: str) -> str:
-    from export.registry import variant
-
-    return variant(name).file
-
-
 def _reusable_float(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     from export.onnx import read_metadata as onnx_metadata
 
-    path = out_dir / _file("onnx_fp32")
+    path = out_dir / variant("onnx_fp32").file
     try:
         meta = onnx_metadata(path) if path.is_file() else None
     except Exception:  # unreadable: export it again

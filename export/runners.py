@@ -136,6 +136,19 @@ class LiteRunner(_TorchRunner):
         return self
 
 
+def onnx_session_options(threads: int | None = None):
+    """The toolkit's ONNX Runtime settings: ORT's default graph optimizations (ORT_ENABLE_ALL), sequential
+    execution, `threads` intra-op threads (ORT's default when None). The benchmark and the profiler use these."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
 class OnnxRunner(Runner):
     """ONNX Runtime (.onnx and .ort files), CPU execution provider, sequential execution. A file whose batch
     is fixed (the ORT Mobile files, batch 1) runs a larger batch one image at a time."""
@@ -145,13 +158,9 @@ class OnnxRunner(Runner):
     def load(self, path: str | Path) -> "OnnxRunner":
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.model = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.model = ort.InferenceSession(str(path), onnx_session_options(self.threads),
+                                              providers=["CPUExecutionProvider"])
         except Exception as err:
             raise RunnerError(f"ONNX Runtime cannot load {path}: {err}") from err
         self.engine = self.engine or "CPUExecutionProvider"

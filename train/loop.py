@@ -247,12 +247,8 @@ def _train_epoch(model, loader, step_parts, ctx: D.DistContext, epoch: int, cfg:
     seconds = time.perf_counter() - t0
     loss_sum, correct, seen = D.all_reduce_sum([loss_sum, correct, seen], ctx)
     return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "lr": opt_lr(step_parts[1]), "train_images": int(seen), "train_seconds": round(seconds, 2),
+            "lr": step_parts[1].param_groups[0]["lr"], "train_images": int(seen), "train_seconds": round(seconds, 2),
             "images_per_s": round(seen / max(seconds, 1e-9), 2)}
-
-
-def opt_lr(opt: torch.optim.Optimizer) -> float:
-    return float(opt.param_groups[0]["lr"])
 
 
 def train_step(model, x, y, criterion, opt, sched, scaler, dtype: torch.dtype | None = None, *,
