@@ -63,7 +63,9 @@ def stage_train(ctx: Context) -> str:
 
 def stage_export(ctx: Context) -> str:
     from export.manifest import record_source
+    from export.parallel import resolve_jobs
     from export.pipeline import export_all, source_record
+    from export.registry import FORMATS
     from train.checkpoint import load_checkpoint
     from train.data import verification_sets
 
@@ -71,8 +73,9 @@ def stage_export(ctx: Context) -> str:
     eval_samples, calib_samples = verification_sets(ctx.eval_data, ckpt.spec.class_names, 64, 32)
     (ctx.out / "artifacts").mkdir(parents=True, exist_ok=True)
     record_source(ctx.out / "artifacts", source_record(ckpt, ctx.eval_data, eval_samples))
+    only = ctx.args["formats"]
     done = export_all(ckpt, ctx.out / "artifacts", eval_samples=eval_samples, calib_samples=calib_samples,
-                      only=ctx.args["formats"])
+                      only=only, jobs=resolve_jobs("auto", len(only or FORMATS)))
     ok = [e.name for e in done if e.status != "failed"]
     bad = [f"{e.name} ({(e.error or '')[:80]})" for e in done if e.status == "failed"]
     ctx.results["export"] = {"ok": ok, "failed": bad, "statuses": {e.name: e.status for e in done}}

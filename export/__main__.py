@@ -10,6 +10,7 @@ from typing import Sequence
 
 from export.cli import add_common_args, add_x86_isa_arg, run_cli
 from export.manifest import read_manifest
+from export.parallel import resolve_jobs
 from export.pipeline import export_all, format_options, timing_table
 from export.registry import FORMATS, INT8_CHOICES, get_format
 from train.errors import cli_errors
@@ -25,7 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", default="static", choices=INT8_CHOICES,
                    help="int8 variants: static (default; calibrated on real train images: needs --data or a "
                         "checkpoint that records its data), dynamic (only those that need no calibration), none")
+    p.add_argument("--jobs", default="auto", type=_jobs,
+                   help="formats exported side by side in worker processes, each with its share of the cores "
+                        "(default auto: one per core; 1 = one after another in this process)")
     return p
+
+
+def _jobs(value: str) -> str | int:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--jobs takes 'auto' or a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _formats(value: str) -> list[str]:
@@ -38,12 +50,14 @@ def _formats(value: str) -> list[str]:
 def _options(args: argparse.Namespace) -> dict:
     names = _formats(args.formats)
     return {"only": names, "options": format_options(names, args.int8, x86_isa=args.x86_isa),
-            "static": any(FORMATS[n].calibrates(args.int8) for n in names)}
+            "static": any(FORMATS[n].calibrates(args.int8) for n in names), "jobs": resolve_jobs(args.jobs, len(names))}
 
 
-def _export(ckpt, out, *, eval_samples, calib_samples, only, options, static):
-    rows = export_all(ckpt, out, eval_samples=eval_samples, calib_samples=calib_samples, only=only, options=options)
-    print(timing_table(read_manifest(out)["export_timing_s"]))
+def _export(ckpt, out, *, eval_samples, calib_samples, only, options, static, jobs):
+    rows = export_all(ckpt, out, eval_samples=eval_samples, calib_samples=calib_samples, only=only, options=options,
+                      jobs=jobs)
+    manifest = read_manifest(out)
+    print(timing_table(manifest["export_timing_s"], manifest.get("export_run")))
     return rows
 
 

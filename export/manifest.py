@@ -6,16 +6,18 @@ benchmark stage and the Flutter bundle read only this file, never a directory li
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from train.atomic import sha256_file, size_bytes, write_json
 from train.errors import ToolkitError
 
 MANIFEST_NAME = "artifacts.json"
+LOCK_NAME = ".artifacts.json.lock"  # held while a row is recorded (parallel exports)
 MANIFEST_VERSION = 1
 # verified: run in its own runtime on real images (--data) and within its bound;
 # exported: written and runs, but checked only on generated or SYNTHETIC inputs (status_reason says which);
@@ -87,13 +89,32 @@ def describe_file(out_dir: str | Path, file: str | Path) -> dict[str, Any]:
             else str(file), "sha256": sha256_file(file), "size_bytes": size_bytes(file)}
 
 
+@contextlib.contextmanager
+def _locked(out_dir: str | Path) -> Iterator[None]:
+    """An exclusive lock around the manifest's read-modify-write: a parallel export's workers record their
+    rows at the same time (POSIX flock; elsewhere exports run in one process)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: `python -m export` runs one job there
+        yield
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def record(out_dir: str | Path, entry: ArtifactEntry) -> Path:
-    """Insert or replace one entry, atomically (exports run one after another, not concurrently)."""
-    data = read_manifest(out_dir)
-    data["manifest_version"] = MANIFEST_VERSION
-    data["artifacts"][entry.name] = asdict(entry)
-    data["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return write_json(manifest_path(out_dir), data)
+    """Insert or replace one entry, atomically and under the manifest lock."""
+    with _locked(out_dir):
+        data = read_manifest(out_dir)
+        data["manifest_version"] = MANIFEST_VERSION
+        data["artifacts"][entry.name] = asdict(entry)
+        data["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return write_json(manifest_path(out_dir), data)
 
 
 def record_source(out_dir: str | Path, source: dict[str, Any]) -> Path:
@@ -104,10 +125,11 @@ def record_source(out_dir: str | Path, source: dict[str, Any]) -> Path:
 
 def record_field(out_dir: str | Path, key: str, value: Any) -> Path:
     """One top-level field of the manifest (its source, the last export's timing), atomically."""
-    data = read_manifest(out_dir)
-    data["manifest_version"] = MANIFEST_VERSION
-    data[key] = value
-    return write_json(manifest_path(out_dir), data)
+    with _locked(out_dir):
+        data = read_manifest(out_dir)
+        data["manifest_version"] = MANIFEST_VERSION
+        data[key] = value
+        return write_json(manifest_path(out_dir), data)
 
 
 def read_source(out_dir: str | Path) -> dict[str, Any]:

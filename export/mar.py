@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.common import write_proven
+from export.common import reference_logits, write_proven
 from export.manifest import ArtifactEntry, record
 from export.metadata import METADATA_FILE, embedded_metadata, from_json
 from export.registry import variant
@@ -148,9 +148,8 @@ def reference_probs(ckpt: Checkpoint, payloads: list[bytes]) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             arrays.append(gray_to_unit_array(to_gray_resized(img, ckpt.spec)))
-    with torch.inference_mode():
-        logits = ckpt.build_deploy_model()(torch.from_numpy(np.stack(arrays)))
-    return torch.softmax(logits, dim=1).numpy()
+    logits = reference_logits(ckpt, np.stack(arrays))  # the export's cached reference when the decoding agrees
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
 def verify_archive(mar: Path, ckpt: Checkpoint, payloads: list[bytes], inputs: str = "") -> dict[str, Any]:

@@ -62,27 +62,45 @@ def format_options(names: Sequence[str], int8: str = "static", **shared: Any) ->
             for n in names}
 
 
+def timed_export(name: str, ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None,
+                 calib_samples: list[Sample] | None, options: dict[str, Any]) -> tuple[list[ArtifactEntry], dict]:
+    """export_format and the time it took: (rows, {'total': s, 'files': {entry: per-step seconds}})."""
+    log.info("exporting %s (%s)", name, FORMATS[name].description)
+    t0 = time.perf_counter()
+    done = export_format(name, ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples, **options)
+    return done, {"total": round(time.perf_counter() - t0, 2), "files": {r.name: r.details.get("timing_s") for r in done}}
+
+
+def _crashed(ckpt: Checkpoint, out_dir: Path, name: str, reason: str) -> tuple[list[ArtifactEntry], dict]:
+    return [record_failed(ckpt, out_dir, e, reason) for e in FORMATS[name].entries], {"total": 0.0, "files": {}}
+
+
 def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
                calib_samples: list[Sample] | None = None, only: Sequence[str] | None = None,
-               options: dict[str, dict[str, Any]] | None = None) -> list[ArtifactEntry]:
-    """Export every registered format (or `only` those), in registry order; returns all rows written.
-    `options` maps a format name to extra keyword arguments for its exporter."""
+               options: dict[str, dict[str, Any]] | None = None, jobs: int = 1) -> list[ArtifactEntry]:
+    """Export every registered format (or `only` those); returns all rows written, in registry order.
+    `options` maps a format name to extra keyword arguments for its exporter. `jobs` > 1 exports formats
+    side by side in that many worker processes (export.parallel), each with its share of the cores."""
     names = list(FORMATS) if only is None else list(only)
     for n in names:
         get_format(n)  # an unknown name fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[ArtifactEntry] = []
-    timing: dict[str, Any] = {}
-    for name in names:
-        log.info("exporting %s (%s)", name, FORMATS[name].description)
-        t0 = time.perf_counter()
-        done = export_format(name, ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples,
-                             **(options or {}).get(name, {}))
-        timing[name] = {"total": round(time.perf_counter() - t0, 2),
-                        "files": {r.name: r.details.get("timing_s") for r in done}}
-        rows += done
+    common = {"ckpt": ckpt, "out_dir": out_dir, "eval_samples": eval_samples, "calib_samples": calib_samples}
+    t0 = time.perf_counter()
+    jobs = max(1, min(jobs, len(names)))
+    if jobs > 1:
+        from export.parallel import run_in_workers
+
+        per_format = run_in_workers(_format_job, names, jobs, {n: FORMATS[n].after for n in names},
+                                    lambda n, why: _crashed(ckpt, out_dir, n, why), options=options or {}, **common)
+    else:
+        per_format = {n: timed_export(n, options=(options or {}).get(n, {}), **common) for n in names}
+    rows = [r for n in names for r in per_format[n][0]]
+    timing = {n: per_format[n][1] for n in names}
+    run = {"jobs": jobs, "wall_s": round(time.perf_counter() - t0, 2)}
     record_field(out_dir, "export_timing_s", timing)
+    record_field(out_dir, "export_run", run)
     write_json(out_dir / "export_config.json", {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256, "formats": names,
@@ -91,18 +109,26 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
         "calibration_images": len(calib_samples) if calib_samples else None,
         "machine": cpu_description(),
         "tool_versions": tool_versions(), "registry": [asdict(FORMATS[n]) for n in names],
-        "results": {r.name: r.status for r in rows}, "timing_s": timing})
+        "results": {r.name: r.status for r in rows}, "timing_s": timing, "run": run})
     return rows
 
 
-def timing_table(timing: dict[str, Any]) -> str:
-    """Where an export's time went: per format, and per file convert-and-write vs verify (seconds)."""
+def _format_job(name: str, *, options: dict[str, dict[str, Any]], **common: Any) -> tuple[list[ArtifactEntry], dict]:
+    """One format in a worker process (module level, so a spawned worker can import it)."""
+    return timed_export(name, options=options.get(name, {}), **common)
+
+
+def timing_table(timing: dict[str, Any], run: dict[str, Any] | None = None) -> str:
+    """Where an export's time went: per format, and per file convert-and-write vs verify (seconds); with
+    several jobs the formats overlap, so the wall time is printed too."""
     lines = [f"{'format':12s} {'total s':>8s}  files (convert+write / verify s)"]
     for fmt, t in timing.items():
         files = ", ".join(f"{n} {v['convert_and_write']:.1f}/{v['verify']:.1f}" if v else f"{n} -"
                           for n, v in t["files"].items())
         lines.append(f"{fmt:12s} {t['total']:8.1f}  {files}")
     lines.append(f"{'all':12s} {sum(t['total'] for t in timing.values()):8.1f}")
+    if run:
+        lines.append(f"{'wall':12s} {run['wall_s']:8.1f}  ({run['jobs']} job{'s' if run['jobs'] > 1 else ''})")
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ class Format:
     options: tuple[str, ...] = ()
     int8: dict[str, dict[str, Any]] = field(default_factory=dict)
     mobile: bool = True  # an on-device format (the benchmark recommends among these for apps)
+    after: tuple[str, ...] = ()  # formats whose files this one reuses when they are exported in the same run
 
     @property
     def entries(self) -> tuple[str, ...]:
@@ -134,7 +135,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                     calibrated=True)),
            tools=("onnx", "onnxruntime"), options=("x86_isa",),
            int8={"static": {"variants": ("fp32", "int8")}, "dynamic": {"variants": ("fp32",)},
-                 "none": {"variants": ("fp32",)}}),
+                 "none": {"variants": ("fp32",)}}, after=("onnx",)),
     Format("mar", "export.mar", "export_mar", "TorchServe model archive with the toolkit's handler",
            (Variant("torchserve_mar", "cxr_resnet18.mar", "fp32", "torchserve"),),
            tools=("torch-model-archiver", "torchserve"), mobile=False),

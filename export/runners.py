@@ -21,6 +21,11 @@ class RunnerError(ToolkitError, RuntimeError):
     """A runtime that is unavailable here or an artifact it cannot load."""
 
 
+# Intra-op threads of a runner made without `threads` (None: each runtime's own default). A parallel export's
+# workers set it to their share of the cores (export.parallel).
+DEFAULT_THREADS: int | None = None
+
+
 class Runner:
     """Base class. `threads` is the intra-op thread count; `engine` the quantized engine where relevant."""
 
@@ -34,7 +39,7 @@ class Runner:
         return None
 
     def __init__(self, threads: int | None = None, engine: str | None = None) -> None:
-        self.threads = threads
+        self.threads = threads if threads is not None else DEFAULT_THREADS
         self.engine = engine
         self.model: Any = None
 
@@ -203,9 +208,11 @@ class ExecuTorchRunner(Runner):
         """XNNPACK runs on ExecuTorch's own threadpool (torch.set_num_threads does not reach it); the
         Python bindings expose only an experimental reset, so fall back to torch's setting without it."""
         try:
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+            from executorch.extension.pybindings.portable_lib import (_threadpool_get_thread_count,
+                                                                      _unsafe_reset_threadpool)
 
-            _unsafe_reset_threadpool(int(threads))
+            if _threadpool_get_thread_count() != int(threads):  # resizing a pool that has run work can crash
+                _unsafe_reset_threadpool(int(threads))
         except (ImportError, AttributeError):
             import torch
 

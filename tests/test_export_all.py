@@ -22,10 +22,11 @@ PRECISIONS = {"fp32", "fp16", "int8", "w8", "palette6", "palette4"}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, ckpt, export_samples):
-    """Every registered format, exported once from the tiny checkpoint through the one pipeline."""
+    """Every registered format, exported once from the tiny checkpoint through the one pipeline, two formats
+    at a time in worker processes (python -m export's default on 2 cores)."""
     out = tmp_path_factory.mktemp("all_formats")
     rows = pipeline.export_all(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1],
-                               options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"))
+                               options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"), jobs=2)
     return out, {r.name: r for r in rows}
 
 
@@ -173,3 +174,15 @@ def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
     assert row["status"] == "exported" and "GENERATED" in row["status_reason"]  # no --data: a numerics check
     source = read_source(tmp_path)
     assert source["checkpoint_sha256"] and source["eval_images"] == [] and source["data"] is None
+
+
+@pytest.mark.slow
+def test_the_parallel_export_records_its_run_and_keeps_reuse(exported):
+    """Two jobs: every format timed, the run recorded, and ORT Mobile (registered to start after onnx) still
+    reuses this export's model.onnx and model_int8_static.onnx instead of exporting and calibrating again."""
+    out, rows = exported
+    manifest = read_manifest(out)
+    assert manifest["export_run"]["jobs"] == 2 and manifest["export_run"]["wall_s"] > 0
+    assert set(manifest["export_timing_s"]) == set(FORMATS) and set(manifest["artifacts"]) == set(variants())
+    assert rows["ort_mobile_fp32"].details["float_source"] == "model.onnx of this export"
+    assert "model_int8_static.onnx" in rows["ort_mobile_int8"].details["quantization"]["reused"]

@@ -1,0 +1,115 @@
+"""Formats exported side by side in worker processes (`python -m export --jobs N`).
+
+Much of an export is single-threaded Python (graph lowering, converters, coremltools passes), so one process
+leaves cores idle even when torch uses them all. N spawned workers each take one format at a time with
+cores/N threads; a format that reuses another's files (the registry's `after`) starts once that one is done.
+Workers write their own files and rows; the manifest's read-modify-write is locked (export.manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+WORKER_MEMORY_GB = 3  # a worker's peak resident memory exporting the heaviest format at 224 px, rounded up
+
+
+def resolve_jobs(jobs: int | str, n_formats: int) -> int:
+    """'auto' = one worker per core, at most one per format and one per WORKER_MEMORY_GB of available memory;
+    an integer is taken as it is (1 = one format after another in this process)."""
+    if jobs != "auto":
+        return max(1, int(jobs))
+    import psutil
+
+    by_memory = int(psutil.virtual_memory().available / 2**30 // WORKER_MEMORY_GB)
+    return max(1, min(usable_cores(), n_formats, by_memory))
+
+
+def _log_levels() -> dict[str, int]:
+    """The parent's logging levels (root and every logger it set), for its workers to copy."""
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+              if isinstance(lg, logging.Logger) and lg.level}
+    return {"": logging.getLogger().level, **levels}
+
+
+def _init_worker(threads: int, levels: dict[str, int]) -> None:
+    """Each worker gets its share of the cores (torch's pool and the runtimes' default thread count) and
+    logs like its parent, each line naming the worker."""
+    import torch
+
+    from export import runners
+
+    torch.set_num_threads(threads)
+    runners.DEFAULT_THREADS = threads
+    logging.basicConfig(level=levels.get("", logging.WARNING),
+                        format="[%(processName)s] %(levelname)s %(name)s: %(message)s")
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _ready(pending: list[str], after: dict[str, Sequence[str]], done: set[str], names: Sequence[str]) -> list[str]:
+    return [n for n in pending if all(d in done or d not in names for d in after.get(n, ()))]
+
+
+CRASH = ("its worker process died (out of memory or a crash in a native library) when it ran alone; run "
+         "`python -m export --formats {name} --jobs 1` to see the error")
+
+
+def run_in_workers(task: Callable[..., Any], names: Sequence[str], jobs: int, after: dict[str, Sequence[str]],
+                   on_crash: Callable[[str, str], Any], **kwargs: Any) -> dict[str, Any]:
+    """task(name, **kwargs) for every name in `jobs` spawned processes; returns {name: result}. A worker that
+    dies breaks the pool and takes the formats running beside it along: those go on later, each alone in
+    its own pool, so the one that crashes is the only one given on_crash(name, reason) as its result."""
+    threads = max(1, usable_cores() // jobs)
+    results: dict[str, Any] = {}
+    interrupted = _run_pool(task, list(names), jobs, threads, after, names, results, on_crash, kwargs)
+    for name in interrupted:
+        log.warning("an export worker died while %s ran; running %s again on its own", interrupted, name)
+        if _run_pool(task, [name], 1, threads, after, names, results, on_crash, kwargs):
+            results[name] = on_crash(name, CRASH.format(name=name))
+    return results
+
+
+def _run_pool(task: Callable[..., Any], pending: list[str], jobs: int, threads: int, after: dict[str, Sequence[str]],
+              names: Sequence[str], results: dict[str, Any], on_crash: Callable[[str, str], Any],
+              kwargs: dict[str, Any]) -> list[str]:
+    """Run `pending` in pools of `jobs` workers, filling `results`; returns the formats a dying worker
+    interrupted (a fresh pool takes the rest)."""
+    interrupted: list[str] = []
+    while pending:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads, _log_levels()))
+        running: dict[Future, str] = {}
+        try:
+            while pending or running:
+                ready = _ready(pending, after, set(results), names) or ([] if running else list(pending))
+                for name in ready[:jobs - len(running)]:  # queued work would die with a broken pool
+                    pending.remove(name)
+                    running[pool.submit(task, name, **kwargs)] = name
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    try:
+                        results[name] = future.result()
+                    except BrokenProcessPool:
+                        interrupted.append(name)
+                    except Exception as err:  # the task itself catches export errors; this is a transport failure
+                        results[name] = on_crash(name, f"{type(err).__name__}: {err}")
+        except BrokenProcessPool:  # submit() on a pool that broke since the last wait
+            interrupted += [n for n in running.values() if n not in interrupted]
+            pending[:0] = [n for n in ready if n not in running.values() and n not in pending and n not in results
+                           and n not in interrupted]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return interrupted
