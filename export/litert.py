@@ -66,8 +66,8 @@ def convert(model: nn.Module, example: tuple[torch.Tensor, ...], dest: Path, qua
 
 def op_summary(path: Path) -> dict[str, Any]:
     """Operators of the .tflite with their input dtypes, read without delegates (so none hide in a DELEGATE
-    node), and how many conv/fully-connected ops really run in int8: a recipe that silently leaves layers in
-    float shows up here."""
+    node), how many conv/fully-connected ops really run in int8, and the float adds and DEQUANTIZE ops left
+    between them: a recipe that silently leaves layers in float shows up here."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     it = Interpreter(model_path=str(path),
@@ -82,6 +82,8 @@ def op_summary(path: Path) -> dict[str, Any]:
     out = it.get_output_details()[0]
     return {"operators": ops, "compute_ops": sum(compute.values()),
             "compute_ops_int8": sum(n for k, n in compute.items() if "int8" in k),
+            "float_adds": sum(n for k, n in ops.items() if k.startswith("ADD(") and "float32" in k),
+            "dequantize_ops": sum(n for k, n in ops.items() if k.startswith("DEQUANTIZE(")),
             "input": {"shape": it.get_input_details()[0]["shape"].tolist(),
                       "dtype": it.get_input_details()[0]["dtype"].__name__},
             "output": {"dtype": out["dtype"].__name__, "scale": float(out["quantization"][0]),

@@ -103,8 +103,12 @@ def _file_info(dst: Path, src: Path) -> dict[str, Any]:
 
 
 def dynamic_int8_onnx(src: str | Path, dst: str | Path) -> dict[str, Any]:
-    """ORT dynamic int8: int8 weights (QInt8) for every Conv and MatMul/Gemm, activations quantized
-    on the fly at run time. No calibration data needed."""
+    """ORT dynamic 8-bit: 8-bit weights for every Conv and MatMul/Gemm, activations quantized to uint8 on the
+    fly at run time. No calibration data needed.
+
+    Weights are QUInt8 (asymmetric, with a zero point): ONNX Runtime's ConvInteger is fast for uint8 x uint8
+    on x86, while int8 (QInt8) weights took a slow path: 118.5 ms per image at 1 thread against 30.9 ms for
+    QUInt8 and 34 ms for float (AMD EPYC, AVX-512 VNNI). No saturation either: U8U8 widens to 16 bits."""
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -112,12 +116,12 @@ def dynamic_int8_onnx(src: str | Path, dst: str | Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ortq.") as tmp, atomic_path(dst) as out:
         model_in, pre_err = _preprocess(src, Path(tmp))
         try:
-            quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QInt8,
+            quantize_dynamic(str(model_in), str(out), weight_type=QuantType.QUInt8,
                              use_external_data_format=False)
         except Exception as err:
             raise OnnxQuantError(f"ONNX Runtime dynamic quantization failed on {src}: {err}") from err
         summary = graph_summary(out)
-    info = {"mode": "dynamic", "format": "QOperator", "weight_type": "QInt8", "activations": "dynamic uint8",
+    info = {"mode": "dynamic", "format": "QOperator", "weight_type": "QUInt8", "activations": "dynamic uint8",
             "per_channel": False, "preprocessed": pre_err is None, "preprocess_error": pre_err,
             "onnxruntime_version": onnxruntime.__version__, **summary, "touched": _describe(summary)}
     info.update(_file_info(Path(dst), src))

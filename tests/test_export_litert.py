@@ -43,6 +43,8 @@ def test_int8_file_runs_every_conv_and_fc_in_int8(nhwc, ckpt, export_samples):
     e = rows["litert_int8"]
     g = e.details["graph"]
     assert e.status == "verified" and g["compute_ops"] == 21 and g["compute_ops_int8"] == 21  # 20 conv + fc
+    assert g["operators"].get("ADD(int8)") == 8 and g["float_adds"] == 0  # the residual adds too
+    assert g["dequantize_ops"] == 0  # no round trip to float inside the graph
     assert g["output"]["dtype"] == "int8" and g["output"]["scale"] > 0  # logits = scale * (q - zero_point)
     assert e.details["quantization"]["calibration"].startswith("8 images from the train split")
     assert (out / "model_int8.tflite").stat().st_size < 0.3 * (out / "model.tflite").stat().st_size
