@@ -67,16 +67,20 @@ CRASH = ("its worker process died (out of memory or a crash in a native library)
 
 
 def run_in_workers(task: Callable[..., Any], names: Sequence[str], jobs: int, after: dict[str, Sequence[str]],
-                   on_crash: Callable[[str, str], Any], **kwargs: Any) -> dict[str, Any]:
+                   on_crash: Callable[[str, str], Any], on_broken: Callable[[], Any] = lambda: None,
+                   **kwargs: Any) -> dict[str, Any]:
     """task(name, **kwargs) for every name in `jobs` spawned processes; returns {name: result}. A worker that
     dies breaks the pool and takes the formats running beside it along: those go on later, each alone in
-    its own pool, so the one that crashes is the only one given on_crash(name, reason) as its result."""
+    its own pool, so the one that crashes is the only one given on_crash(name, reason) as its result.
+    on_broken() runs after each broken pool, when none of its workers is left (to clean what they left)."""
     threads = max(1, usable_cores() // jobs)
     results: dict[str, Any] = {}
     interrupted = _run_pool(task, list(names), jobs, threads, after, names, results, on_crash, kwargs)
     for name in interrupted:
+        on_broken()
         log.warning("an export worker died while %s ran; running %s again on its own", interrupted, name)
         if _run_pool(task, [name], 1, threads, after, names, results, on_crash, kwargs):
+            on_broken()
             results[name] = on_crash(name, CRASH.format(name=name))
     return results
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from export.common import record_failed, tool_versions
 from export.manifest import ArtifactEntry, read_manifest, record_field
 from export.registry import FORMATS, Format, get_format
-from train.atomic import write_json
+from train.atomic import remove_partials, write_json
 from train.checkpoint import Checkpoint
 from train.cpu import cpu_description
 from train.data import Sample, images_origin
@@ -71,6 +71,12 @@ def timed_export(name: str, ckpt: Checkpoint, out_dir: Path, *, eval_samples: li
     return done, {"total": round(time.perf_counter() - t0, 2), "files": {r.name: r.details.get("timing_s") for r in done}}
 
 
+def _remove_partials(out_dir: Path) -> None:
+    gone = remove_partials(out_dir)
+    if gone:
+        log.warning("removed what a dead export worker left half-written: %s", ", ".join(gone))
+
+
 def _crashed(ckpt: Checkpoint, out_dir: Path, name: str, reason: str) -> tuple[list[ArtifactEntry], dict]:
     return [record_failed(ckpt, out_dir, e, reason) for e in FORMATS[name].entries], {"total": 0.0, "files": {}}
 
@@ -93,7 +99,8 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
         from export.parallel import run_in_workers
 
         per_format = run_in_workers(_format_job, names, jobs, {n: FORMATS[n].after for n in names},
-                                    lambda n, why: _crashed(ckpt, out_dir, n, why), options=options or {}, **common)
+                                    lambda n, why: _crashed(ckpt, out_dir, n, why),
+                                    on_broken=lambda: _remove_partials(out_dir), options=options or {}, **common)
     else:
         per_format = {n: timed_export(n, options=(options or {}).get(n, {}), **common) for n in names}
     rows = [r for n in names for r in per_format[n][0]]

@@ -14,6 +14,7 @@ import pytest
 from export.__main__ import build_parser
 from export.manifest import ArtifactEntry, read_manifest, record
 from export.parallel import resolve_jobs, run_in_workers
+from train.atomic import remove_partials
 
 
 def _record_many(out_dir: str, prefix: str, n: int) -> None:
@@ -37,6 +38,7 @@ def _task(name: str, *, log_dir: str) -> str:
     """Sleeps, logs when it ran; 'dies' kills its worker process the way a native crash would."""
     start = time.time()
     if name == "dies":
+        Path(log_dir, ".model.x1.partial.onnx").write_bytes(b"half")  # as atomic_path names it
         os._exit(3)
     time.sleep(0.5 if name == "first" else 0.1)
     Path(log_dir, name).write_text(f"{start} {time.time()} {os.getpid()}")
@@ -46,9 +48,12 @@ def _task(name: str, *, log_dir: str) -> str:
 def test_a_dead_worker_fails_only_its_own_format(tmp_path):
     """'dies' takes down whichever format runs beside it; that one runs again alone and succeeds, and only
     'dies' (which dies alone too) is reported, with the command that shows its error."""
+    cleaned = []
     results = run_in_workers(_task, ["first", "dies", "second", "third"], 2, {"second": ("first",)},
-                             lambda n, why: f"{n} crashed: {why}", log_dir=str(tmp_path))
+                             lambda n, why: f"{n} crashed: {why}", log_dir=str(tmp_path),
+                             on_broken=lambda: cleaned.extend(remove_partials(tmp_path)))
     assert results["dies"].startswith("dies crashed: its worker process died")
+    assert cleaned and not list(tmp_path.glob(".*.partial*"))  # what the dead worker left is gone
     assert "--formats dies --jobs 1" in results["dies"]
     assert [results[n] for n in ("first", "second", "third")] == ["first done", "second done", "third done"]
 
@@ -73,3 +78,11 @@ def test_jobs_flag(monkeypatch):
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["--checkpoint", "x", "--jobs", "0"])
     assert err.value.code == 2
+
+
+def test_remove_partials_takes_only_what_atomic_path_left(tmp_path):
+    (tmp_path / ".model.ab12.partial.onnx").write_bytes(b"x")
+    (tmp_path / ".model_fp16.cd34.partial.mlpackage").mkdir()  # coremltools writes a folder
+    (tmp_path / "model.onnx").write_bytes(b"kept")
+    assert remove_partials(tmp_path) == [".model.ab12.partial.onnx", ".model_fp16.cd34.partial.mlpackage"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -42,6 +42,18 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
         raise
 
 
+def remove_partials(folder: str | Path) -> list[str]:
+    """Delete the temporary files and folders atomic_path left in `folder` when its writer was killed (a crashed
+    worker process cannot clean up); only call it when no writer is running there. Returns their names."""
+    import shutil
+
+    gone = []
+    for path in Path(folder).glob(".*.partial*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        gone.append(path.name)
+    return sorted(gone)
+
+
 def write_text(dest: str | Path, text: str) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
