@@ -27,7 +27,14 @@ WORKER_MEMORY_GB = 3  # a worker's peak resident memory exporting the heaviest f
 
 def resolve_jobs(jobs: int | str, n_formats: int) -> int:
     """'auto' = one worker per core, at most one per format and one per WORKER_MEMORY_GB of available memory;
-    an integer is taken as it is (1 = one format after another in this process)."""
+    an integer is taken as it is (1 = one format after another in this process). Without POSIX file locks
+    (Windows) the manifest cannot be shared safely, so it is always 1 there."""
+    try:
+        import fcntl  # noqa: F401  (what export.manifest locks with)
+    except ImportError:
+        if jobs != 1:
+            log.warning("--jobs %s: this platform has no POSIX file locks; exporting one format at a time", jobs)
+        return 1
     if jobs != "auto":
         return max(1, int(jobs))
     import psutil

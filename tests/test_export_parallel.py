@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 import types
 from pathlib import Path
@@ -74,6 +75,8 @@ def test_jobs_flag(monkeypatch):
     assert resolve_jobs("auto", 8) == 4 and resolve_jobs("auto", 2) == 2 and resolve_jobs(3, 8) == 3
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=7 * 2**30))
     assert resolve_jobs("auto", 8) == 2  # 3 GB per worker
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # Windows: no POSIX locks for the shared manifest
+    assert resolve_jobs("auto", 8) == 1 and resolve_jobs(3, 8) == 1
     assert build_parser().parse_args(["--checkpoint", "x", "--jobs", "2"]).jobs == 2
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["--checkpoint", "x", "--jobs", "0"])
