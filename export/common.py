@@ -98,6 +98,14 @@ def eval_inputs(ckpt: Checkpoint, samples: Sequence[Sample] | None, n: int = GEN
                     f"a numerics check, not a verification)", "generated")
 
 
+def check_variants(variants: Sequence[str], choices: Sequence[str]) -> None:
+    """A format's `variants` argument, checked before anything is written (the CLI parses --variants with
+    export.cli.variants_option; this guards the Python API the same way)."""
+    unknown = sorted(set(variants) - set(choices))
+    if unknown:
+        raise ExportError(f"--variants {unknown}: choose from {list(choices)}")
+
+
 def require_calibration(calib_samples: Sequence[Sample] | None, what: str, alternatives: str) -> None:
     """Static int8 is calibrated on images from a train split, never on generated inputs: int8
     calibrated on noise lost 6 accuracy points on real X-rays while agreeing 100% on the noise."""

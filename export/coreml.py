@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from export.cli import add_common_args, run_cli, variants_option
-from export.common import ExportError, eval_inputs, record_failed, reference_logits, tool_versions, write_proven
+from export.common import ExportError  # noqa: F401  (what this module's checks raise, e.g. check_variants)
+from export.common import check_variants, eval_inputs, record_failed, reference_logits, tool_versions, write_proven
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
@@ -182,9 +183,7 @@ def export_coreml(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
                   target: str = DEPLOYMENT_TARGET, **_: Any) -> list[ArtifactEntry]:
     """One .mlpackage per variant, each read back and verified (weight reconstruction + fp16 drift on
     the eval images; real predict on macOS). calib_samples is unused: CoreML compression here is weight-only."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ExportError(f"--variants {unknown}: choose from {list(VARIANTS)}")
+    check_variants(variants, VARIANTS)
     out_dir = Path(out_dir)
     try:
         import coremltools as ct

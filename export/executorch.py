@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from export.cli import add_common_args, run_cli, variants_option
-from export.common import (FLOAT_ATOL, ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed,
+from export.common import ExportError  # noqa: F401  (what this module's checks raise, e.g. check_variants)
+from export.common import (FLOAT_ATOL, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
                            reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
@@ -105,9 +106,7 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
                       calib_samples: list[Sample] | None = None, variants: Sequence[str] = tuple(VARIANTS),
                       tolerance: float = FLOAT_ATOL, **_: Any) -> list[ArtifactEntry]:
     """model.pte (executorch_fp32) and model_int8.pte (executorch_int8), each run in the ExecuTorch runtime."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ExportError(f"--variants {unknown}: choose from {list(VARIANTS)}")
+    check_variants(variants, VARIANTS)
     if "int8" in variants:
         require_calibration(calib_samples, "ExecuTorch int8", ALTERNATIVES)
     out_dir = Path(out_dir)

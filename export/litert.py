@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from export.cli import add_common_args, run_cli, variants_option
-from export.common import (ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed, reference_logits,
-                           require_calibration, write_proven)
+from export.common import (ExportError, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
+                           reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
@@ -139,10 +139,9 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
                   calib_samples: list[Sample] | None = None, variants: Sequence[str] = tuple(VARIANTS),
                   layout: str = "nhwc", **_: Any) -> list[ArtifactEntry]:
     """model.tflite (litert_fp32) and model_int8.tflite (litert_int8), each run in LiteRT's interpreter."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or layout not in LAYOUTS:
-        raise ExportError(f"--variants {unknown or list(variants)} / --layout {layout}: choose variants from "
-                          f"{list(VARIANTS)} and a layout from {list(LAYOUTS)}")
+    check_variants(variants, VARIANTS)
+    if layout not in LAYOUTS:
+        raise ExportError(f"--layout {layout}: choose from {list(LAYOUTS)}")
     if "int8" in variants:
         require_calibration(calib_samples, "LiteRT int8", ALTERNATIVES)
     out_dir = Path(out_dir)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from export.cli import add_common_args, add_x86_isa_arg, run_cli, variants_option
-from export.common import (ExportError, calib_inputs, eval_inputs, prove_in_runtime, record_failed,
+from export.common import (ExportError, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
                            reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json
@@ -200,9 +200,7 @@ def export_ort(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
                calib_samples: list[Sample] | None = None, variants: Sequence[str] = tuple(VARIANTS),
                x86_isa: str = "auto", **_: Any) -> list[ArtifactEntry]:
     """Per precision, the batch-1 .onnx (ort_mobile_*) and .ort (ort_*), each run in ONNX Runtime."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ExportError(f"--variants {unknown}: choose from {list(VARIANTS)}")
+    check_variants(variants, VARIANTS)
     if "int8" in variants:
         require_calibration(calib_samples, "ORT Mobile int8", ALTERNATIVES)
     out_dir = Path(out_dir)
