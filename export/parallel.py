@@ -83,9 +83,10 @@ def run_in_workers(task: Callable[..., Any], names: Sequence[str], jobs: int, af
     threads = max(1, usable_cores() // jobs)
     results: dict[str, Any] = {}
     interrupted = _run_pool(task, list(names), jobs, threads, after, names, results, on_crash, kwargs)
-    for name in interrupted:
+    if interrupted:
         on_broken()
-        log.warning("an export worker died while %s ran; running %s again on its own", interrupted, name)
+        log.warning("an export worker died while %s ran; running each of them again on its own", interrupted)
+    for name in interrupted:
         if _run_pool(task, [name], 1, threads, after, names, results, on_crash, kwargs):
             on_broken()
             results[name] = on_crash(name, CRASH.format(name=name))
@@ -106,8 +107,9 @@ def _run_pool(task: Callable[..., Any], pending: list[str], jobs: int, threads: 
             while pending or running:
                 ready = _ready(pending, after, set(results), names) or ([] if running else list(pending))
                 for name in ready[:jobs - len(running)]:  # queued work would die with a broken pool
+                    future = pool.submit(task, name, **kwargs)  # a broken pool raises here; `name` stays pending
                     pending.remove(name)
-                    running[pool.submit(task, name, **kwargs)] = name
+                    running[future] = name
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
@@ -118,9 +120,7 @@ def _run_pool(task: Callable[..., Any], pending: list[str], jobs: int, threads: 
                     except Exception as err:  # the task itself catches export errors; this is a transport failure
                         results[name] = on_crash(name, f"{type(err).__name__}: {err}")
         except BrokenProcessPool:  # submit() on a pool that broke since the last wait
-            interrupted += [n for n in running.values() if n not in interrupted]
-            pending[:0] = [n for n in ready if n not in running.values() and n not in pending and n not in results
-                           and n not in interrupted]
+            interrupted += list(running.values())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return interrupted
