@@ -8,7 +8,9 @@ Contract: input float32 (1, H, W, 3) NHWC by default (what tflite_flutter apps b
 gives (1, 3, H, W)), RGB (gray repeated) in [0, 1]; normalization is inside the graph. Output (1, classes) logits:
 float32 for model.tflite; int8 for model_int8.tflite (logits = scale * (q - zero_point), both recorded in the
 manifest; the top class needs no dequantizing). Each file is run in LiteRT's own interpreter (ai-edge-litert, default
-XNNPACK delegate) and compared with the float PyTorch model; the manifest counts the int8 file's quantized ops.
+XNNPACK delegate) and compared with the float PyTorch model; the manifest counts the int8 file's quantized ops and
+records what the XNNPACK delegate takes (partitions, ops left outside). The stem max-pool is zero-padded so that no
+PADV2 splits the graph (zero_padded_maxpool).
 """
 
 from __future__ import annotations
@@ -46,6 +48,28 @@ def layout_model(model: nn.Module, layout: str) -> nn.Module:
     import litert_torch
 
     return litert_torch.to_channel_last_io(model.eval(), args=[0]).eval()
+
+
+def zero_padded_maxpool(model: nn.Module) -> nn.Module:
+    """The model with ResNet's stem max-pool padded with zeros instead of -inf. litert-torch writes -inf padding
+    as PADV2, which XNNPACK does not take: LiteRT then splits the graph into two delegate partitions with a CPU
+    op between (and GPU/NNAPI delegates would do the same). The pool follows a ReLU, so its input is >= 0 and
+    zero padding gives exactly the same output."""
+    import torchvision
+
+    net = getattr(model, "net", None)
+    pool = getattr(net, "maxpool", None)
+    if not isinstance(net, torchvision.models.ResNet) or not isinstance(pool, nn.MaxPool2d) or not pool.padding:
+        return model
+    pad = pool.padding if isinstance(pool.padding, int) else pool.padding[0]
+    net.maxpool = nn.Sequential(nn.ZeroPad2d(pad), nn.MaxPool2d(pool.kernel_size, pool.stride, 0, pool.dilation,
+                                                                ceil_mode=pool.ceil_mode))
+    return model
+
+
+def deploy_model(ckpt: Checkpoint, layout: str) -> nn.Module:
+    """The float model LiteRT converts: the deploy model, delegate-friendly, in the app's input layout."""
+    return layout_model(zero_padded_maxpool(ckpt.build_deploy_model()), layout)
 
 
 def example_input(spec: Any, layout: str) -> tuple[torch.Tensor, ...]:
@@ -90,6 +114,37 @@ def op_summary(path: Path) -> dict[str, Any]:
                        "zero_point": int(out["quantization"][1])}}
 
 
+def xnnpack_delegation(path: Path) -> dict[str, Any]:
+    """What LiteRT's default XNNPACK delegate (the one tflite_flutter apps get) takes from the file: its partitions,
+    and the ops left to LiteRT's own kernels. Each delegate node's subgraph is found by walking back from its
+    outputs to its inputs; an op on no such walk runs outside the delegate."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    nodes = it._get_ops_details()
+    delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    ops = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {int(t): n for n in ops for t in n["outputs"]}
+    inside: set[int] = set()
+    for node in delegates:
+        boundary, todo = {int(t) for t in node["inputs"]}, [int(t) for t in node["outputs"]]
+        while todo:
+            t = todo.pop()
+            op = producer.get(t)
+            if t in boundary or op is None or op["index"] in inside:
+                continue
+            inside.add(op["index"])
+            todo += [int(i) for i in op["inputs"] if i >= 0]
+    outside: dict[str, int] = {}
+    for op in ops:
+        if op["index"] not in inside:
+            outside[op["op_name"]] = outside.get(op["op_name"], 0) + 1
+    return {"delegate": "XNNPACK (LiteRT default)", "partitions": len(delegates), "ops": len(ops),
+            "delegated_ops": len(inside), "delegation_coverage": round(len(inside) / len(ops), 4) if ops else None,
+            "ops_outside_delegate": outside}
+
+
 def embed_metadata(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The toolkit's metadata as a named entry of the flatbuffer's `metadata` table (the place TFLite keeps
     model metadata; readers that do not know the name ignore it)."""
@@ -119,7 +174,7 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    return op_summary(path)
+    return {**op_summary(path), "xnnpack_delegation": xnnpack_delegation(path)}
 
 
 def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str, Any]):
@@ -131,7 +186,8 @@ def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str
         if int8 and summary["compute_ops_int8"] < summary["compute_ops"]:
             raise ExportError(f"int8 recipe left {summary['compute_ops'] - summary['compute_ops_int8']} of "
                               f"{summary['compute_ops']} conv/fully-connected ops in float")
-        return {"graph": summary, "embedded_metadata": read_metadata(tmp)}
+        return {"graph": summary, "xnnpack_delegation": xnnpack_delegation(tmp),
+                "embedded_metadata": read_metadata(tmp)}
     return write
 
 
@@ -159,7 +215,7 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
     rows = []
     if "fp32" in variants:
         rows.append(write_proven(ckpt, out_dir, "litert_fp32", details=base,
-                                 write=_writer(lambda: (layout_model(ckpt.build_deploy_model(), layout), None),
+                                 write=_writer(lambda: (deploy_model(ckpt, layout), None),
                                                example, int8=False,
                                                meta=embedded_metadata(ckpt, "litert_fp32", layout)),
                                  prove=prove_in_runtime("litert_fp32", ref, inputs)))
@@ -169,7 +225,7 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
         calib, note = calib_inputs(ckpt, calib_samples)
         images = calib.transpose(0, 2, 3, 1) if layout == "nhwc" else calib
         details = {**base, "quantization": {**LITERT_INT8_SCHEME, "calibration": note}}
-        build = lambda: quantize_pt2e_litert(layout_model(ckpt.build_deploy_model(), layout), example, images)  # noqa: E731
+        build = lambda: quantize_pt2e_litert(deploy_model(ckpt, layout), example, images)  # noqa: E731
         rows.append(write_proven(ckpt, out_dir, "litert_int8", details=details,
                                  write=_writer(build, example, int8=True,
                                                meta=embedded_metadata(ckpt, "litert_int8", layout)),

@@ -67,6 +67,7 @@ def quantize_pt2e_litert(model: nn.Module, example: tuple[torch.Tensor, ...], ca
         warnings.simplefilter("ignore")
         graph = dynamic_batch_graph(model, example)
         annotate_residual_adds(graph, config)
+        annotate_constant_pads(graph)
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
         calibrate(graph, calib, batch_size)
         return quantize_pt2e.convert_pt2e(graph, fold_quantize=False), quantizer
@@ -96,6 +97,26 @@ def annotate_residual_adds(graph: torch.fx.GraphModule, config: Any) -> int:
         if relu is not None:
             relu.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
                                                                           _annotated=True)
+        count += 1
+    return count
+
+
+PAD_OPS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default)
+
+
+def annotate_constant_pads(graph: torch.fx.GraphModule) -> int:
+    """Constant pads share their input's int8 parameters (a pad only copies values), as litert-torch annotates
+    max-pool. Left unannotated, a pad sits between DEQUANTIZE/QUANTIZE and the .tflite gains a requantize and
+    two transposes around it. Returns how many pads it annotated."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    count = 0
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target not in PAD_OPS or "quantization_annotation" in node.meta:
+            continue
+        shared = SharedQuantizationSpec(node.args[0])
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map={node.args[0]: shared}, output_qspec=shared, _annotated=True)
         count += 1
     return count
 

@@ -27,6 +27,7 @@ def test_default_layout_is_nhwc_and_the_runner_transposes_correctly(nhwc, ckpt, 
     e = rows["litert_fp32"]
     assert e.status == "verified" and e.details["input_layout"] == "NHWC"
     assert e.details["graph"]["input"]["shape"] == [1, 32, 32, 3] and e.details["graph"]["output"]["dtype"] == "float32"
+    assert e.details["xnnpack_delegation"]["partitions"] == 1 and e.details["xnnpack_delegation"]["delegation_coverage"] == 1
     x = load_batch(export_samples[0], ckpt.spec)
     it = Interpreter(model_path=str(out / e.path))
     it.allocate_tensors()
@@ -45,12 +46,31 @@ def test_int8_file_runs_every_conv_and_fc_in_int8(nhwc, ckpt, export_samples):
     assert e.status == "verified" and g["compute_ops"] == 21 and g["compute_ops_int8"] == 21  # 20 conv + fc
     assert g["operators"].get("ADD(int8)") == 8 and g["float_adds"] == 0  # the residual adds too
     assert g["dequantize_ops"] == 0  # no round trip to float inside the graph
+    assert g["operators"].get("MAX_POOL_2D(int8)") == 1 and not any(k.startswith("QUANTIZE(int8") for k in g["operators"])
+    assert e.details["xnnpack_delegation"]["partitions"] == 1 and e.details["xnnpack_delegation"]["ops_outside_delegate"] == {}
     assert g["output"]["dtype"] == "int8" and g["output"]["scale"] > 0  # logits = scale * (q - zero_point)
     assert e.details["quantization"]["calibration"].startswith("8 images from the train split")
     assert (out / "model_int8.tflite").stat().st_size < 0.3 * (out / "model.tflite").stat().st_size
     x = load_batch(export_samples[0], ckpt.spec)
     logits = get_runner("litert").load(out / e.path).run(x)
     assert logits.dtype == np.float32 and np.isfinite(logits).all() and logits.shape == (4, ckpt.spec.num_classes)
+
+
+def test_zero_padded_maxpool_is_exact_and_keeps_the_graph_in_one_xnnpack_partition(tmp_path, ckpt):
+    import torch
+
+    plain, padded = ckpt.build_deploy_model(), xlt.zero_padded_maxpool(ckpt.build_deploy_model())
+    assert isinstance(padded.net.maxpool, torch.nn.Sequential)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), padded(x))  # the pool follows a ReLU: zero and -inf padding agree
+    example = xlt.example_input(ckpt.spec, "nhwc")
+    xlt.convert(xlt.layout_model(plain, "nhwc"), example, tmp_path / "plain.tflite")
+    split = xlt.xnnpack_delegation(tmp_path / "plain.tflite")  # -inf padding becomes PADV2, which XNNPACK leaves out
+    assert split["partitions"] == 2 and split["ops_outside_delegate"] == {"PADV2": 1}
+    xlt.convert(xlt.layout_model(padded, "nhwc"), example, tmp_path / "padded.tflite")
+    whole = xlt.xnnpack_delegation(tmp_path / "padded.tflite")
+    assert whole["partitions"] == 1 and whole["delegated_ops"] == whole["ops"]
 
 
 def test_nchw_layout_on_request(tmp_path, ckpt, export_samples):
