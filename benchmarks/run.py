@@ -147,6 +147,26 @@ def run_worker(job: dict[str, Any], work: Path, timeout: float) -> dict[str, Any
     return {"ok": False, "error": f"worker crashed (exit code {proc.returncode}): {tail[0][:300]}"}
 
 
+def sharded_eval(base: dict[str, Any], job_id: str, work: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The accuracy pass of a runtime that gains nothing from more threads: one 1-thread worker per core, each
+    on its shard of the images, all at once. Logits are joined in image order; throughput is their sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(settings["threads_all"])
+    jobs = [{**base, "id": f"{job_id}-eval{k}", "phase": "eval", "shard": [k, n],
+             "logits_out": str(work / f"{job_id}-{k}.logits.npy")} for k in range(n)]
+    with ThreadPoolExecutor(n) as pool:  # the threads only wait on the worker processes
+        parts = list(pool.map(lambda job: run_worker(job, work, settings["timeout"]), jobs))
+    failed = [p for p in parts if not p.get("ok")]
+    if failed:
+        return {"ok": False, "error": f"sharded accuracy pass: {failed[0].get('error')}"}
+    np.save(base["logits_out"], np.concatenate([np.load(job["logits_out"]) for job in jobs]))
+    return {"throughput_ips": sum(p["throughput_ips"] for p in parts),
+            "throughput_images": sum(p["throughput_images"] for p in parts),
+            "throughput_batch": max(p["throughput_batch"] for p in parts), "eval_processes": n,
+            "peak_rss_eval_mb": max(p["peak_rss_mb"] for p in parts)}
+
+
 def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, settings: dict[str, Any],
                  num_classes: int, progress: bool = True) -> dict[str, np.ndarray]:
     """Run every row that has a job, one worker after another; returns logits by row name."""
@@ -163,11 +183,15 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
         res: dict[str, Any] = {"ok": True}
         phases = ("1t", "many") if RUNNERS[base["runtime"]].split_thread_phases else ("all",)
         for phase in phases:  # a worker per phase where the runtime needs it
-            part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase}, work, settings["timeout"])
+            one = (res.get("latency_1t") or {}).get("p50_ms")
+            part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase, "latency_1t_p50_ms": one}, work,
+                              settings["timeout"])
             # the first phase's cold load time and memory stay; later phases add their own figures
             res = {**part, **{k: v for k, v in res.items() if k != "ok"}, "ok": res["ok"] and bool(part.get("ok"))}
             if not res["ok"]:
                 break
+        if res.get("ok") and res.pop("eval", None) == "sharded":
+            res.update(sharded_eval(base, f"{i}", work, settings))
         row["worker_wall_s"] = round(time.perf_counter() - t0, 2)
         row["measured"] = bool(res.get("ok"))
         if not res.get("ok"):
@@ -177,6 +201,8 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
         row.update({k: v for k, v in res.items() if k not in ("traceback", "pid")})
         fixed = row["batch"] if row.get("batch", "dynamic") != "dynamic" else None
         row["throughput_mode"] = f"looped batch {fixed}" if fixed else f"batch {res['throughput_batch']}"
+        if res.get("eval_processes"):
+            row["throughput_mode"] += f", {res['eval_processes']} processes x 1 thread"
         logits[row["name"]] = np.load(base["logits_out"])
     return logits
 

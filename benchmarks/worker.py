@@ -82,9 +82,35 @@ def _load(job: dict[str, Any], threads: int) -> tuple[Any, dict[str, Any]]:
     return runner, res
 
 
+# All cores no faster than this fraction of 1-thread latency: the accuracy pass runs as one 1-thread process
+# per core on a shard of the images instead (qnnpack's x86 kernels gain nothing from a second thread)
+SERIAL_LATENCY_RATIO = 0.8
+
+
+def gains_from_threads(res: dict[str, Any], job: dict[str, Any], threads: int) -> bool:
+    """Whether the runtime ran batch 1 clearly faster on all cores than on one (1-thread figure from this
+    process, or from the earlier phase's process in job['latency_1t_p50_ms'])."""
+    one = (res.get("latency_1t") or {}).get("p50_ms") or job.get("latency_1t_p50_ms")
+    return threads <= 1 or not one or res["latency_all"]["p50_ms"] < SERIAL_LATENCY_RATIO * one
+
+
+def evaluate_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Phase 'eval': logits and throughput for shard k of n (job['shard'] = [k, n]) on 1 thread."""
+    k, n = job["shard"]
+    images = np.array_split(np.load(job["images"]).astype(np.float32, copy=False), n)[k]
+    runner, res = _load(job, 1)
+    logits, thr = evaluate(runner, images, int(job["batch"]), max(1, int(job.get("min_throughput_images", 64)) // n))
+    np.save(job["logits_out"], logits)
+    return {**res, **thr, "peak_rss_mb": peak_rss_mb()}
+
+
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Every figure for one artifact, in the order a user meets them: load, first answer, steady state.
-    job['phase'] is 'all' (default), '1t' (load to 1-thread latency) or 'many' (all-cores part only)."""
+    job['phase'] is 'all' (default), '1t' (load to 1-thread latency), 'many' (all-cores part only) or 'eval'
+    (one shard of the accuracy pass). Where all cores gain nothing, the result says eval='sharded' and the
+    parent runs the accuracy pass as one 'eval' process per core."""
+    if job.get("phase") == "eval":
+        return evaluate_shard(job)
     images = np.load(job["images"]).astype(np.float32, copy=False)
     path, phase = job["path"], job.get("phase", "all")
     n_all = int(job["threads_all"])
@@ -108,6 +134,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         res["load_all_threads_s"] = time.perf_counter() - t0
     res["threads_all"] = runner.threads
     res["latency_all"] = time_batch1(runner, images, job["runs"], job["warmup"])
+    if not gains_from_threads(res, job, runner.threads):
+        return {**res, "eval": "sharded", "peak_rss_mb": peak_rss_mb()}
     logits, thr = evaluate(runner, images, int(job["batch"]), int(job.get("min_throughput_images", 64)))
     res.update(thr)
     np.save(job["logits_out"], logits)

@@ -93,6 +93,25 @@ def test_accuracy_matches_a_recomputation(happy, tiny_checkpoint, synthetic_data
     assert set(rows[BASELINE]["recall"]) == set(ckpt.spec.class_names)
 
 
+def test_a_runtime_that_gains_nothing_from_threads_is_scored_in_shards(artifacts, tiny_checkpoint, tmp_path):
+    from benchmarks.run import sharded_eval
+    from benchmarks.worker import gains_from_threads
+    from export.runners import get_runner
+
+    assert not gains_from_threads({"latency_all": {"p50_ms": 95.0}}, {"latency_1t_p50_ms": 100.0}, 2)
+    assert gains_from_threads({"latency_all": {"p50_ms": 55.0}, "latency_1t": {"p50_ms": 100.0}}, {}, 2)
+    assert gains_from_threads({"latency_all": {"p50_ms": 100.0}}, {"latency_1t_p50_ms": 100.0}, 1)
+    size = load_checkpoint(tiny_checkpoint).spec.input_size
+    images = np.random.default_rng(0).random((7, 3, size, size), dtype=np.float32)
+    np.save(tmp_path / "images.npy", images)
+    base = {"runtime": "onnxruntime", "path": str(artifacts / "model.onnx"), "engine": None, "batch": 4,
+            "images": str(tmp_path / "images.npy"), "logits_out": str(tmp_path / "all.npy"), "min_throughput_images": 8}
+    res = sharded_eval(base, "t", tmp_path, {"threads_all": 2, "timeout": 300})
+    assert res["eval_processes"] == 2 and res["throughput_images"] >= 7 and res["throughput_ips"] > 0
+    expected = get_runner("onnxruntime", threads=1).load(artifacts / "model.onnx").run(images)
+    np.testing.assert_allclose(np.load(tmp_path / "all.npy"), expected, atol=1e-5)  # shards joined in image order
+
+
 def test_report_files_written(happy):
     out = {k: Path(v) for k, v in happy["outputs"].items()}
     md = out["md"].read_text()
