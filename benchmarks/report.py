@@ -13,7 +13,7 @@ from train.atomic import atomic_path, write_json, write_text
 
 BASELINE = "pytorch_fp32"
 CSV_FIELDS = ("name", "format", "precision", "runtime", "engine", "status", "reason", "note", "size_bytes",
-              "gzip_bytes", "load_s", "first_inference_ms", "latency_1t.p50_ms", "latency_1t.p90_ms",
+              "gzip_bytes", "import_s", "load_s", "first_inference_ms", "latency_1t.p50_ms", "latency_1t.p90_ms",
               "latency_1t.p99_ms", "latency_all.p50_ms", "latency_all.p90_ms", "latency_all.p99_ms",
               "threads_all", "throughput_ips", "throughput_mode", "rss_before_load_mb", "peak_rss_b1_mb",
               "peak_rss_mb", "accuracy", "accuracy_change", "macro_f1", "macro_f1_change", "top1_agreement",
@@ -60,7 +60,7 @@ def main_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def detail_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| artifact | load s | first inference ms | 1 thread p90 / p99 ms | all cores p90 / p99 ms | "
+    lines = ["| artifact | load s (+ Python import s) | first inference ms | 1 thread p90 / p99 ms | all cores p90 / p99 ms | "
              "peak RSS MB (b1 / all) | macro-F1 | F1 change | worst recall change |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -68,7 +68,7 @@ def detail_table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         worst = (f"{fmt(r.get('worst_recall_change'), signed=True)} ({r['worst_recall_class']})"
                  if r.get("worst_recall_class") else "—")
-        lines.append(f"| {r['name']} | {fmt(r.get('load_s'))} | {fmt(r.get('first_inference_ms'), '.1f')} | "
+        lines.append(f"| {r['name']} | {fmt(r.get('load_s'))} (+{fmt(r.get('import_s'), '.1f')}) | {fmt(r.get('first_inference_ms'), '.1f')} | "
                      f"{fmt(_get(r, 'latency_1t.p90_ms'))} / {fmt(_get(r, 'latency_1t.p99_ms'))} | "
                      f"{fmt(_get(r, 'latency_all.p90_ms'))} / {fmt(_get(r, 'latency_all.p99_ms'))} | "
                      f"{fmt(r.get('peak_rss_b1_mb'), '.0f')} / {fmt(r.get('peak_rss_mb'), '.0f')} | "

@@ -30,6 +30,9 @@ class Runner:
     """Base class. `threads` is the intra-op thread count; `engine` the quantized engine where relevant."""
 
     runtime = "base"
+    # The Python modules the runtime lives in. The benchmark imports them before it times a load: an app embeds the
+    # runtime and never pays this import (ExecuTorch's bindings import its whole compiler package, ~5 s).
+    modules: tuple[str, ...] = ()
     # ExecuTorch's thread pool cannot be resized safely once used: measure 1 thread and all cores in two processes
     split_thread_phases = False
 
@@ -61,6 +64,8 @@ class _TorchRunner(Runner):
     """Shared by the eager, TorchScript and lite-interpreter runners: same tensors, different loaders.
     The quantized engine is set only while a model loads (packed weights are made then) and runs, and the
     process gets its previous engine back (quantize.torch_ao.quantized_engine)."""
+
+    modules = ("torch",)
 
     def _configure(self) -> None:
         import torch
@@ -159,6 +164,7 @@ class OnnxRunner(Runner):
     is fixed (the ORT Mobile files, batch 1) runs a larger batch one image at a time."""
 
     runtime = "onnxruntime"
+    modules = ("onnxruntime",)
 
     def load(self, path: str | Path) -> "OnnxRunner":
         import onnxruntime as ort
@@ -186,6 +192,7 @@ class ExecuTorchRunner(Runner):
     export time, so a larger batch runs one image at a time."""
 
     runtime = "executorch"
+    modules = ("torch", "executorch.runtime")
     split_thread_phases = True
 
     def load(self, path: str | Path) -> "ExecuTorchRunner":
@@ -232,6 +239,7 @@ class LiteRTRunner(Runner):
     get a transpose) and dtype; quantized outputs are dequantized with the file's scale and zero point."""
 
     runtime = "litert"
+    modules = ("ai_edge_litert.interpreter",)
 
     def load(self, path: str | Path) -> "LiteRTRunner":
         try:
@@ -268,6 +276,7 @@ class CoreMLRunner(Runner):
     """CoreML prediction. Only macOS has the CoreML framework; elsewhere `load` says so."""
 
     runtime = "coreml"
+    modules = ("coremltools",)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

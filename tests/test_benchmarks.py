@@ -67,6 +67,7 @@ def test_every_row_measured_with_sane_figures(happy, artifacts):
         assert 0 < r["latency_1t"]["p50_ms"] <= r["latency_1t"]["p99_ms"]
         assert r["throughput_ips"] > 0 and r["peak_rss_mb"] >= r["rss_before_load_mb"] > 0
         assert r["load_s"] > 0 and r["first_inference_ms"] > 0 and r["threads_1t"] == 1
+        assert r["import_s"] >= 0  # the runtime's Python import, timed apart from the load
         assert 0 < r["gzip_bytes"]
     for name, file in (("ptl_fp32", "model.ptl"), ("torchscript_fp32", "model.torchscript.pt"),
                        ("onnx_fp32", "model.onnx")):
