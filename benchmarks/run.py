@@ -183,8 +183,8 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
         res: dict[str, Any] = {"ok": True}
         phases = ("1t", "many") if RUNNERS[base["runtime"]].split_thread_phases else ("all",)
         for phase in phases:  # a worker per phase where the runtime needs it
-            one = (res.get("latency_1t") or {}).get("p50_ms")
-            part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase, "latency_1t_p50_ms": one}, work,
+            one = (res.get("latency_1t") or {}).get("min_ms")
+            part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase, "latency_1t_min_ms": one}, work,
                               settings["timeout"])
             # the first phase's cold load time and memory stay; later phases add their own figures
             res = {**part, **{k: v for k, v in res.items() if k != "ok"}, "ok": res["ok"] and bool(part.get("ok"))}
