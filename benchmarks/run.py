@@ -212,8 +212,6 @@ def add_gzip_sizes(rows: list[dict[str, Any]], threads: int) -> None:
     one at a time this took 12 s of a benchmark of 19 files)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    for row in rows:
-        row.pop("job", None)
     paths = sorted({row["path"] for row in rows if row["path"] and Path(row["path"]).exists()})
     with ThreadPoolExecutor(max(1, threads)) as pool:
         sizes = dict(zip(paths, pool.map(lambda p: compressed_size(Path(p)), paths)))
@@ -253,6 +251,8 @@ def run_benchmarks(artifacts_dir: str | Path, checkpoint: str | Path, data: str 
         images_file = work / "images.npy"
         np.save(images_file, images)
         logits = measure_rows(rows, images_file, work, settings, ckpt.spec.num_classes, progress)
+    for row in rows:
+        row.pop("job", None)
     add_gzip_sizes(rows, settings["threads_all"])
     score_rows(rows, logits, labels, ckpt.spec.class_names, BASELINE, data_info["class_error"])
     result = {"command": command, "artifacts_dir": str(artifacts_dir), "checkpoint": str(checkpoint),

@@ -106,8 +106,8 @@ PAD_OPS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default)
 
 def annotate_constant_pads(graph: torch.fx.GraphModule) -> int:
     """Constant pads share their input's int8 parameters (a pad only copies values), as litert-torch annotates
-    max-pool. Left unannotated, a pad sits between DEQUANTIZE/QUANTIZE and the .tflite gains a requantize and
-    two transposes around it. Returns how many pads it annotated."""
+    max-pool. Left unannotated, a pad gets parameters of its own and the .tflite gains a requantize after it.
+    Returns how many pads it annotated."""
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
     count = 0
