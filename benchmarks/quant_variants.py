@@ -20,6 +20,7 @@ from export.runners import EagerRunner, OnnxRunner, Runner
 from quantize import torch_ao
 from quantize.variants import static_from_array
 from train.checkpoint import Checkpoint
+from train.model import channels_last
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _torch_variant(name: str, model: torch.nn.Module, engine: str | None, settin
 
 
 def float_variant(ckpt: Checkpoint, threads: int | None) -> Variant:
-    return _torch_variant("float", ckpt.build_deploy_model(), None, {"precision": "fp32"}, threads, "fp32")
+    return _torch_variant("float", channels_last(ckpt.build_deploy_model()), None, {"precision": "fp32"}, threads, "fp32")
 
 
 def torch_dynamic(ckpt: Checkpoint, engine: str, threads: int | None) -> Variant:

@@ -131,18 +131,25 @@ def run_artifact(name: str, path: Path, x: np.ndarray, engine: str | None = None
     """Logits of a written file, in the runtime the registry names for it."""
     from export.runners import get_runner
 
-    return get_runner(variant(name).runtime, engine=engine or variant(name).engine).load(path).run(x)
+    return get_runner(variant(name).runtime, engine=engine or variant(name).engine).load(path).run_in_batches(x)
 
 
 def reference_logits(ckpt: Checkpoint, x: np.ndarray, module: Any = None) -> np.ndarray:
     """The PyTorch model's logits (the float model unless `module` is given), through the same runner code
     path as the benchmarks."""
     from export.runners import EagerRunner
+    from train.model import channels_last
 
-    if module is not None or not ckpt.sha256:  # cached only for a checkpoint read from a file
-        return EagerRunner().use_module(module if module is not None else ckpt.build_deploy_model()).run(x)
+    if module is not None:
+        return EagerRunner().use_module(module).run_in_batches(x)
+
+    def float_logits() -> np.ndarray:
+        return EagerRunner().use_module(channels_last(ckpt.build_deploy_model())).run_in_batches(x)
+
+    if not ckpt.sha256:  # cached only for a checkpoint read from a file
+        return float_logits()
     key = ("reference", ckpt.sha256, x.shape, hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest())
-    return _cached(key, lambda: EagerRunner().use_module(ckpt.build_deploy_model()).run(x))
+    return _cached(key, float_logits)
 
 
 def check_logits(out: np.ndarray, n: int, classes: int, what: str) -> None:

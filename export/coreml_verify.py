@@ -27,6 +27,7 @@ import torch
 
 from export.common import ExportError, InputSet, checked_on
 from train.metrics import compare_logits
+from train.model import channels_last
 from train.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _with_weights(graph: Any, rebuilt: dict) -> Any:
 
 def run_float16(graph: Any, x: np.ndarray, emulated: bool = True, batch: int = 16) -> np.ndarray:
     """Logits of `graph` in float16: by float16_emulation (default), or PyTorch's own float16 on the CPU."""
-    g = float16_emulation(graph) if emulated else copy.deepcopy(graph).eval().half()
+    g = channels_last(float16_emulation(graph) if emulated else copy.deepcopy(graph).eval().half())
     dtype = torch.float32 if emulated else torch.float16
     with torch.inference_mode():
         return np.concatenate([g(round_to_float16(torch.from_numpy(x[i:i + batch])).to(dtype))[1].float().numpy()

@@ -37,6 +37,7 @@ from train.cpu import cpu_description
 from train.data import Sample, images_origin
 from train.errors import cli_errors
 from train.metrics import compare_logits
+from train.model import channels_last
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ PROB_TOLERANCE = 1e-4
 
 def script_model(ckpt: Checkpoint) -> tuple[torch.jit.ScriptModule, str]:
     """TorchScript of the DeployModel, through the one scripting path (export.torchscript)."""
-    model = ckpt.build_deploy_model()
+    model = channels_last(ckpt.build_deploy_model())
     example = torch.rand(ckpt.spec.input_shape)
     from export.torchscript import script_or_trace
 

@@ -26,6 +26,7 @@ from export.manifest import ArtifactEntry
 from export.metadata import METADATA_FILE, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
 from train.data import Sample
+from train.model import channels_last
 from train.metrics import compare_logits
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sa
                        calib_samples: list[Sample] | None = None, **_: Any) -> list[ArtifactEntry]:
     """Full TorchScript (torch.jit.save) for TorchServe and the benchmarks; not loadable by the lite interpreter."""
     out_dir = Path(out_dir)
-    model = ckpt.build_deploy_model()
+    model = channels_last(ckpt.build_deploy_model())  # kept by freezing: see train.model.channels_last
     inputs = eval_inputs(ckpt, eval_samples)
     ref = reference_logits(ckpt, inputs.x)
 
@@ -237,7 +238,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
     check_bytecode_version(bytecode_version)
     out_dir = Path(out_dir)
     spec = ckpt.spec
-    model = ckpt.build_deploy_model()
+    model = channels_last(ckpt.build_deploy_model())  # kept by freezing: see train.model.channels_last
     inputs = eval_inputs(ckpt, eval_samples)
     x = inputs.x
     ref = reference_logits(ckpt, x)

@@ -186,3 +186,28 @@ def test_the_parallel_export_records_its_run_and_keeps_reuse(exported):
     assert set(manifest["export_timing_s"]) == set(FORMATS) and set(manifest["artifacts"]) == set(variants())
     assert rows["ort_mobile_fp32"].details["float_source"] == "model.onnx of this export"
     assert "model_int8_static.onnx" in rows["ort_mobile_int8"].details["quantization"]["reused"]
+
+
+def test_run_in_batches_joins_chunks_in_order_and_channels_last_keeps_the_logits(ckpt):
+    import numpy as np
+    import torch
+
+    from train.model import channels_last
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return x.flatten(1)[:, :2]
+
+    x = np.random.default_rng(0).random((37, 3, 4, 4), dtype=np.float32)
+    out = get_runner("torch-eager").use_module(Recorder()).run_in_batches(x, batch=16)
+    assert seen == [16, 16, 5] and np.array_equal(out, x.reshape(37, -1)[:, :2])
+
+    model = ckpt.build_deploy_model()
+    images = np.random.default_rng(1).random((3, 3, 64, 64), dtype=np.float32)
+    ref = get_runner("torch-eager").use_module(model).run(images)
+    fast = channels_last(ckpt.build_deploy_model())
+    assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(get_runner("torch-eager").use_module(fast).run(images) - ref).max() <= 1e-4

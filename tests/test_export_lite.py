@@ -153,6 +153,12 @@ def test_export_torchscript_full_torchscript(tmp_path, ckpt):
     assert e.status == "exported" and e.verification["inputs_origin"] == "generated" and e.runtime == "torchscript" and e.path == "model.torchscript.pt"
     assert e.verification["max_abs_logit_diff"] <= 1e-4
     assert [x.name for x in entries(tmp_path)] == ["torchscript_fp32"]
+    # the folded convolution weights keep channels-last order in the file (train.model.channels_last)
+    module = torch.jit.load(str(tmp_path / "model.torchscript.pt"))
+    weights = [n.output().toIValue() for n in module.graph.nodes()
+               if n.kind() == "prim::Constant" and n.output().type().kind() == "TensorType"]
+    weights = [w for w in weights if w.dim() == 4 and w.shape[-1] > 1]
+    assert len(weights) == 17 and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
 def test_latest_checkpoint_discovery(tmp_path, tiny_checkpoint, caplog):
