@@ -106,6 +106,18 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ratio_table(result: dict[str, Any]) -> list[str]:
+    """Per-runtime targets: float files against ONNX Runtime's float file, int8 files against their own."""
+    ratios = result.get("runtime_ratios") or []
+    if not ratios:
+        return []
+    lines = ["", "## Runtime ratios (batch 1, 1 thread, p50, this run)", "",
+             "| artifact | against | measure | value | target | result |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['artifact']} | {r['against']} | {r['measure']} | {r['value']:.2f}x | {r['target']} | {r['result']} |"
+              for r in ratios]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     s, d, m = result["settings"], result["data"], result["machine"]
     head = [f"# Benchmarks: {d['n_images']} {d['split']} images from {d['data']} at {d['input_size']}x{d['input_size']}",
@@ -118,7 +130,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"only). Accuracy change and agreement are against the float PyTorch model on the same images.", ""]
     if d.get("class_error"):
         head += [f"**Data problem:** {d['class_error']}", ""]
-    body = main_table(result["rows"]) + ["", "## Decision", ""] + decision_lines(result)
+    body = main_table(result["rows"]) + ["", "## Decision", ""] + decision_lines(result) + ratio_table(result)
     body += ["", "## Details", ""] + detail_table(result["rows"])
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
     return "\n".join(head + body + ["", f"Libraries: {libs}.", ""])

@@ -1,5 +1,5 @@
-"""The decisions drawn from benchmark rows: which artifact to ship, whether the speed targets hold, and
-how close the fastest float artifact gets to the CPU's arithmetic peak."""
+"""The decisions drawn from benchmark rows: which artifact to ship, whether the speed targets hold (overall
+and per runtime), and how close the fastest float artifact gets to the CPU's arithmetic peak."""
 
 from __future__ import annotations
 
@@ -102,6 +102,54 @@ def targets(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     return out
 
 
+# Per-runtime targets at batch 1, 1 thread, p50, ratios within one run (issues 16 and 17): a float file's
+# latency over ONNX Runtime's float model.onnx, and each int8 file's speedup over its own float file
+FLOAT_VS_ORT = {"pytorch-lite": 1.1, "executorch": 1.2, "litert": 1.0}
+ORT_FLOAT = "onnx_fp32"
+INT8_SPEEDUP = {"vnni": 3.6, "avx2": 2.0}
+
+
+def float_counterpart(name: str) -> str:
+    """The float file an int8 row is compared with: ptl_int8@x86 -> ptl_fp32, onnx_int8_static -> onnx_fp32,
+    ort_mobile_int8 -> ort_mobile_fp32."""
+    return name.split("@")[0].split("_int8")[0] + "_fp32"
+
+
+def int8_speedup_target(machine: dict[str, Any]) -> tuple[float | None, str]:
+    """The int8-over-float speedup an x86 CPU should reach: 3.6x with VNNI, 2x with AVX2 only (none elsewhere)."""
+    if machine.get("machine") not in ("x86_64", "AMD64"):
+        return None, "no target off x86"
+    return (INT8_SPEEDUP["vnni"], "VNNI") if machine.get("has_vnni") else (INT8_SPEEDUP["avx2"], "AVX2, no VNNI")
+
+
+def _ratio(row: dict[str, Any], against: dict[str, Any], measure: str, value: float, limit: float | None,
+           text: str, passes: bool) -> dict[str, Any]:
+    return {"artifact": row["name"], "against": against["name"], "measure": measure, "value": value,
+            "target": text, "result": "N/A" if limit is None else "PASS" if passes else "FAIL"}
+
+
+def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every measured float file against ONNX Runtime's float file, and every int8 file against its own
+    float file, each with the issues' target (N/A where none applies: qnnpack's x86 kernels are not what
+    a phone runs; the '@x86' row times the same file with the x86 engine)."""
+    by_name = {r["name"]: r for r in rows if r.get("measured") and r.get("status") != "failed" and p50(r)}
+    ort, (need, isa) = by_name.get(ORT_FLOAT), int8_speedup_target(machine)
+    out = []
+    for name, row in by_name.items():
+        if is_float(row) and ort and name != ORT_FLOAT and row.get("runtime") in FLOAT_VS_ORT:
+            ratio, limit = p50(row) / p50(ort), FLOAT_VS_ORT[row["runtime"]]
+            out.append(_ratio(row, ort, "latency ratio", ratio, limit, f"<= {limit:.1f}x", ratio <= limit))
+        base = by_name.get(float_counterpart(name))
+        if is_int8(row) and base:
+            speedup = p50(base) / p50(row)
+            arm_only = row.get("engine") == "qnnpack" and machine.get("machine") in ("x86_64", "AMD64")
+            limit = None if arm_only else need
+            text = "none: qnnpack's x86 kernels (phones run its Arm ones)" if arm_only else \
+                f">= {need:.1f}x ({isa})" if need else isa
+            out.append(_ratio(row, base, "int8 speedup", speedup, limit, text, limit is not None and speedup >= limit))
+    return out
+
+
 def compute_efficiency(rows: list[dict[str, Any]], machine: dict[str, Any], input_size: int) -> dict[str, Any] | None:
     """Achieved GFLOP/s of the fastest float row, against the peak estimate in machine_info."""
     floats = [r for r in rows if r.get("measured") and r.get("status") != "failed" and is_float(r) and p50(r)]
@@ -126,4 +174,5 @@ def summarize(result: dict[str, Any], baseline: str) -> None:
     rows = result["rows"]
     result["recommendations"] = recommend(rows, result["settings"]["max_drop"], baseline)
     result["targets"] = targets(rows, baseline)
+    result["runtime_ratios"] = runtime_ratios(rows, result["machine"])
     result["compute"] = compute_efficiency(rows, result["machine"], result["data"]["input_size"])

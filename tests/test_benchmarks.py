@@ -125,6 +125,8 @@ def test_report_files_written(happy):
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     assert data["recommendations"]["phone"]["name"] in ("ptl_fp32", "onnx_fp32")
     assert {t["result"] for t in data["targets"]} <= {"PASS", "FAIL", "N/A"}
+    ratio = next(r for r in data["runtime_ratios"] if r["artifact"] == "ptl_fp32")
+    assert ratio["against"] == "onnx_fp32" and "## Runtime ratios" in md and "| ptl_fp32 | onnx_fp32 |" in md
 
 
 def test_missing_altered_unloadable_and_failed_entries_become_failed_rows(artifacts, tiny_checkpoint,
@@ -176,3 +178,27 @@ def test_machine_info_and_flop_count():
     assert m["logical_cores"] >= 1 and "torch" in m["libraries"]
     assert resnet18_gflop(224) == pytest.approx(3.64)
     assert resnet18_gflop(112) == pytest.approx(0.91)
+
+
+def test_runtime_ratios_compare_float_with_onnx_runtime_and_int8_with_its_own_float():
+    from benchmarks.summary import float_counterpart, runtime_ratios
+
+    def row(name, ms, precision="fp32", runtime="onnxruntime", engine=None):
+        return {"name": name, "precision": precision, "runtime": runtime, "engine": engine, "measured": True,
+                "status": "verified", "latency_1t": {"p50_ms": ms}}
+
+    rows = [row("onnx_fp32", 30.0), row("onnx_int8_static", 12.0, "int8"), row("ptl_fp32", 36.0, runtime="pytorch-lite"),
+            row("ptl_int8", 60.0, "int8", "pytorch-lite", "qnnpack"), row("ptl_int8@x86", 8.0, "int8", "pytorch-lite", "x86"),
+            row("executorch_fp32", 33.0, runtime="executorch"), row("litert_fp32", 30.0, runtime="litert"),
+            {**row("litert_int8", 9.0, "int8", "litert"), "status": "failed"}]
+    vnni = {r["artifact"]: r for r in runtime_ratios(rows, {"machine": "x86_64", "has_vnni": True})}
+    assert (vnni["ptl_fp32"]["value"], vnni["ptl_fp32"]["result"]) == (pytest.approx(1.2), "FAIL")  # <= 1.1x
+    assert vnni["executorch_fp32"]["result"] == "PASS" and vnni["litert_fp32"]["result"] == "PASS"  # 1.1x, 1.0x
+    assert vnni["onnx_int8_static"]["result"] == "FAIL" and vnni["ptl_int8@x86"]["against"] == "ptl_fp32"
+    assert vnni["ptl_int8@x86"]["value"] == pytest.approx(4.5) and vnni["ptl_int8@x86"]["result"] == "PASS"
+    assert vnni["ptl_int8"]["result"] == "N/A" and "litert_int8" not in vnni  # qnnpack on x86; a failed row
+    avx2 = {r["artifact"]: r for r in runtime_ratios(rows, {"machine": "x86_64", "has_vnni": False})}
+    assert avx2["onnx_int8_static"]["result"] == "PASS" and "AVX2" in avx2["onnx_int8_static"]["target"]  # 2.5x >= 2x
+    assert {r["result"] for r in runtime_ratios(rows, {"machine": "aarch64"}) if r["measure"] == "int8 speedup"} == {"N/A"}
+    assert [float_counterpart(n) for n in ("ort_mobile_int8", "onnx_int8_dynamic", "ptl_int8@x86")] == \
+        ["ort_mobile_fp32", "onnx_fp32", "ptl_fp32"]
