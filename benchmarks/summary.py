@@ -115,17 +115,18 @@ def float_counterpart(name: str) -> str:
     return name.split("@")[0].split("_int8")[0] + "_fp32"
 
 
+X86_MACHINES = ("x86_64", "AMD64")
+
+
 def int8_speedup_target(machine: dict[str, Any]) -> tuple[float | None, str]:
     """The int8-over-float speedup an x86 CPU should reach: 3.6x with VNNI, 2x with AVX2 only (none elsewhere)."""
-    if machine.get("machine") not in ("x86_64", "AMD64"):
+    if machine.get("machine") not in X86_MACHINES:
         return None, "no target off x86"
     return (INT8_SPEEDUP["vnni"], "VNNI") if machine.get("has_vnni") else (INT8_SPEEDUP["avx2"], "AVX2, no VNNI")
 
 
-def _ratio(row: dict[str, Any], against: dict[str, Any], measure: str, value: float, limit: float | None,
-           text: str, passes: bool) -> dict[str, Any]:
-    return {"artifact": row["name"], "against": against["name"], "measure": measure, "value": value,
-            "target": text, "result": "N/A" if limit is None else "PASS" if passes else "FAIL"}
+def _verdict(ok: bool | None) -> str:
+    return "N/A" if ok is None else "PASS" if ok else "FAIL"
 
 
 def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[dict[str, Any]]:
@@ -138,15 +139,17 @@ def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[
     for name, row in by_name.items():
         if is_float(row) and ort and name != ORT_FLOAT and row.get("runtime") in FLOAT_VS_ORT:
             ratio, limit = p50(row) / p50(ort), FLOAT_VS_ORT[row["runtime"]]
-            out.append(_ratio(row, ort, "latency ratio", ratio, limit, f"<= {limit:.1f}x", ratio <= limit))
+            out.append({"artifact": name, "against": ORT_FLOAT, "measure": "latency ratio", "value": ratio,
+                        "target": f"<= {limit:.1f}x", "result": _verdict(ratio <= limit)})
         base = by_name.get(float_counterpart(name))
         if is_int8(row) and base:
             speedup = p50(base) / p50(row)
-            arm_only = row.get("engine") == "qnnpack" and machine.get("machine") in ("x86_64", "AMD64")
-            limit = None if arm_only else need
-            text = "none: qnnpack's x86 kernels (phones run its Arm ones)" if arm_only else \
-                f">= {need:.1f}x ({isa})" if need else isa
-            out.append(_ratio(row, base, "int8 speedup", speedup, limit, text, limit is not None and speedup >= limit))
+            if row.get("engine") == "qnnpack" and machine.get("machine") in X86_MACHINES:
+                target, ok = "none: qnnpack's x86 kernels (phones run its Arm ones)", None
+            else:
+                target, ok = (f">= {need:.1f}x ({isa})", speedup >= need) if need else (isa, None)
+            out.append({"artifact": name, "against": base["name"], "measure": "int8 speedup", "value": speedup,
+                        "target": target, "result": _verdict(ok)})
     return out
 
 
