@@ -61,8 +61,10 @@ def evaluate(runner, images: np.ndarray, batch: int, min_images: int) -> tuple[n
 
 
 def _executorch_pool(threads: int) -> int:
-    """Size ExecuTorch's XNNPACK pool once, before it is used: resizing a pool that has already run
-    work crashed the process (SIGSEGV), so the two thread settings run in separate workers."""
+    """Size ExecuTorch's XNNPACK pool once, before a program loads: resizing a pool that had run work once
+    crashed the process (SIGSEGV), and a resize after loading leaves the method at its load-time parallelism
+    (1 -> 2 threads: 33.7 ms, no gain; 2 -> 1: 36.5 ms against 33.5 ms loaded at 1). So the two thread
+    settings run in separate workers."""
     from executorch.extension.pybindings import portable_lib
 
     if portable_lib._threadpool_get_thread_count() != threads:
