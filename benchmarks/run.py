@@ -180,16 +180,7 @@ def measure_rows(rows: list[dict[str, Any]], images_file: Path, work: Path, sett
                 **{k: settings[k] for k in ("runs", "warmup", "threads_all", "batch")}}
         log.info("measuring %s in %s (%s)", row["name"], base["runtime"], base.get("engine") or "default")
         t0 = time.perf_counter()
-        res: dict[str, Any] = {"ok": True}
-        phases = ("1t", "many") if RUNNERS[base["runtime"]].split_thread_phases else ("all",)
-        for phase in phases:  # a worker per phase where the runtime needs it
-            one = (res.get("latency_1t") or {}).get("min_ms")
-            part = run_worker({**base, "id": f"{i}-{phase}", "phase": phase, "latency_1t_min_ms": one}, work,
-                              settings["timeout"])
-            # the first phase's cold load time and memory stay; later phases add their own figures
-            res = {**part, **{k: v for k, v in res.items() if k != "ok"}, "ok": res["ok"] and bool(part.get("ok"))}
-            if not res["ok"]:
-                break
+        res = run_worker({**base, "id": str(i)}, work, settings["timeout"])
         if res.get("ok") and res.pop("eval", None) == "sharded":
             res.update(sharded_eval(base, f"{i}", work, settings))
         row["worker_wall_s"] = round(time.perf_counter() - t0, 2)

@@ -60,18 +60,6 @@ def evaluate(runner, images: np.ndarray, batch: int, min_images: int) -> tuple[n
                     "throughput_batch": int(min(batch, images.shape[0]))}
 
 
-def _executorch_pool(threads: int) -> int:
-    """Size ExecuTorch's XNNPACK pool once, before a program loads: resizing a pool that had run work once
-    crashed the process (SIGSEGV), and a resize after loading leaves the method at its load-time parallelism
-    (1 -> 2 threads: 33.7 ms, no gain; 2 -> 1: 36.5 ms against 33.5 ms loaded at 1). So the two thread
-    settings run in separate workers."""
-    from executorch.extension.pybindings import portable_lib
-
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
-    return portable_lib._threadpool_get_thread_count()
-
-
 def _load(job: dict[str, Any], threads: int) -> tuple[Any, dict[str, Any]]:
     from export.runners import get_runner
 
@@ -83,8 +71,6 @@ def _load(job: dict[str, Any], threads: int) -> tuple[Any, dict[str, Any]]:
             importlib.import_module(name)
     res: dict[str, Any] = {"import_s": time.perf_counter() - t0, "rss_before_load_mb": rss_mb()}
     t0 = time.perf_counter()
-    if runtime == "executorch":
-        runner.threads = _executorch_pool(threads)
     runner = runner.load(job["path"])
     res["load_s"] = time.perf_counter() - t0
     return runner, res
@@ -95,11 +81,10 @@ def _load(job: dict[str, Any], threads: int) -> tuple[Any, dict[str, Any]]:
 SERIAL_LATENCY_RATIO = 0.8
 
 
-def gains_from_threads(res: dict[str, Any], job: dict[str, Any], threads: int) -> bool:
+def gains_from_threads(res: dict[str, Any], threads: int) -> bool:
     """Whether the runtime ran batch 1 clearly faster on all cores than on one. Fastest runs against fastest
-    runs: a burst of load from another tenant moves the medians, not the minimums (1-thread figure from this
-    process, or from the earlier phase's process in job['latency_1t_min_ms'])."""
-    one = (res.get("latency_1t") or {}).get("min_ms") or job.get("latency_1t_min_ms")
+    runs: a burst of load from another tenant moves the medians, not the minimums."""
+    one = (res.get("latency_1t") or {}).get("min_ms")
     return threads <= 1 or not one or res["latency_all"]["min_ms"] < SERIAL_LATENCY_RATIO * one
 
 
@@ -115,35 +100,30 @@ def evaluate_shard(job: dict[str, Any]) -> dict[str, Any]:
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Every figure for one artifact, in the order a user meets them: load, first answer, steady state.
-    job['phase'] is 'all' (default), '1t' (load to 1-thread latency), 'many' (all-cores part only) or 'eval'
-    (one shard of the accuracy pass). Where all cores gain nothing, the result says eval='sharded' and the
-    parent runs the accuracy pass as one 'eval' process per core."""
+    job['phase'] is 'all' (default) or 'eval' (one shard of the accuracy pass). Where all cores gain nothing,
+    the result says eval='sharded' and the parent runs the accuracy pass as one 'eval' process per core."""
     if job.get("phase") == "eval":
         return evaluate_shard(job)
     images = np.load(job["images"]).astype(np.float32, copy=False)
-    path, phase = job["path"], job.get("phase", "all")
-    n_all = int(job["threads_all"])
-    runner, res = _load(job, 1 if phase != "many" else n_all)
-    if phase != "many":
-        t0 = time.perf_counter()
-        first = runner.run(images[:1])
-        res["first_inference_ms"] = (time.perf_counter() - t0) * 1000
-        res["output_classes"] = int(first.shape[-1])
-        if job.get("num_classes") and first.shape[-1] != job["num_classes"]:
-            raise ValueError(f"the artifact outputs {first.shape[-1]} classes but the model/data have "
-                             f"{job['num_classes']}")
-        res["latency_1t"] = time_batch1(runner, images, job["runs"], job["warmup"])
-        res["threads_1t"] = 1
-        res["peak_rss_b1_mb"] = peak_rss_mb()
-        res["engine"] = runner.describe().get("engine")
-        if phase == "1t":
-            return res
-        t0 = time.perf_counter()
-        runner = runner.with_threads(n_all, path)
-        res["load_all_threads_s"] = time.perf_counter() - t0
+    path, n_all = job["path"], int(job["threads_all"])
+    runner, res = _load(job, 1)
+    t0 = time.perf_counter()
+    first = runner.run(images[:1])
+    res["first_inference_ms"] = (time.perf_counter() - t0) * 1000
+    res["output_classes"] = int(first.shape[-1])
+    if job.get("num_classes") and first.shape[-1] != job["num_classes"]:
+        raise ValueError(f"the artifact outputs {first.shape[-1]} classes but the model/data have "
+                         f"{job['num_classes']}")
+    res["latency_1t"] = time_batch1(runner, images, job["runs"], job["warmup"])
+    res["threads_1t"] = 1
+    res["peak_rss_b1_mb"] = peak_rss_mb()
+    res["engine"] = runner.describe().get("engine")
+    t0 = time.perf_counter()
+    runner = runner.with_threads(n_all, path)
+    res["load_all_threads_s"] = time.perf_counter() - t0
     res["threads_all"] = runner.threads
     res["latency_all"] = time_batch1(runner, images, job["runs"], job["warmup"])
-    if not gains_from_threads(res, job, runner.threads):
+    if not gains_from_threads(res, runner.threads):
         return {**res, "eval": "sharded", "peak_rss_mb": peak_rss_mb()}
     logits, thr = evaluate(runner, images, int(job["batch"]), int(job.get("min_throughput_images", 64)))
     res.update(thr)

@@ -41,6 +41,17 @@ def test_fp32_pte_matches_float_model_in_runtime(exported, ckpt, samples):
     assert got.shape == (3, 4) and np.abs(got - ref).max() <= 1e-4
 
 
+def test_with_threads_resizes_the_pool_and_loads_the_file_again(exported, ckpt, samples):
+    out, _ = exported
+    x = load_batch(samples[0][:2], ckpt.spec)
+    one = get_runner("executorch", threads=1).load(out / "model.pte")
+    first = one.run(x)
+    two = one.with_threads(2, out / "model.pte")  # a loaded method keeps the pool size it was loaded with
+    assert one.threads == 1 and two.threads == 2 and two.model is not one.model
+    np.testing.assert_allclose(two.run(x), first, atol=1e-5)
+    assert two.with_threads(1, out / "model.pte").threads == 1
+
+
 def test_int8_pte_runs_and_reports_agreement(exported, ckpt, samples):
     out, rows = exported
     e = rows["executorch_int8"]
