@@ -202,3 +202,19 @@ def test_runtime_ratios_compare_float_with_onnx_runtime_and_int8_with_its_own_fl
     assert {r["result"] for r in runtime_ratios(rows, {"machine": "aarch64"}) if r["measure"] == "int8 speedup"} == {"N/A"}
     assert [float_counterpart(n) for n in ("ort_mobile_int8", "onnx_int8_dynamic", "ptl_int8@x86")] == \
         ["ort_mobile_fp32", "onnx_fp32", "ptl_fp32"]
+
+
+def test_image_file_reads_slices_and_shards_without_loading_the_whole_array(tmp_path):
+    from benchmarks.worker import ImageFile
+
+    images = np.random.default_rng(0).random((11, 3, 5, 5), dtype=np.float32)
+    np.save(tmp_path / "images.npy", images)
+    f = ImageFile(tmp_path / "images.npy")
+    assert f.shape == images.shape and np.array_equal(f[:], images) and np.array_equal(f[3:7], images[3:7])
+    assert np.array_equal(f[9:40], images[9:]) and f[11:12].shape == (0, 3, 5, 5)
+    shards = [f.shard(k, 3) for k in range(3)]
+    for shard, expected in zip(shards, np.array_split(images, 3)):
+        assert shard.shape == expected.shape and np.array_equal(shard[:], expected)
+        assert np.array_equal(shard[1:2], expected[1:2])
+    with pytest.raises(IndexError):
+        f[::2]
