@@ -236,6 +236,13 @@ def _entry_fields(ckpt: Checkpoint | None, name: str, engine: str | None) -> dic
                 tool_versions=tool_versions((*BASE_TOOLS, *fmt.tools)))
 
 
+def step_times(write_s: float, verify_s: float, quantize_s: float | None = None) -> dict[str, float]:
+    """An entry's timing_s: quantize (int8 recipes, calibration included, timed inside `write`), the rest of
+    writing (conversion, lowering, saving) and verification, in seconds."""
+    steps = {"quantize": round(quantize_s, 2)} if quantize_s is not None else {}
+    return {**steps, "convert_and_write": round(write_s - (quantize_s or 0.0), 2), "verify": round(verify_s, 2)}
+
+
 def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[[Path], dict | None],
                  prove: Callable[[Path], dict], engine: str | None = None,
                  details: dict | None = None) -> ArtifactEntry:
@@ -247,10 +254,12 @@ def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[
     try:
         with atomic_path(dest) as tmp:
             t0 = time.perf_counter()
-            details.update(write(tmp) or {})
+            written = dict(write(tmp) or {})
             t1 = time.perf_counter()
             verification = prove(tmp)
-            details["timing_s"] = {"convert_and_write": round(t1 - t0, 2), "verify": round(time.perf_counter() - t1, 2)}
+            quantize_s = written.pop("quantize_s", None)
+            details.update(written)
+            details["timing_s"] = step_times(t1 - t0, time.perf_counter() - t1, quantize_s)
         status, reason = status_for(verification)
         entry = ArtifactEntry(**_entry_fields(ckpt, name, engine), path=file, status=status, status_reason=reason,
                               sha256=sha256_file(dest), size_bytes=size_bytes(dest), verification=verification,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -94,11 +95,14 @@ def describe(path: Path) -> dict[str, Any]:
     return {"methods": sorted(Runtime.get().load_program(Path(path)).method_names)}
 
 
-def _writer(model_fn, example: tuple[torch.Tensor, ...], meta: dict[str, Any]):
+def _writer(model_fn, example: tuple[torch.Tensor, ...], meta: dict[str, Any], int8: bool = False):
     def write(tmp: Path) -> dict[str, Any]:
-        data, info = lower_to_pte(model_fn(), example, meta)
+        t0 = time.perf_counter()
+        model = model_fn()
+        quantize_s = time.perf_counter() - t0
+        data, info = lower_to_pte(model, example, meta)
         tmp.write_bytes(data)
-        return {**info, "embedded_metadata": read_metadata(tmp)}
+        return {**info, "embedded_metadata": read_metadata(tmp), **({"quantize_s": quantize_s} if int8 else {})}
     return write
 
 
@@ -137,7 +141,7 @@ def export_executorch(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sam
         rows.append(write_proven(ckpt, out_dir, "executorch_int8", details=details,
                                  write=_writer(lambda: quantize_pt2e_xnnpack(ckpt.build_deploy_model(), example,
                                                                              calib), example,
-                                               embedded_metadata(ckpt, "executorch_int8")),
+                                               embedded_metadata(ckpt, "executorch_int8"), int8=True),
                                  prove=prove_in_runtime("executorch_int8", ref, inputs)))
     return rows
 

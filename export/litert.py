@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -179,7 +180,9 @@ def describe(path: Path) -> dict[str, Any]:
 
 def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str, Any]):
     def write(tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
         model, quantizer = build()
+        quantize_s = time.perf_counter() - t0
         convert(model, example, tmp, quantizer)
         embed_metadata(tmp, meta)
         summary = op_summary(tmp)
@@ -187,7 +190,7 @@ def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str
             raise ExportError(f"int8 recipe left {summary['compute_ops'] - summary['compute_ops_int8']} of "
                               f"{summary['compute_ops']} conv/fully-connected ops in float")
         return {"graph": summary, "xnnpack_delegation": xnnpack_delegation(tmp),
-                "embedded_metadata": read_metadata(tmp)}
+                "embedded_metadata": read_metadata(tmp), **({"quantize_s": quantize_s} if int8 else {})}
     return write
 
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from export import runners
 from export.cli import add_common_args, add_x86_isa_arg, run_cli, variants_option
 from export.common import (ExportError, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
                            reference_logits, require_calibration, write_proven)
@@ -142,7 +143,7 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
             src, q = _reusable_int8(ckpt, out_dir, calib[1], x86_isa) if reused else (None, None)
             if src is None:
                 src = staging / "int8_dynamic_batch.onnx"
-                q = onnx_rt.static_int8_onnx(dynamic, src, calib[0], x86_isa=x86_isa)
+                q = onnx_rt.static_int8_onnx(dynamic, src, calib[0], x86_isa=x86_isa, threads=runners.DEFAULT_THREADS)
                 q.pop("path", None)
             details["quantization"] = {**q, "calibration": calib[1]}
         for name in (mobile, ort_name):

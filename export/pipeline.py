@@ -125,13 +125,20 @@ def _format_job(name: str, *, options: dict[str, dict[str, Any]], **common: Any)
     return timed_export(name, options=options.get(name, {}), **common)
 
 
+def _steps(times: dict[str, float] | None) -> str:
+    if not times:
+        return "-"
+    quantize = f"{times['quantize']:.1f}+" if "quantize" in times else ""
+    return f"{quantize}{times['convert_and_write']:.1f}/{times['verify']:.1f}"
+
+
 def timing_table(timing: dict[str, Any], run: dict[str, Any] | None = None) -> str:
-    """Where an export's time went: per format, and per file convert-and-write vs verify (seconds); with
-    several jobs the formats overlap, so the wall time is printed too."""
-    lines = [f"{'format':12s} {'total s':>8s}  files (convert+write / verify s)"]
+    """Where an export's time went: per format, and per file [quantize+] convert-and-write / verify (seconds;
+    quantize, calibration included, for int8 recipes); a format's total also holds what its files share
+    (imports, the reference logits, staging). With several jobs the formats overlap: the wall time is printed."""
+    lines = [f"{'format':12s} {'total s':>8s}  files ([quantize incl. calibration +] convert+write / verify s)"]
     for fmt, t in timing.items():
-        files = ", ".join(f"{n} {v['convert_and_write']:.1f}/{v['verify']:.1f}" if v else f"{n} -"
-                          for n, v in t["files"].items())
+        files = ", ".join(f"{n} {_steps(v)}" for n, v in t["files"].items())
         lines.append(f"{fmt:12s} {t['total']:8.1f}  {files}")
     lines.append(f"{'all':12s} {sum(t['total'] for t in timing.values()):8.1f}")
     if run:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -223,13 +224,30 @@ def _int8_proof(float_ref: np.ndarray, int8_ref: np.ndarray, inputs: InputSet, e
     return prove
 
 
+def _int8_writer(ckpt: Checkpoint, int8: str, engine: str, calib_samples: list[Sample] | None, x86_isa: str,
+                 x: np.ndarray, eager: dict[str, np.ndarray], bytecode_version: int | None):
+    """Quantize (calibration included, timed as the entry's 'quantize' step), script and save model_int8.ptl;
+    the eager int8 logits on the first images go to `eager['qref']` for the proof."""
+    from quantize.variants import make_int8_model
+
+    def write(tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        qmodel = make_int8_model(ckpt, int8, engine, calib_samples=calib_samples if int8 == "static" else None,
+                                 progress=False, reduce_range=x86_isa)
+        quantize_s = time.perf_counter() - t0
+        eager["qref"] = reference_logits(ckpt, x[:PRECHECK_IMAGES], qmodel)
+        qmodule, qinfo = _choose_module(qmodel, x, eager["qref"], None)
+        return {**qinfo, **save_ptl(qmodule, tmp, bytecode_version, embedded_metadata(ckpt, "ptl_int8")),
+                "quantize_s": quantize_s}
+    return write
+
+
 def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | None = None,
                 calib_samples: list[Sample] | None = None, int8: str = "static", engine: str = "qnnpack",
                 bytecode_version: int | None = None, x86_isa: str = "auto", **_: Any) -> list[ArtifactEntry]:
     """Write and prove model.ptl (ptl_fp32) and, unless int8='none', model_int8.ptl (ptl_int8).
     Static int8 needs `calib_samples` (real train-split images)."""
     from quantize.torch_ao import qconfig_description, quantized_engine
-    from quantize.variants import make_int8_model
 
     if int8 not in INT8_MODES:
         raise ExportError(f"--int8 must be one of {INT8_MODES}, got {int8!r}")
@@ -253,10 +271,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
         return entries
     with quantized_engine(engine):
         calib_note = calib_inputs_note(calib_samples) if int8 == "static" else "none (dynamic int8)"
-        qmodel = make_int8_model(ckpt, int8, engine, calib_samples=calib_samples if int8 == "static" else None,
-                                 progress=False, reduce_range=x86_isa)
-        qref = reference_logits(ckpt, x[:PRECHECK_IMAGES], qmodel)
-        qmodule, qinfo = _choose_module(qmodel, x, qref, None)
+        eager: dict[str, np.ndarray] = {}  # the eager int8 logits, for the proof
         details = {**base, "int8_mode": int8, "calibration": calib_note, "quantized_engine": engine,
                    "observers": qconfig_description(engine, x86_isa) if int8 == "static" else None,
                    "recommended_runtime_engine": engine,
@@ -264,7 +279,7 @@ def export_lite(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] |
                                   f"(phones: qnnpack). On x86 desktops the 'x86' engine runs it much faster "
                                   f"but is not what a phone runs."}
         entries.append(write_proven(ckpt, out_dir, "ptl_int8", engine=engine, details=details,
-                                    write=lambda t: {**qinfo, **save_ptl(qmodule, t, bytecode_version,
-                                                                         embedded_metadata(ckpt, "ptl_int8"))},
-                                    prove=_int8_proof(ref, qref, inputs, engine)))
+                                    write=_int8_writer(ckpt, int8, engine, calib_samples, x86_isa, x, eager,
+                                                       bytecode_version),
+                                    prove=lambda path: _int8_proof(ref, eager["qref"], inputs, engine)(path)))
     return entries

@@ -173,7 +173,7 @@ def check_calibration_array(calib: np.ndarray, input_size: int | None = None) ->
 def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method: str = "MinMax",
                      per_channel: bool = True, batch_size: int = 8, progress: bool = False,
                      activation_type: str = "QUInt8", x86_isa: str = "vnni",
-                     nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
+                     nodes_to_exclude: Sequence[str] = (), threads: int | None = None) -> dict[str, Any]:
     """ORT static int8 in QDQ format: int8 weights (per channel) and 8-bit activations whose ranges
     come from `calib`, float32 (N, 3, H, W) images in [0, 1] from the training split.
 
@@ -183,10 +183,11 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     an AVX2 EPYC): `x86_isa` 'avx2' (or 'auto' on such a CPU, see quantize.torch_ao.resolve_x86_isa)
     quantizes weights to 7 bits (ORT's reduce_range, -64..64), so 2 x 255 x 64 < 32768 and the fast kernels
     stay exact on every x86-64 CPU. `nodes_to_exclude` keeps those nodes in float (the accuracy-aware
-    fallback)."""
+    fallback). `threads` caps the calibration session's intra-op threads (ORT's default, every core, when None;
+    see calibrated_ranges)."""
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static, save_tensors_data
 
     if method not in CALIB_METHODS:
         raise OnnxQuantError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
@@ -200,18 +201,17 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     calib = check_calibration_array(calib)
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     reader = _ArrayReader(input_name, calib, batch_size, progress)
-    extra = {"CalibStridedMinMax": 1}  # collect one batch at a time: bounded memory for histograms
-    if method == "Percentile":
-        extra["CalibPercentile"] = 99.999
     with tempfile.TemporaryDirectory(prefix="ortq.") as tmp, atomic_path(dst) as out:
         model_in, pre_err = _preprocess(src, Path(tmp))
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # ORT prints per-batch chatter
-                quantize_static(str(model_in), str(out), reader, quant_format=QuantFormat.QDQ,
+                ranges = Path(tmp) / "ranges.json"
+                save_tensors_data(calibrated_ranges(model_in, reader, method, threads, Path(tmp)), ranges)
+                quantize_static(str(model_in), str(out), None, quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=getattr(QuantType, activation_type),
                                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                                use_external_data_format=False, extra_options=extra, reduce_range=reduce_range,
-                                nodes_to_exclude=list(nodes_to_exclude) or None)
+                                use_external_data_format=False, reduce_range=reduce_range,
+                                nodes_to_exclude=list(nodes_to_exclude) or None, calibration_cache_path=ranges)
         except Exception as err:
             raise OnnxQuantError(f"ONNX Runtime static quantization failed on {src}: {err}") from err
         finally:
@@ -227,6 +227,32 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     info.update(_file_info(Path(dst), src))
     log.info("ORT static int8 (%s) -> %s (%s)", method, dst, info["touched"])
     return info
+
+
+def calibrated_ranges(model_in: Path, reader: _ArrayReader, method: str, threads: int | None, tmp_dir: Path) -> Any:
+    """Activation ranges from ONNX Runtime's own calibrator (create_calibrator, what quantize_static runs, over
+    the tensors of every op type ORT quantizes, a batch at a time), its session held to `threads`. quantize_static
+    gives that session every core: in an export worker beside another, its idle threads spin on the other
+    worker's core (2-core EPYC, beside a busy 1-thread process: 20-24 s with ORT's default, 16 s with 1 thread,
+    and the neighbour ran 30% faster)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calibrator = create_calibrator(model_in, sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(tmp_dir / "augmented.onnx"),
+                                   calibrate_method=getattr(CalibrationMethod, method),
+                                   extra_options={"percentile": 99.999} if method == "Percentile" else {})
+    if threads:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's: every tensor seen
+        opts.intra_op_num_threads = threads
+        calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, opts,
+                                                        providers=["CPUExecutionProvider"])
+    for start in range(len(reader)):  # one batch at a time: bounded memory for the histogram methods
+        reader.set_range(start, start + 1)
+        calibrator.collect_data(reader)
+    return calibrator.compute_data()
 
 
 def weighted_nodes(path: str | Path) -> list[str]:

@@ -113,6 +113,18 @@ def test_forced_failure_is_a_row_and_the_others_still_export(tmp_path, ckpt, exp
     assert set(timing) == {"onnx", "coreml", "torchscript"} and timing == config["timing_s"]
     assert timing["onnx"]["total"] >= timing["onnx"]["files"]["onnx_fp32"]["convert_and_write"] > 0
     assert timing["onnx"]["files"]["onnx_fp32"]["verify"] > 0 and timing["coreml"]["files"]["coreml_w8"] is None
+    assert "quantize" not in timing["onnx"]["files"]["onnx_fp32"]  # a float file has no quantize step
+    assert timing["onnx"]["files"]["onnx_int8_dynamic"]["quantize"] > 0
+    table = pipeline.timing_table(timing)
+    assert f"onnx_int8_dynamic {timing['onnx']['files']['onnx_int8_dynamic']['quantize']:.1f}+" in table
+    assert "coreml_w8 -" in table
+
+
+def test_step_times_split_quantize_from_the_rest_of_writing():
+    from export.common import step_times
+
+    assert step_times(10.0, 2.0, 7.5) == {"quantize": 7.5, "convert_and_write": 2.5, "verify": 2.0}
+    assert step_times(3.0, 1.0) == {"convert_and_write": 3.0, "verify": 1.0}
 
 
 def _fake_exporter(entries: tuple[str, ...], fail: bool):

@@ -58,3 +58,32 @@ def test_static_rejects_bad_calibration(float_onnx, tmp_path):
     with pytest.raises(OnnxQuantError, match="export one first"):
         dynamic_int8_onnx(tmp_path / "missing.onnx", tmp_path / "d.onnx")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["MinMax", "Percentile"])
+def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_path, method):
+    """static_int8_onnx gathers the ranges with ORT's calibrator in a session of its own (threads capped) and
+    hands them to quantize_static as a calibration cache: the file holds exactly what quantize_static writes
+    when it calibrates by itself (a numerics check on generated inputs)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from quantize.onnx_rt import _ArrayReader, _preprocess
+
+    x = _images(16)
+    static_int8_onnx(float_onnx, tmp_path / "ours.onnx", x, method=method, threads=1, x86_isa="vnni")
+    model_in, _ = _preprocess(float_onnx, tmp_path)
+    name = onnx.load(str(model_in), load_external_data=False).graph.input[0].name
+    quantize_static(str(model_in), str(tmp_path / "ort.onnx"), _ArrayReader(name, x, 8), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method), reduce_range=False,
+                    extra_options={"CalibStridedMinMax": 1,  # a batch at a time, as static_int8_onnx does
+                                   **({"CalibPercentile": 99.999} if method == "Percentile" else {})})
+
+    def initializers(path):
+        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+    ours, theirs = initializers(tmp_path / "ours.onnx"), initializers(tmp_path / "ort.onnx")
+    assert set(ours) == set(theirs) and any(k.endswith("_scale") for k in ours)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
