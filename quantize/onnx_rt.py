@@ -187,7 +187,7 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     see calibrated_ranges)."""
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static, save_tensors_data
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
     if method not in CALIB_METHODS:
         raise OnnxQuantError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
@@ -205,13 +205,11 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
         model_in, pre_err = _preprocess(src, Path(tmp))
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # ORT prints per-batch chatter
-                ranges = Path(tmp) / "ranges.json"
-                save_tensors_data(calibrated_ranges(model_in, reader, method, threads, Path(tmp)), ranges)
-                quantize_static(str(model_in), str(out), None, quant_format=QuantFormat.QDQ,
-                                per_channel=per_channel, activation_type=getattr(QuantType, activation_type),
-                                weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                                use_external_data_format=False, reduce_range=reduce_range,
-                                nodes_to_exclude=list(nodes_to_exclude) or None, calibration_cache_path=ranges)
+                _quantize_static(model_in, out, reader, method, threads, Path(tmp), quant_format=QuantFormat.QDQ,
+                                 per_channel=per_channel, activation_type=getattr(QuantType, activation_type),
+                                 weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                                 use_external_data_format=False, reduce_range=reduce_range,
+                                 nodes_to_exclude=list(nodes_to_exclude) or None)
         except Exception as err:
             raise OnnxQuantError(f"ONNX Runtime static quantization failed on {src}: {err}") from err
         finally:
@@ -227,6 +225,33 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     info.update(_file_info(Path(dst), src))
     log.info("ORT static int8 (%s) -> %s (%s)", method, dst, info["touched"])
     return info
+
+
+def takes_calibration_cache() -> bool:
+    """Whether this ONNX Runtime's quantize_static takes precomputed ranges (`calibration_cache_path`): recent
+    releases do; 1.23, the newest for Python 3.10, does not."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def _quantize_static(model_in: Path, out: Path, reader: _ArrayReader, method: str, threads: int | None,
+                     tmp_dir: Path, **options: Any) -> None:
+    """quantize_static with ranges from calibrated_ranges where this ORT takes them; otherwise ORT calibrates
+    by itself, a batch at a time (its session then has every core)."""
+    from onnxruntime.quantization import quantize_static
+
+    if not takes_calibration_cache():
+        extra = {"CalibStridedMinMax": 1, **({"CalibPercentile": 99.999} if method == "Percentile" else {})}
+        quantize_static(str(model_in), str(out), reader, extra_options=extra, **options)
+        return
+    from onnxruntime.quantization import save_tensors_data
+
+    ranges = tmp_dir / "ranges.json"
+    save_tensors_data(calibrated_ranges(model_in, reader, method, threads, tmp_dir), ranges)
+    quantize_static(str(model_in), str(out), None, calibration_cache_path=ranges, **options)
 
 
 def calibrated_ranges(model_in: Path, reader: _ArrayReader, method: str, threads: int | None, tmp_dir: Path) -> Any:
