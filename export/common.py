@@ -247,7 +247,8 @@ def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[
                  prove: Callable[[Path], dict], engine: str | None = None,
                  details: dict | None = None) -> ArtifactEntry:
     """Write entry `name` to a temporary name, prove it, rename; on any failure leave no file and record
-    'failed'. The file name, format, precision and runtime come from the registry."""
+    'failed'. The file name, format, precision and runtime come from the registry. `write` returns details for
+    the entry; its 'quantize_s' (the int8 recipe's seconds inside it) becomes the entry's quantize step."""
     file = variant(name).file
     dest = Path(out_dir) / file
     details = dict(details or {})
