@@ -236,6 +236,14 @@ def _entry_fields(ckpt: Checkpoint | None, name: str, engine: str | None) -> dic
                 tool_versions=tool_versions((*BASE_TOOLS, *fmt.tools)))
 
 
+def quantize_step(quantize: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run an int8 recipe (calibration included) inside a writer: its result, and the detail write_proven
+    records as the entry's quantize step."""
+    t0 = time.perf_counter()
+    result = quantize()
+    return result, {"quantize_s": time.perf_counter() - t0}
+
+
 def step_times(write_s: float, verify_s: float, quantize_s: float | None = None) -> dict[str, float]:
     """An entry's timing_s: quantize (int8 recipes, calibration included, timed inside `write`), the rest of
     writing (conversion, lowering, saving) and verification, in seconds."""

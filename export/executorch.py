@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,8 +25,8 @@ from torch import nn
 
 from export.cli import add_common_args, run_cli, variants_option
 from export.common import ExportError  # noqa: F401  (what this module's checks raise, e.g. check_variants)
-from export.common import (FLOAT_ATOL, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
-                           reference_logits, require_calibration, write_proven)
+from export.common import (FLOAT_ATOL, calib_inputs, check_variants, eval_inputs, prove_in_runtime, quantize_step,
+                           record_failed, reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from quantize.pt2e import XNNPACK_INT8_SCHEME, quantize_pt2e_xnnpack
@@ -97,12 +96,10 @@ def describe(path: Path) -> dict[str, Any]:
 
 def _writer(model_fn, example: tuple[torch.Tensor, ...], meta: dict[str, Any], int8: bool = False):
     def write(tmp: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        model = model_fn()
-        quantize_s = time.perf_counter() - t0
+        model, step = quantize_step(model_fn) if int8 else (model_fn(), {})
         data, info = lower_to_pte(model, example, meta)
         tmp.write_bytes(data)
-        return {**info, "embedded_metadata": read_metadata(tmp), **({"quantize_s": quantize_s} if int8 else {})}
+        return {**info, "embedded_metadata": read_metadata(tmp), **step}
     return write
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,8 +26,8 @@ import torch
 from torch import nn
 
 from export.cli import add_common_args, run_cli, variants_option
-from export.common import (ExportError, calib_inputs, check_variants, eval_inputs, prove_in_runtime, record_failed,
-                           reference_logits, require_calibration, write_proven)
+from export.common import (ExportError, calib_inputs, check_variants, eval_inputs, prove_in_runtime, quantize_step,
+                           record_failed, reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from train.checkpoint import Checkpoint
@@ -180,9 +179,7 @@ def describe(path: Path) -> dict[str, Any]:
 
 def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str, Any]):
     def write(tmp: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        model, quantizer = build()
-        quantize_s = time.perf_counter() - t0
+        (model, quantizer), step = quantize_step(build) if int8 else (build(), {})
         convert(model, example, tmp, quantizer)
         embed_metadata(tmp, meta)
         summary = op_summary(tmp)
@@ -190,7 +187,7 @@ def _writer(build, example: tuple[torch.Tensor, ...], int8: bool, meta: dict[str
             raise ExportError(f"int8 recipe left {summary['compute_ops'] - summary['compute_ops_int8']} of "
                               f"{summary['compute_ops']} conv/fully-connected ops in float")
         return {"graph": summary, "xnnpack_delegation": xnnpack_delegation(tmp),
-                "embedded_metadata": read_metadata(tmp), **({"quantize_s": quantize_s} if int8 else {})}
+                "embedded_metadata": read_metadata(tmp), **step}
     return write
 
 

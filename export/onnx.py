@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,8 @@ from torch import nn
 from export import runners
 from export.cli import add_common_args, add_x86_isa_arg, run_cli
 from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs, eval_inputs, prove_in_runtime,
-                           record_failed, reference_logits, require_calibration, run_artifact, write_proven)
+                           quantize_step, record_failed, reference_logits, require_calibration, run_artifact,
+                           write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
 from export.registry import variant
@@ -118,17 +118,16 @@ def _int8_writer(mode: str, src: Path, calib: tuple[np.ndarray, str] | None, met
     def write(tmp: Path) -> dict[str, Any]:
         from quantize import onnx_rt
 
-        t0 = time.perf_counter()
         if mode == "dynamic":
-            info = onnx_rt.dynamic_int8_onnx(src, tmp)
+            info, step = quantize_step(lambda: onnx_rt.dynamic_int8_onnx(src, tmp))
         else:
-            info = onnx_rt.static_int8_onnx(src, tmp, calib[0], method=method, x86_isa=x86_isa,
-                                            threads=runners.DEFAULT_THREADS)  # this worker's share of the cores
+            info, step = quantize_step(lambda: onnx_rt.static_int8_onnx(
+                src, tmp, calib[0], method=method, x86_isa=x86_isa,
+                threads=runners.DEFAULT_THREADS))  # this worker's share of the cores
             info["calibration"] = calib[1]
-        quantize_s = time.perf_counter() - t0
         info.pop("path", None)  # the temporary name; the entry records the final one
         return {"quantization": info, "input": INPUT_NAME, "output": OUTPUT_NAME,
-                "embedded_metadata": embed_metadata(tmp, meta), "quantize_s": quantize_s}
+                "embedded_metadata": embed_metadata(tmp, meta), **step}
     return write
 
 

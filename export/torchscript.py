@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from export.common import (FLOAT_ATOL, ExportError, InputSet, calib_inputs_note, eval_inputs, int8_proof,
-                           prove_in_runtime,
+                           prove_in_runtime, quantize_step,
                            reference_logits, require_calibration, run_artifact, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_FILE, embedded_metadata, from_json, to_json
@@ -231,14 +230,12 @@ def _int8_writer(ckpt: Checkpoint, int8: str, engine: str, calib_samples: list[S
     from quantize.variants import make_int8_model
 
     def write(tmp: Path) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        qmodel = make_int8_model(ckpt, int8, engine, calib_samples=calib_samples if int8 == "static" else None,
-                                 progress=False, reduce_range=x86_isa)
-        quantize_s = time.perf_counter() - t0
+        qmodel, step = quantize_step(lambda: make_int8_model(
+            ckpt, int8, engine, calib_samples=calib_samples if int8 == "static" else None, progress=False,
+            reduce_range=x86_isa))
         eager["qref"] = reference_logits(ckpt, x[:PRECHECK_IMAGES], qmodel)
         qmodule, qinfo = _choose_module(qmodel, x, eager["qref"], None)
-        return {**qinfo, **save_ptl(qmodule, tmp, bytecode_version, embedded_metadata(ckpt, "ptl_int8")),
-                "quantize_s": quantize_s}
+        return {**qinfo, **save_ptl(qmodule, tmp, bytecode_version, embedded_metadata(ckpt, "ptl_int8")), **step}
     return write
 
 

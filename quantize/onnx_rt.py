@@ -268,7 +268,7 @@ def calibrated_ranges(model_in: Path, reader: _ArrayReader, method: str, threads
                                    augmented_model_path=str(tmp_dir / "augmented.onnx"),
                                    calibrate_method=getattr(CalibrationMethod, method),
                                    extra_options={"percentile": 99.999} if method == "Percentile" else {})
-    if threads:
+    if threads:  # create_calibrator opened a session with every core (ORT offers no options for it): replace it
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's: every tensor seen
         opts.intra_op_num_threads = threads
