@@ -36,8 +36,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def flops_per_cycle(flags: set[str]) -> tuple[int, str]:
+# AMD's Zen 4 (CPU family 25 with AVX-512) executes each 512-bit FMA as two 256-bit halves on its two FMA pipes
+AMD_HALF_RATE_AVX512_FAMILY = "25"
+
+
+def flops_per_cycle(flags: set[str], vendor: str = "", family: str = "") -> tuple[int, str]:
     """fp32 FLOPs per cycle per core from the widest FMA the CPU has; the assumption is returned too."""
+    if "avx512f" in flags and vendor == "AuthenticAMD" and family == AMD_HALF_RATE_AVX512_FAMILY:
+        return 32, "AMD Zen 4: AVX-512 FMAs run as two 256-bit halves, 8 fp32 lanes x 2 (FMA) x 2 FMA pipes per core"
     if "avx512f" in flags:
         return 64, "AVX-512: 16 fp32 lanes x 2 (FMA) x 2 FMA units per core (server Xeon assumption)"
     if "avx2" in flags and "fma" in flags:
@@ -59,7 +65,7 @@ def machine_info() -> dict[str, Any]:
     physical = psutil.cpu_count(logical=False) or logical
     freq = psutil.cpu_freq()
     mhz = float(info.get("cpu MHz", 0) or 0) or (freq.max or freq.current if freq else 0.0)
-    fpc, assumption = flops_per_cycle(flags)
+    fpc, assumption = flops_per_cycle(flags, info.get("vendor_id", ""), info.get("cpu family", ""))
     peak_core = mhz / 1000 * fpc if mhz else None
     return {
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),

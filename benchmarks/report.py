@@ -95,15 +95,22 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"- Not considered (not executed on this OS): {', '.join(unmeasured)}; measure CoreML on macOS.")
     for t in result["targets"]:
         lines.append(f"- Target {t['result']}: {t['target']} — {t['detail']}")
-    c = result.get("compute")
-    if c:
-        frac1 = f" = {c['fraction_of_core_peak']:.0%} of one core's peak" if c["fraction_of_core_peak"] else ""
-        frac = f" = {c['fraction_of_all_core_peak']:.0%} of the all-core peak" if c["fraction_of_all_core_peak"] else ""
-        lines.append(f"- Compute: {c['gflop_per_image']:.3f} GFLOP/image (ResNet-18: 1.82 G multiply-adds at 224, "
-                     f"x (input/224)^2). `{c['fastest_1t']}` achieves {c['gflops_1t']:.1f} GFLOP/s at 1 thread"
-                     f"{frac1}; `{c['fastest_throughput']}` {c['gflops_all_cores']:.1f} GFLOP/s at batch "
-                     f"throughput{frac}. Peak assumption: {c['peak_assumption']}.")
+    if result.get("compute"):
+        lines.append(compute_line(result["compute"]))
     return lines
+
+
+def compute_line(c: dict[str, Any]) -> str:
+    """How close the fastest float file gets to the CPU: the measured GEMM ceiling first, then the nominal peak."""
+    shares = [f"{c['fraction_of_gemm_ceiling']:.0%} of the fp32 GEMM ceiling measured on this core (see Runtime "
+              f"ratios)"] if c.get("fraction_of_gemm_ceiling") else []
+    shares += [f"{c['fraction_of_core_peak']:.0%} of its nominal peak"] if c["fraction_of_core_peak"] else []
+    frac1 = f" = {' and '.join(shares)}" if shares else ""
+    frac = f" = {c['fraction_of_all_core_peak']:.0%} of the all-core nominal peak" if c["fraction_of_all_core_peak"] else ""
+    return (f"- Compute: {c['gflop_per_image']:.3f} GFLOP/image (ResNet-18: 1.82 G multiply-adds at 224, "
+            f"x (input/224)^2). `{c['fastest_1t']}` achieves {c['gflops_1t']:.1f} GFLOP/s at 1 thread{frac1}; "
+            f"`{c['fastest_throughput']}` {c['gflops_all_cores']:.1f} GFLOP/s at batch throughput{frac}. Nominal "
+            f"peak: {c['peak_assumption']}; above 100% means the core ran faster than that clock.")
 
 
 def ratio_table(result: dict[str, Any]) -> list[str]:
@@ -112,10 +119,29 @@ def ratio_table(result: dict[str, Any]) -> list[str]:
     if not ratios:
         return []
     lines = ["", "## Runtime ratios (batch 1, 1 thread, p50, this run)", "",
-             "| artifact | against | measure | value | target | result |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['artifact']} | {r['against']} | {r['measure']} | {r['value']:.2f}x | {r['target']} | {r['result']} |"
-              for r in ratios]
-    return lines
+             "| artifact | against | measure | value | target | result | share of the CPU's GEMM ceiling |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['artifact']} | {r['against']} | {r['measure']} | {r['value']:.2f}x | {r['target']} | {r['result']} "
+              f"| {_shares(r.get('ceiling_share'))} |" for r in ratios]
+    return lines + ceiling_lines(result["machine"].get("gemm_ceiling"))
+
+
+def _shares(pair: list[float | None] | None) -> str:
+    return " / ".join("-" if s is None else f"{s:.0%}" for s in pair) if pair else "-"
+
+
+def ceiling_lines(ceiling: dict[str, Any] | None) -> list[str]:
+    """What the ceiling column means, with the ceiling itself (benchmarks.roofline)."""
+    if not ceiling:
+        return []
+    if ceiling.get("error"):
+        return ["", f"CPU GEMM ceiling: not measured ({ceiling['error']})."]
+    return ["", f"CPU GEMM ceiling at 1 thread: fp32 {ceiling['fp32_gflops']:.1f} GFLOP/s, int8 "
+                f"{ceiling['int8_gops']:.1f} GOP/s, so int8 can run at most about **{ceiling['int8_over_fp32']:.2f}x** "
+                f"faster than fp32 on this CPU where both run at their kernels' peak ({ceiling['method']}). The last "
+                f"column is each file's operations per second (ResNet-18's multiply-adds x 2 over its p50) as a share "
+                f"of the ceiling for its precision: this file / the file it is compared with. An int8 speedup equals "
+                f"the ceiling ratio times the ratio of those two shares."]
 
 
 def markdown(result: dict[str, Any]) -> str:

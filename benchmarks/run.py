@@ -219,6 +219,7 @@ def run_benchmarks(artifacts_dir: str | Path, checkpoint: str | Path, data: str 
     """Measure every artifact and write report.md/json/csv/png into out_dir; returns the JSON dict."""
     from benchmarks.machine import machine_info
     from benchmarks.report import write_reports
+    from benchmarks.roofline import gemm_ceiling
 
     artifacts_dir, checkpoint, out_dir = Path(artifacts_dir), Path(checkpoint), Path(out_dir)
     if not manifest_path(artifacts_dir).is_file():
@@ -237,17 +238,19 @@ def run_benchmarks(artifacts_dir: str | Path, checkpoint: str | Path, data: str 
         threads_all = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     settings = {"runs": runs, "warmup": warmup, "threads_all": int(threads_all or 1), "batch": batch,
                 "timeout": timeout, "max_drop": max_drop, "max_images": max_images, "niceness": os.nice(0)}
+    machine = machine_info()  # before the workers: the report quotes the load average at the start
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         work = Path(tmp)
         images_file = work / "images.npy"
         np.save(images_file, images)
         logits = measure_rows(rows, images_file, work, settings, ckpt.spec.num_classes, progress)
+    machine["gemm_ceiling"] = gemm_ceiling()  # after the workers, so that nothing else runs while it times one core
     for row in rows:
         row.pop("job", None)
     add_gzip_sizes(rows, settings["threads_all"])
     score_rows(rows, logits, labels, ckpt.spec.class_names, BASELINE, data_info["class_error"])
     result = {"command": command, "artifacts_dir": str(artifacts_dir), "checkpoint": str(checkpoint),
               "checkpoint_sha256": ckpt.sha256, "data": data_info, "settings": settings,
-              "machine": machine_info(), "rows": rows}
+              "machine": machine, "rows": rows}
     write_reports(result, out_dir)
     return result

@@ -129,18 +129,31 @@ def _verdict(ok: bool | None) -> str:
     return "N/A" if ok is None else "PASS" if ok else "FAIL"
 
 
-def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[dict[str, Any]]:
+def ceiling_share(row: dict[str, Any], machine: dict[str, Any], input_size: int) -> float | None:
+    """The row's operations per second at batch 1, 1 thread, as a share of this CPU's GEMM ceiling for its
+    precision (benchmarks.roofline; fp16 files run in fp32 off Apple hardware). None where nothing was measured."""
+    ceiling = machine.get("gemm_ceiling") or {}
+    peak = ceiling.get("int8_gops") if is_int8(row) else ceiling.get("fp32_gflops")
+    if not peak or not p50(row):
+        return None
+    return resnet18_gflop(input_size) / (p50(row) / 1000) / peak
+
+
+def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any], input_size: int = 224) -> list[dict[str, Any]]:
     """Every measured float file against ONNX Runtime's float file, and every int8 file against its own
     float file, each with the issues' target (N/A where none applies: qnnpack's x86 kernels are not what
-    a phone runs; the '@x86' row times the same file with the x86 engine)."""
+    a phone runs; the '@x86' row times the same file with the x86 engine) and each file's share of the CPU's
+    GEMM ceiling (for an int8 row: its own, then its float file's)."""
     by_name = {r["name"]: r for r in rows if r.get("measured") and r.get("status") != "failed" and p50(r)}
     ort, (need, isa) = by_name.get(ORT_FLOAT), int8_speedup_target(machine)
     out = []
     for name, row in by_name.items():
+        share = ceiling_share(row, machine, input_size)
         if is_float(row) and ort and name != ORT_FLOAT and row.get("runtime") in FLOAT_VS_ORT:
             ratio, limit = p50(row) / p50(ort), FLOAT_VS_ORT[row["runtime"]]
             out.append({"artifact": name, "against": ORT_FLOAT, "measure": "latency ratio", "value": ratio,
-                        "target": f"<= {limit:.1f}x", "result": _verdict(ratio <= limit)})
+                        "target": f"<= {limit:.1f}x", "result": _verdict(ratio <= limit),
+                        "ceiling_share": [share, ceiling_share(ort, machine, input_size)]})
         base = by_name.get(float_counterpart(name))
         if is_int8(row) and base:
             speedup = p50(base) / p50(row)
@@ -149,12 +162,14 @@ def runtime_ratios(rows: list[dict[str, Any]], machine: dict[str, Any]) -> list[
             else:
                 target, ok = (f">= {need:.1f}x ({isa})", speedup >= need) if need else (isa, None)
             out.append({"artifact": name, "against": base["name"], "measure": "int8 speedup", "value": speedup,
-                        "target": target, "result": _verdict(ok)})
+                        "target": target, "result": _verdict(ok),
+                        "ceiling_share": [share, ceiling_share(base, machine, input_size)]})
     return out
 
 
 def compute_efficiency(rows: list[dict[str, Any]], machine: dict[str, Any], input_size: int) -> dict[str, Any] | None:
-    """Achieved GFLOP/s of the fastest float row, against the peak estimate in machine_info."""
+    """Achieved GFLOP/s of the fastest float row, against the nominal peak in machine_info and against the
+    fp32 GEMM ceiling measured on this core (benchmarks.roofline)."""
     floats = [r for r in rows if r.get("measured") and r.get("status") != "failed" and is_float(r) and p50(r)]
     if not floats:
         return None
@@ -166,6 +181,7 @@ def compute_efficiency(rows: list[dict[str, Any]], machine: dict[str, Any], inpu
     peak1, peak_all = machine.get("peak_gflops_per_core"), machine.get("peak_gflops_all_cores")
     return {"gflop_per_image": gflop, "fastest_1t": best["name"], "gflops_1t": one,
             "fraction_of_core_peak": one / peak1 if peak1 else None,
+            "fraction_of_gemm_ceiling": ceiling_share(best, machine, input_size),
             "fastest_throughput": best_thr["name"], "gflops_all_cores": many,
             "fraction_of_all_core_peak": many / peak_all if peak_all else None,
             "peak_assumption": f"{machine.get('cpu_mhz')} MHz x {machine.get('fp32_flops_per_cycle')} FLOP/cycle "
@@ -177,5 +193,5 @@ def summarize(result: dict[str, Any], baseline: str) -> None:
     rows = result["rows"]
     result["recommendations"] = recommend(rows, result["settings"]["max_drop"], baseline)
     result["targets"] = targets(rows, baseline)
-    result["runtime_ratios"] = runtime_ratios(rows, result["machine"])
+    result["runtime_ratios"] = runtime_ratios(rows, result["machine"], result["data"]["input_size"])
     result["compute"] = compute_efficiency(rows, result["machine"], result["data"]["input_size"])

@@ -127,6 +127,9 @@ def test_report_files_written(happy):
     assert {t["result"] for t in data["targets"]} <= {"PASS", "FAIL", "N/A"}
     ratio = next(r for r in data["runtime_ratios"] if r["artifact"] == "ptl_fp32")
     assert ratio["against"] == "onnx_fp32" and "## Runtime ratios" in md and "| ptl_fp32 | onnx_fp32 |" in md
+    ceiling = data["machine"]["gemm_ceiling"]  # measured on this CPU after the workers
+    assert ceiling["fp32_gflops"] > 0 and ceiling["int8_gops"] > 0 and "CPU GEMM ceiling at 1 thread" in md
+    assert all(s is None or s > 0 for s in ratio["ceiling_share"]) and ratio["ceiling_share"][1] is not None
 
 
 def test_missing_altered_unloadable_and_failed_entries_become_failed_rows(artifacts, tiny_checkpoint,
@@ -178,6 +181,41 @@ def test_machine_info_and_flop_count():
     assert m["logical_cores"] >= 1 and "torch" in m["libraries"]
     assert resnet18_gflop(224) == pytest.approx(3.64)
     assert resnet18_gflop(112) == pytest.approx(0.91)
+
+
+def test_gemm_ceiling_measures_both_precisions_on_this_cpu():
+    from benchmarks.roofline import gemm_ceiling
+
+    c = gemm_ceiling(shapes=((64, 128, 32), (32, 256, 64)), repeats=2)
+    assert c["fp32_gflops"] > 0 and c["int8_gops"] > 0 and c["threads"] == 1
+    assert c["int8_over_fp32"] == pytest.approx(c["int8_gops"] / c["fp32_gflops"], abs=0.01)
+
+
+def test_peak_assumption_knows_half_rate_avx512():
+    from benchmarks.machine import flops_per_cycle
+
+    avx512 = {"avx2", "fma", "avx512f"}
+    assert flops_per_cycle(avx512, "AuthenticAMD", "25")[0] == 32  # Zen 4: two 256-bit halves
+    assert flops_per_cycle(avx512, "GenuineIntel", "6")[0] == 64 and flops_per_cycle({"avx2", "fma"})[0] == 32
+
+
+def test_ceiling_shares_explain_each_int8_speedup():
+    """speedup = (int8 ceiling / fp32 ceiling) x (the int8 file's share of its ceiling / its float file's share)."""
+    from benchmarks.summary import runtime_ratios
+
+    def row(name, ms, precision):
+        return {"name": name, "precision": precision, "runtime": "onnxruntime", "measured": True,
+                "status": "verified", "latency_1t": {"p50_ms": ms}}
+
+    machine = {"machine": "x86_64", "has_vnni": True,
+               "gemm_ceiling": {"fp32_gflops": 100.0, "int8_gops": 400.0, "int8_over_fp32": 4.0}}
+    ratios = runtime_ratios([row("onnx_fp32", 40.0, "fp32"), row("onnx_int8_static", 12.0, "int8")], machine)
+    (r,) = ratios
+    share_int8, share_fp32 = r["ceiling_share"]
+    assert share_fp32 == pytest.approx(resnet18_gflop(224) / 0.040 / 100.0)
+    assert r["value"] == pytest.approx(4.0 * share_int8 / share_fp32)
+    assert runtime_ratios([row("onnx_fp32", 40.0, "fp32"), row("onnx_int8_static", 12.0, "int8")],
+                          {"machine": "x86_64"})[0]["ceiling_share"] == [None, None]
 
 
 def test_runtime_ratios_compare_float_with_onnx_runtime_and_int8_with_its_own_float():
