@@ -19,15 +19,16 @@ class ProfileError(ToolkitError, ValueError):
     """An export folder without the files a profiler reads, or a --runs below 1; the message says what to do."""
 
 
-def first_input(artifacts: Path, entry: Any) -> tuple[np.ndarray, str]:
-    """The first image the export was verified on (from artifacts.json's source block), else seeded noise."""
+def first_input(artifacts: Path, spec: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The first image the export was verified on (from artifacts.json's source block), else seeded noise
+    preprocessed by `spec` (a single-format export writes no source block)."""
     from train.data import Sample, load_batch
     from train.spec import PreprocessSpec
 
     try:
         source = read_source(artifacts)
-    except ManifestError:  # a single-format export writes no source block; the entry still has the spec
-        source = {"spec": entry.details["spec"]}
+    except ManifestError:
+        source = {"spec": spec}
     spec = PreprocessSpec.from_dict(source["spec"])
     images = [i["path"] if isinstance(i, dict) else i for i in source.get("eval_images") or []]
     if images and Path(images[0]).is_file():
@@ -54,7 +55,7 @@ def profile_each(artifacts: Path, runtime: str, what: str, profile: Callable[...
     if not chosen:
         raise ProfileError(f"--artifacts {artifacts}: artifacts.json lists no {what}; export one with "
                            f"`python -m export` first")
-    x, described = first_input(artifacts, chosen[0])
+    x, described = first_input(artifacts, chosen[0].details["spec"])
     out = {}
     for e in chosen:
         out[e.name] = {"file": e.path, **profile(artifacts / e.path, x, runs, threads)}

@@ -256,3 +256,22 @@ def test_image_file_reads_slices_and_shards_without_loading_the_whole_array(tmp_
         assert np.array_equal(shard[1:2], expected[1:2])
     with pytest.raises(IndexError):
         f[::2]
+
+
+def test_ratios_time_every_file_taking_turns(artifacts, tiny_checkpoint, tmp_path, capsys):
+    from benchmarks.ratios import main as ratios_main
+
+    out = tmp_path / "ratios"
+    assert ratios_main(["--artifacts", str(artifacts), "--checkpoint", str(tiny_checkpoint), "--rounds", "3",
+                        "--warmup", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "ratios.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {BASELINE, "ptl_fp32", "torchscript_fp32", "onnx_fp32"}
+    assert all(r["latency_1t"]["runs"] == 3 and r["latency_1t"]["p50_ms"] > 0 for r in rows.values())
+    ratio = next(r for r in data["runtime_ratios"] if r["artifact"] == "ptl_fp32")
+    assert ratio["value"] == pytest.approx(rows["ptl_fp32"]["latency_1t"]["p50_ms"] / rows["onnx_fp32"]["latency_1t"]["p50_ms"])
+    assert "seeded random input" in data["input"] and "| ptl_fp32 | onnx_fp32 |" in (out / "ratios.md").read_text()
+    capsys.readouterr()
+    assert ratios_main(["--artifacts", str(tmp_path / "none"), "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "--artifacts" in capsys.readouterr().err
+    assert ratios_main(["--artifacts", str(artifacts), "--checkpoint", str(tiny_checkpoint), "--rounds", "0"]) == 2
