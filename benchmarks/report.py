@@ -157,6 +157,10 @@ def markdown(result: dict[str, Any]) -> str:
     if d.get("class_error"):
         head += [f"**Data problem:** {d['class_error']}", ""]
     body = main_table(result["rows"]) + ["", "## Decision", ""] + decision_lines(result) + ratio_table(result)
+    if result.get("runtime_ratios"):
+        body += ["", "Each file above was timed in its own process, minutes apart from the others, so load from other "
+                     "programs moves these ratios from run to run; `python -m benchmarks.ratios` times the same files "
+                     "taking turns in one process, for ratios that hold still on a shared machine."]
     body += ["", "## Details", ""] + detail_table(result["rows"])
     libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
     return "\n".join(head + body + ["", f"Libraries: {libs}.", ""])

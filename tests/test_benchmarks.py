@@ -129,6 +129,7 @@ def test_report_files_written(happy):
     assert ratio["against"] == "onnx_fp32" and "## Runtime ratios" in md and "| ptl_fp32 | onnx_fp32 |" in md
     ceiling = data["machine"]["gemm_ceiling"]  # measured on this CPU after the workers
     assert ceiling["fp32_gflops"] > 0 and ceiling["int8_gops"] > 0 and "CPU GEMM ceiling at 1 thread" in md
+    assert "python -m benchmarks.ratios" in md
     assert all(s is None or s > 0 for s in ratio["ceiling_share"]) and ratio["ceiling_share"][1] is not None
 
 
