@@ -22,15 +22,24 @@ from train.errors import cli_errors
 DEFAULT_OUT = Path("reports/ratios")
 
 
-def load_runners(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every measurable row's file loaded in its own runtime at 1 thread, by row name."""
+def load_runners(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every measurable row's file loaded in its own runtime at 1 thread, by row name; and why each other row is
+    not timed (failed in the export, altered since, no runner here, or it does not load)."""
     from tqdm import tqdm
 
     from export.runners import get_runner
 
-    todo = [r for r in rows if r.get("job")]
-    return {r["name"]: get_runner(r["job"]["runtime"], threads=1, engine=r["job"]["engine"]).load(r["job"]["path"])
-            for r in tqdm(todo, desc="loading", unit="file")}
+    runners, skipped = {}, {}
+    for r in tqdm(rows, desc="loading", unit="file"):
+        if not r.get("job"):
+            skipped[r["name"]] = r.get("reason") or r.get("note") or "not runnable here"
+            continue
+        try:
+            runners[r["name"]] = get_runner(r["job"]["runtime"], threads=1, engine=r["job"]["engine"]).load(
+                r["job"]["path"])
+        except Exception as err:  # a file that does not load is reported, and the others are still timed
+            skipped[r["name"]] = f"does not load: {type(err).__name__}: {str(err).strip()[:200]}"
+    return runners, skipped
 
 
 def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict[str, Any]:
@@ -38,7 +47,7 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
     from benchmarks.machine import machine_info
     from benchmarks.profiling import first_input
     from benchmarks.roofline import gemm_ceiling
-    from benchmarks.run import plan_rows
+    from benchmarks.run import BenchmarkError, plan_rows
     from benchmarks.summary import runtime_ratios
     from benchmarks.timing import time_interleaved
     from train.checkpoint import load_checkpoint
@@ -47,7 +56,9 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
     rows = plan_rows(artifacts, checkpoint, ckpt, None)
     x, described = first_input(artifacts, ckpt.spec.to_dict())
     x = np.ascontiguousarray(x[:1], dtype=np.float32)
-    runners = load_runners(rows)
+    runners, skipped = load_runners(rows)
+    if not runners:
+        raise BenchmarkError(f"--artifacts {artifacts}: no file could be timed ({skipped})")
     print(f"timing {len(runners)} files, {rounds} rounds, each file once per round", flush=True)
     latency = time_interleaved({name: (lambda r=runner: r.run(x)) for name, runner in runners.items()},
                                runs=rounds, warmup=warmup)
@@ -55,7 +66,7 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
                  "latency_1t": latency[r["name"]]} for r in rows if r["name"] in latency]
     machine = {**machine_info(), "gemm_ceiling": gemm_ceiling()}
     return {"artifacts_dir": str(artifacts), "checkpoint": str(checkpoint), "input": described, "rounds": rounds,
-            "warmup": warmup, "machine": machine, "rows": measured,
+            "warmup": warmup, "machine": machine, "rows": measured, "not_timed": skipped,
             "runtime_ratios": runtime_ratios(measured, machine, ckpt.spec.input_size)}
 
 
@@ -72,6 +83,7 @@ def markdown(result: dict[str, Any]) -> str:
         lat = r["latency_1t"]
         lines.append(f"| {r['name']} | {r['runtime']} ({r.get('engine') or 'default'}) | {lat['p50_ms']:.2f} | "
                      f"{lat['min_ms']:.2f} | {lat['p90_ms']:.2f} |")
+    lines += [""] + [f"Not timed: `{name}`: {why}" for name, why in result.get("not_timed", {}).items()]
     return "\n".join(lines + ratio_table(result) + [""])
 
 

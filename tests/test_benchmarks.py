@@ -276,3 +276,22 @@ def test_ratios_time_every_file_taking_turns(artifacts, tiny_checkpoint, tmp_pat
     assert ratios_main(["--artifacts", str(tmp_path / "none"), "--checkpoint", str(tiny_checkpoint)]) == 2
     assert "--artifacts" in capsys.readouterr().err
     assert ratios_main(["--artifacts", str(artifacts), "--checkpoint", str(tiny_checkpoint), "--rounds", "0"]) == 2
+
+
+def test_ratios_report_files_it_cannot_time_and_time_the_rest(artifacts, tiny_checkpoint, tmp_path):
+    from benchmarks.ratios import main as ratios_main
+
+    broken = tmp_path / "artifacts"
+    shutil.copytree(artifacts, broken)
+    (broken / "model.ptl").write_bytes(b"altered after the export")  # sha256 no longer matches the manifest
+    (broken / "model.torchscript.pt").write_bytes(b"not a TorchScript archive")
+    record(broken, _entry(broken, "torchscript_fp32", "torchscript", "torchscript", broken / "model.torchscript.pt",
+                          load_checkpoint(tiny_checkpoint).sha256))  # recorded as it is: it fails only on load
+    out = tmp_path / "ratios"
+    assert ratios_main(["--artifacts", str(broken), "--checkpoint", str(tiny_checkpoint), "--rounds", "2",
+                        "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads((out / "ratios.json").read_text())
+    assert {r["name"] for r in data["rows"]} == {BASELINE, "onnx_fp32"}
+    assert set(data["not_timed"]) == {"ptl_fp32", "torchscript_fp32"}
+    assert data["not_timed"]["torchscript_fp32"].startswith("does not load")
+    assert "Not timed: `ptl_fp32`" in (out / "ratios.md").read_text()
