@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from train.errors import cli_errors
 
 DEFAULT_OUT = Path("reports/ratios")
@@ -54,8 +52,8 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
 
     ckpt = load_checkpoint(checkpoint)
     rows = plan_rows(artifacts, checkpoint, ckpt, None)
-    x, described = first_input(artifacts, ckpt.spec.to_dict())
-    x = np.ascontiguousarray(x[:1], dtype=np.float32)
+    x, described = first_input(artifacts, ckpt.spec.to_dict())  # one float32 image, (1, 3, H, W)
+    machine = machine_info()  # before any timing: it records the load average at the start
     runners, skipped = load_runners(rows)
     if not runners:
         raise BenchmarkError(f"--artifacts {artifacts}: no file could be timed ({skipped})")
@@ -64,7 +62,7 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
                                runs=rounds, warmup=warmup)
     measured = [{**{k: r[k] for k in ("name", "precision", "runtime", "engine", "status")}, "measured": True,
                  "latency_1t": latency[r["name"]]} for r in rows if r["name"] in latency]
-    machine = {**machine_info(), "gemm_ceiling": gemm_ceiling()}
+    machine["gemm_ceiling"] = gemm_ceiling()
     return {"artifacts_dir": str(artifacts), "checkpoint": str(checkpoint), "input": described, "rounds": rounds,
             "warmup": warmup, "machine": machine, "rows": measured, "not_timed": skipped,
             "runtime_ratios": runtime_ratios(measured, machine, ckpt.spec.input_size)}
