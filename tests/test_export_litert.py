@@ -65,12 +65,42 @@ def test_zero_padded_maxpool_is_exact_and_keeps_the_graph_in_one_xnnpack_partiti
     with torch.no_grad():
         assert torch.equal(plain(x), padded(x))  # the pool follows a ReLU: zero and -inf padding agree
     example = xlt.example_input(ckpt.spec, "nhwc")
-    xlt.convert(xlt.layout_model(plain, "nhwc"), example, tmp_path / "plain.tflite")
+    xlt.convert(xlt.layout_model(plain, "nhwc", ckpt.spec.input_size), example, tmp_path / "plain.tflite")
     split = xlt.xnnpack_delegation(tmp_path / "plain.tflite")  # -inf padding becomes PADV2, which XNNPACK leaves out
     assert split["partitions"] == 2 and split["ops_outside_delegate"] == {"PADV2": 1}
-    xlt.convert(xlt.layout_model(padded, "nhwc"), example, tmp_path / "padded.tflite")
+    xlt.convert(xlt.layout_model(padded, "nhwc", ckpt.spec.input_size), example, tmp_path / "padded.tflite")
     whole = xlt.xnnpack_delegation(tmp_path / "padded.tflite")
     assert whole["partitions"] == 1 and whole["delegated_ops"] == whole["ops"]
+
+
+@pytest.mark.parametrize("stretch", [False, True])
+def test_nhwc_model_normalizes_whole_rows_and_equals_the_deploy_model(ckpt, stretch):
+    import dataclasses
+
+    import torch
+
+    from train.model import DeployModel
+
+    spec = dataclasses.replace(ckpt.spec, contrast_stretch=stretch)
+    deploy = DeployModel(ckpt.build_deploy_model().net, spec).eval()
+    nhwc = xlt.layout_model(deploy, "nhwc", spec.input_size)
+    assert nhwc.mean_row.shape == (3 * spec.input_size,)  # one constant per row value, not per channel
+    x = torch.rand(2, spec.input_size, spec.input_size, 3)
+    with torch.no_grad():
+        assert torch.allclose(nhwc(x), deploy(x.permute(0, 3, 1, 2)), atol=1e-5)
+
+
+def test_the_file_normalizes_rows_not_pixels(nhwc):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, rows = nhwc
+    for name in ("litert_fp32", "litert_int8"):
+        it = Interpreter(model_path=str(out / rows[name].path))
+        shapes = {t["index"]: list(t["shape"]) for t in it.get_tensor_details()}
+        ops = {o["op_name"]: o for o in it._get_ops_details() if o["op_name"] in ("SUB", "MUL")}
+        assert set(ops) == {"SUB", "MUL"}
+        for op in ops.values():  # a 3-value constant broadcast over NHWC would cost XNNPACK one call per pixel
+            assert sorted(shapes[i][-1] for i in op["inputs"]) == [32 * 3, 32 * 3], (name, op)
 
 
 def test_nchw_layout_on_request(tmp_path, ckpt, export_samples):

@@ -37,10 +37,15 @@ class Preprocess(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.contrast_stretch:
-            lo = torch.amin(x, dim=(1, 2, 3), keepdim=True)
-            hi = torch.amax(x, dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / torch.clamp(hi - lo, min=1e-6)
+            x = stretch_contrast(x)
         return (x - self.mean) / self.std
+
+
+def stretch_contrast(x: torch.Tensor) -> torch.Tensor:
+    """Each image of the batch scaled to span [0, 1]; per image over all its values, so any layout."""
+    lo = torch.amin(x, dim=(1, 2, 3), keepdim=True)
+    hi = torch.amax(x, dim=(1, 2, 3), keepdim=True)
+    return (x - lo) / torch.clamp(hi - lo, min=1e-6)
 
 
 class DeployModel(nn.Module):
