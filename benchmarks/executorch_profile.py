@@ -34,7 +34,7 @@ def profile_program(path: Path, x: np.ndarray, runs: int, threads: int | None) -
     from export.runners import ExecuTorchRunner
 
     if threads:
-        ExecuTorchRunner._set_threads(threads)
+        ExecuTorchRunner._set_threads(ExecuTorchRunner.bindings(), threads)
     module = portable_lib._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
     inp = [torch.from_numpy(np.ascontiguousarray(x[:1]))]  # the runtime ignores strides: contiguous only
     for _ in range(runs):

@@ -7,7 +7,7 @@ The visible pipeline (as in ExecuTorch's examples/xnnpack/aot_compiler.py):
         -> calibrate on train-split images (batches of 16) -> convert_pt2e -> the same lowering -> model_int8.pte
 Contract (both): input float32 (1, 3, H, W) RGB (gray repeated) in [0, 1], batch fixed at 1; output float32
 (1, classes) logits in the checkpoint's class order. Normalization is inside the program.
-Each .pte is loaded and run by the ExecuTorch runtime (executorch.runtime, XNNPACK delegate) and compared
+Each .pte is loaded and run by the ExecuTorch runtime (its Python bindings, XNNPACK delegate) and compared
 with the float PyTorch model: fp32 must match within FLOAT_ATOL, int8 reports agreement.
 """
 
@@ -29,6 +29,7 @@ from export.common import (FLOAT_ATOL, calib_inputs, check_variants, eval_inputs
                            record_failed, reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
+from export.runners import ExecuTorchRunner
 from quantize.pt2e import XNNPACK_INT8_SCHEME, quantize_pt2e_xnnpack
 from train.checkpoint import Checkpoint
 from train.data import Sample
@@ -80,18 +81,19 @@ def delegation_coverage(graph_module: Any) -> dict[str, Any]:
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
     """The metadata constant method of a .pte, run in the ExecuTorch runtime (None when the program has none)."""
-    from executorch.runtime import Runtime
-
-    program = Runtime.get().load_program(Path(path))
-    if METADATA_KEY not in program.method_names:
+    program = ExecuTorchRunner.bindings()._load_program(str(path))
+    if METADATA_KEY not in method_names(program):
         return None
-    return from_json(bytes(program.load_method(METADATA_KEY).execute([])[0].numpy().tobytes()))
+    return from_json(bytes(program.load_method(METADATA_KEY).call([])[0].numpy().tobytes()))
+
+
+def method_names(program: Any) -> list[str]:
+    """The methods a loaded program holds (`forward`, and the metadata constant method)."""
+    return [program.get_method_name(i) for i in range(program.num_methods())]
 
 
 def describe(path: Path) -> dict[str, Any]:
-    from executorch.runtime import Runtime
-
-    return {"methods": sorted(Runtime.get().load_program(Path(path)).method_names)}
+    return {"methods": sorted(method_names(ExecuTorchRunner.bindings()._load_program(str(path))))}
 
 
 def _writer(model_fn, example: tuple[torch.Tensor, ...], meta: dict[str, Any], int8: bool = False):
