@@ -3,7 +3,8 @@
 The visible pipeline (as in ExecuTorch's examples/xnnpack/aot_compiler.py):
   fp32: torch.export.export(DeployModel) -> to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])
         -> to_executorch() -> model.pte
-  int8: torch.export.export(...).module() -> torchao prepare_pt2e(XNNPACKQuantizer, symmetric per-channel)
+  int8: the stem convolution as space-to-depth + 4x4 convolution (quantize.stem) -> torch.export.export(...)
+        .module() -> torchao prepare_pt2e(XNNPACKQuantizer, symmetric per-channel)
         -> calibrate on train-split images (batches of 16) -> convert_pt2e -> the same lowering -> model_int8.pte
 Contract (both): input float32 (1, 3, H, W) RGB (gray repeated) in [0, 1], batch fixed at 1; output float32
 (1, classes) logits in the checkpoint's class order. Normalization is inside the program.

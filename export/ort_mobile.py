@@ -4,7 +4,8 @@ The dynamic-batch `.onnx` files suit servers, but ONNX Runtime's own mobile chec
 accelerators can take little of them (NNAPI: 0 of 51 nodes of model.onnx) and all of a fixed batch-1 graph.
 So this format writes, with onnxruntime's own tools:
 - `model.ort` (ort_fp32) and `model_int8.ort` (ort_int8, static int8 QDQ calibrated on real train images,
-  the same recipe as model_int8_static.onnx): the batch fixed at 1 (`make_dim_param_fixed`), converted to
+  the same recipe as model_int8_static.onnx, its stem convolution kept whole for NNAPI): the batch fixed at
+  1 (`make_dim_param_fixed`), converted to
   the ORT format (`convert_onnx_models_to_ort`, fixed optimizations for Arm), which both full ONNX Runtime
   packages (what flutter_onnxruntime ships) and reduced mobile builds load;
 - `required_operators.config`: the operators those files need, for a reduced-size ORT build;
@@ -145,6 +146,7 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
                 src = staging / "int8_dynamic_batch.onnx"
                 q = onnx_rt.static_int8_onnx(dynamic, src, calib[0], x86_isa=x86_isa, threads=runners.DEFAULT_THREADS)
                 q.pop("path", None)
+            src, q = _phone_stem(src, staging, q)
             details["quantization"] = {**q, "calibration": calib[1]}
         for name in (mobile, ort_name):
             dst = staging / f"{Path(variant(name).file).stem}.onnx"
@@ -160,6 +162,20 @@ def _stage(ckpt: Checkpoint, out_dir: Path, staging: Path, variants: Sequence[st
         verdict = mobile_usability(staging / "ort" / f"{stem}.optimized.onnx", optimize=False)
         built[name] = (staging / "ort" / f"{stem}.ort", {**built[name][1], "mobile_usability": verdict})
     return built, config
+
+
+def _phone_stem(src: Path, staging: Path, q: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The int8 graph with its stem convolution back in one piece: the static int8 recipe rewrites it as
+    SpaceToDepth + a 4x4 convolution for CPU int8 kernels (quantize.stem), and ONNX Runtime's NNAPI provider
+    takes no SpaceToDepth (the checker then said 150 of 151 nodes, 2 partitions, "MAYBE" instead of "YES")."""
+    from quantize.stem import undo_space_to_depth_stem_onnx
+
+    whole = staging / "int8_whole_stem.onnx"
+    node = undo_space_to_depth_stem_onnx(src, whole)
+    if node is None:
+        return src, q
+    return whole, {**q, "stem": None, "stem_undone": f"{node}: back to one 7x7 / 2 convolution for NNAPI, same "
+                                                      f"int8 weights and ranges (quantize.stem)"}
 
 
 def _reusable_float(ckpt: Checkpoint, out_dir: Path) -> Path | None:

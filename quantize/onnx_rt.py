@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantize.stem import space_to_depth_stem_onnx
 from train.atomic import atomic_path
 from train.errors import ToolkitError
 
@@ -182,7 +183,9 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     without VNNI, U8S8 sums pairs of products in int16 and can saturate (7 of 819 val images flipped on
     an AVX2 EPYC): `x86_isa` 'avx2' (or 'auto' on such a CPU, see quantize.torch_ao.resolve_x86_isa)
     quantizes weights to 7 bits (ORT's reduce_range, -64..64), so 2 x 255 x 64 < 32768 and the fast kernels
-    stay exact on every x86-64 CPU. `nodes_to_exclude` keeps those nodes in float (the accuracy-aware
+    stay exact on every x86-64 CPU. The stem convolution is rewritten as space-to-depth + a 4x4 convolution
+    first (quantize.stem: int8 kernels waste most of a 3-channel convolution's work); `info['stem']` says so.
+    `nodes_to_exclude` keeps those nodes in float (the accuracy-aware
     fallback). `threads` caps the calibration session's intra-op threads (ORT's default, every core, when None;
     see calibrated_ranges)."""
     import onnx
@@ -203,6 +206,8 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     reader = _ArrayReader(input_name, calib, batch_size, progress)
     with tempfile.TemporaryDirectory(prefix="ortq.") as tmp, atomic_path(dst) as out:
         model_in, pre_err = _preprocess(src, Path(tmp))
+        stem = space_to_depth_stem_onnx(model_in, Path(tmp) / "stem.onnx", keep=set(nodes_to_exclude))
+        model_in = Path(tmp) / "stem.onnx" if stem else model_in
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # ORT prints per-batch chatter
                 _quantize_static(model_in, out, reader, method, threads, Path(tmp), quant_format=QuantFormat.QDQ,
@@ -220,7 +225,7 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
             "nodes_excluded": list(nodes_to_exclude),
             "activation_type": activation_type,
             "per_channel": per_channel, "calibration_method": method, "calibration_images": int(len(calib)),
-            "preprocessed": pre_err is None, "preprocess_error": pre_err,
+            "preprocessed": pre_err is None, "preprocess_error": pre_err, "stem": stem,
             "onnxruntime_version": onnxruntime.__version__, **summary, "touched": _describe(summary)}
     info.update(_file_info(Path(dst), src))
     log.info("ORT static int8 (%s) -> %s (%s)", method, dst, info["touched"])

@@ -13,16 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantize.stem import NOTE, space_to_depth_stem
+
 XNNPACK_INT8_SCHEME = {"quantizer": "executorch.backends.xnnpack.quantizer.xnnpack_quantizer.XNNPACKQuantizer",
                        "config": "get_symmetric_quantization_config(is_per_channel=True)", "flow": "torchao PT2E",
-                       "weights": "int8 symmetric per channel", "activations": "int8 static (calibrated)"}
+                       "weights": "int8 symmetric per channel", "activations": "int8 static (calibrated)",
+                       "stem": NOTE}
 
 
 def quantize_pt2e_xnnpack(model: nn.Module, example: tuple[torch.Tensor, ...], calib: np.ndarray,
                           batch_size: int = 16) -> nn.Module:
-    """PT2E int8 for XNNPACK: observers from the XNNPACK quantizer (histogram observers for activations),
-    calibrated in batches on a dynamic-batch graph (one image per call is several times slower); the
-    caller exports the converted model again at batch 1."""
+    """PT2E int8 for XNNPACK: the stem rewritten as space-to-depth + 4x4 convolution (quantize.stem), observers
+    from the XNNPACK quantizer (histogram observers for activations), calibrated in batches on a dynamic-batch
+    graph (one image per call is several times slower); the caller exports the converted model again at batch 1."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -30,6 +33,7 @@ def quantize_pt2e_xnnpack(model: nn.Module, example: tuple[torch.Tensor, ...], c
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        model = space_to_depth_stem(model, example[0].shape[-1])
         prepared = prepare_pt2e(dynamic_batch_graph(model, example), quantizer)
         calibrate(prepared, calib, batch_size)
         return convert_pt2e(prepared)

@@ -44,6 +44,9 @@ def test_ort_files_come_with_the_operator_config_and_their_own_verdicts(exported
     fused = rows["ort_fp32"].details["mobile_usability"]["nnapi"]  # CPU-fused graph: NNAPI cannot take FusedConv
     assert fused["supported_nodes"] < fused["nodes"] and "com.microsoft:FusedConv" in fused["unsupported_ops"]
     assert rows["ort_int8"].details["quantization"]["calibration"].startswith("8 images from the train split")
+    int8 = rows["ort_mobile_int8"].details  # the stem rewritten for CPU kernels is whole again: NNAPI takes it all
+    assert int8["quantization"]["stem_undone"] and int8["quantization"]["stem"] is None
+    assert int8["mobile_usability"]["nnapi"]["unsupported_ops"] == [] and int8["mobile_usability"]["nnapi"]["partitions"] == 1
 
 
 def test_the_checker_sees_what_the_issue_measured_on_the_dynamic_file(tmp_path, ckpt):

@@ -77,10 +77,13 @@ def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_pa
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from quantize.onnx_rt import _ArrayReader, _preprocess
+    from quantize.stem import space_to_depth_stem_onnx
 
     x = _images(16)
     static_int8_onnx(float_onnx, tmp_path / "ours.onnx", x, method=method, threads=1, x86_isa="vnni")
     model_in, _ = _preprocess(float_onnx, tmp_path)
+    assert space_to_depth_stem_onnx(model_in, tmp_path / "stem.onnx")  # what static_int8_onnx quantizes
+    model_in = tmp_path / "stem.onnx"
     name = onnx.load(str(model_in), load_external_data=False).graph.input[0].name
     quantize_static(str(model_in), str(tmp_path / "ort.onnx"), _ArrayReader(name, x, 8), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
