@@ -2,7 +2,8 @@
 
 The visible pipeline (Google's litert-torch converter):
   fp32: DeployModel -> (NHWC: NhwcDeployModel) -> litert_torch.convert -> model.tflite
-  int8: the same graph -> torch.export -> PT2E with litert-torch's PT2EQuantizer (quantize.pt2e: int8
+  int8: the same graph, its stem convolution as space-to-depth + 4x4 convolution (quantize.stem) -> torch.export
+        -> PT2E with litert-torch's PT2EQuantizer (quantize.pt2e: int8
         per-channel weights, int8 activations calibrated on train-split images) -> litert_torch.convert -> model_int8.tflite
 Contract: input float32 (1, H, W, 3) NHWC by default (what tflite_flutter apps build from image bytes; --layout nchw
 gives (1, 3, H, W)), RGB (gray repeated) in [0, 1]; normalization is inside the graph. Output (1, classes) logits:
@@ -30,6 +31,7 @@ from export.common import (ExportError, calib_inputs, check_variants, eval_input
                            record_failed, reference_logits, require_calibration, write_proven)
 from export.manifest import ArtifactEntry
 from export.metadata import METADATA_KEY, embedded_metadata, from_json, to_json
+from quantize.stem import space_to_depth_nhwc, space_to_depth_stem
 from train.checkpoint import Checkpoint
 from train.data import Sample
 from train.errors import cli_errors
@@ -62,6 +64,8 @@ class NhwcDeployModel(nn.Module):
             x = stretch_contrast(x)
         n, h, w, c = x.shape
         x = ((x.reshape(n, h, w * c) - self.mean_row) / self.std_row).reshape(n, h, w, c)
+        if getattr(self.net.conv1, "input_moved", False):  # the int8 stem (quantize.stem) takes it rearranged
+            x = space_to_depth_nhwc(x)
         return self.net(x.permute(0, 3, 1, 2))
 
 
@@ -87,9 +91,13 @@ def zero_padded_maxpool(model: nn.Module) -> nn.Module:
     return model
 
 
-def deploy_model(ckpt: Checkpoint, layout: str) -> nn.Module:
-    """The float model LiteRT converts: the deploy model, delegate-friendly, in the app's input layout."""
-    return layout_model(zero_padded_maxpool(ckpt.build_deploy_model()), layout, ckpt.spec.input_size)
+def deploy_model(ckpt: Checkpoint, layout: str, int8_stem: bool = False) -> nn.Module:
+    """The float model LiteRT converts: the deploy model, delegate-friendly, in the app's input layout; with
+    `int8_stem`, its stem rewritten for int8 kernels (quantize.stem)."""
+    model = zero_padded_maxpool(ckpt.build_deploy_model())
+    if int8_stem:
+        space_to_depth_stem(model, ckpt.spec.input_size, input_moved=layout == "nhwc")
+    return layout_model(model, layout, ckpt.spec.input_size)
 
 
 def example_input(spec: Any, layout: str) -> tuple[torch.Tensor, ...]:
@@ -245,7 +253,7 @@ def export_litert(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample]
         calib, note = calib_inputs(ckpt, calib_samples)
         images = calib.transpose(0, 2, 3, 1) if layout == "nhwc" else calib
         details = {**base, "quantization": {**LITERT_INT8_SCHEME, "calibration": note}}
-        build = lambda: quantize_pt2e_litert(deploy_model(ckpt, layout), example, images)  # noqa: E731
+        build = lambda: quantize_pt2e_litert(deploy_model(ckpt, layout, int8_stem=True), example, images)  # noqa: E731
         rows.append(write_proven(ckpt, out_dir, "litert_int8", details=details,
                                  write=_writer(build, example, int8=True,
                                                meta=embedded_metadata(ckpt, "litert_int8", layout)),

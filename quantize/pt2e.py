@@ -109,14 +109,17 @@ PAD_OPS = (torch.ops.aten.constant_pad_nd.default, torch.ops.aten.pad.default)
 
 
 def annotate_constant_pads(graph: torch.fx.GraphModule) -> int:
-    """Constant pads share their input's int8 parameters (a pad only copies values), as litert-torch annotates
-    max-pool. Left unannotated, a pad gets parameters of its own and the .tflite gains a requantize after it.
+    """Constant pads after a ReLU (the stem max-pool's zero pad) share the ReLU's int8 parameters (a pad only
+    copies values), as litert-torch annotates max-pool. Left unannotated, such a pad gets parameters of its own
+    and the .tflite gains a requantize after it. Other pads are left to the quantizer: sharing with an input it
+    does not annotate (the space-to-depth stem's reshapes, quantize.stem) fails in prepare_pt2e.
     Returns how many pads it annotated."""
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
     count = 0
     for node in graph.graph.nodes:
-        if node.op != "call_function" or node.target not in PAD_OPS or "quantization_annotation" in node.meta:
+        if (node.op != "call_function" or node.target not in PAD_OPS or "quantization_annotation" in node.meta
+                or getattr(node.args[0], "target", None) not in RELU_OPS):
             continue
         shared = SharedQuantizationSpec(node.args[0])
         node.meta["quantization_annotation"] = QuantizationAnnotation(
@@ -127,4 +130,5 @@ def annotate_constant_pads(graph: torch.fx.GraphModule) -> int:
 
 LITERT_INT8_SCHEME = {"quantizer": "litert_torch.quantize.pt2e_quantizer.PT2EQuantizer",
                       "config": "get_symmetric_quantization_config(is_per_channel=True)", "flow": "torchao PT2E",
-                      "weights": "int8 symmetric per channel", "activations": "int8 static (calibrated)"}
+                      "weights": "int8 symmetric per channel", "activations": "int8 static (calibrated)",
+                      "stem": NOTE}

@@ -13,9 +13,9 @@ becomes one group of C channels), within float rounding in practice. Channels co
 SpaceToDepth and NHWC reshapes give: (row phase, column phase, channel). Measured, random-calibrated files, 1 thread:
 ONNX Runtime int8 10.03 -> 9.56 ms, ExecuTorch int8 10.42 -> 9.68 ms. Float kernels gain nothing (ONNX Runtime
 33.8 -> 34.5 ms, ExecuTorch 33.3 -> 33.7 ms: the extra zero taps cost more than the channel groups save), so
-only int8 recipes use it: ONNX Runtime's static int8 (on the float ONNX graph, `space_to_depth_stem_onnx`) and
-ExecuTorch's PT2E int8 (on the PyTorch model). Not LiteRT's: litert-torch's PT2E quantizer fails on the reshape
-chain (its shared quantization specs find no root). ONNX Runtime Mobile's phone files undo it
+only int8 recipes use it: ONNX Runtime's static int8 (on the float ONNX graph, `space_to_depth_stem_onnx`),
+ExecuTorch's and LiteRT's PT2E int8 (on the PyTorch model; LiteRT's NHWC graph moves the space-to-depth in
+front of its transpose, LiteRT int8 10.28 -> 9.62 ms). ONNX Runtime Mobile's phone files undo it
 (`undo_space_to_depth_stem_onnx`), as its NNAPI provider takes no SpaceToDepth. On Arm, XNNPACK's dot-product
 int8 kernels read 4 channels at a time (3 -> 4, and 12 exactly), so there the rewrite is about even; its i8mm
 kernels read 8, like x86's.
@@ -60,11 +60,20 @@ def space_to_depth(x: torch.Tensor) -> torch.Tensor:
             .reshape(n, BLOCK * BLOCK * c, h // BLOCK, w // BLOCK))
 
 
-class SpaceToDepthStem(nn.Module):
-    """A drop-in for the stem convolution `conv` (same input, same output)."""
+def space_to_depth_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> (N, H/2, W/2, 4C), the same channel order: for graphs whose input is NHWC (LiteRT's)."""
+    n, h, w, c = x.shape
+    return (x.reshape(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).permute(0, 1, 3, 2, 4, 5)
+            .reshape(n, h // BLOCK, w // BLOCK, BLOCK * BLOCK * c))
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+
+class SpaceToDepthStem(nn.Module):
+    """A drop-in for the stem convolution `conv` (same input, same output). With `input_moved`, it takes the
+    space-to-depth input instead, which an NHWC graph computes before its transpose (NhwcDeployModel)."""
+
+    def __init__(self, conv: nn.Conv2d, input_moved: bool = False) -> None:
         super().__init__()
+        self.input_moved = input_moved
         self.conv = nn.Conv2d(BLOCK * BLOCK * conv.in_channels, conv.out_channels, 4, bias=conv.bias is not None)
         with torch.no_grad():
             self.conv.weight.copy_(torch.from_numpy(space_to_depth_weight(conv.weight.detach().numpy())))
@@ -72,16 +81,17 @@ class SpaceToDepthStem(nn.Module):
                 self.conv.bias.copy_(conv.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(space_to_depth(x), (PAD_BEFORE, PAD_AFTER, PAD_BEFORE, PAD_AFTER)))
+        z = x if self.input_moved else space_to_depth(x)
+        return self.conv(F.pad(z, (PAD_BEFORE, PAD_AFTER, PAD_BEFORE, PAD_AFTER)))
 
 
-def space_to_depth_stem(model: nn.Module, input_size: int) -> nn.Module:
+def space_to_depth_stem(model: nn.Module, input_size: int, input_moved: bool = False) -> nn.Module:
     """`model` (a DeployModel around a torchvision ResNet) with its stem rewritten, in place; unchanged where
-    the stem is not ResNet's or the input size is odd."""
+    the stem is not ResNet's or the input size is odd. `input_moved`: see SpaceToDepthStem."""
     conv = getattr(getattr(model, "net", None), "conv1", None)
     if (isinstance(conv, nn.Conv2d) and input_size % BLOCK == 0
             and is_stem(conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)):
-        model.net.conv1 = SpaceToDepthStem(conv)
+        model.net.conv1 = SpaceToDepthStem(conv, input_moved)
     return model
 
 
