@@ -97,3 +97,26 @@ def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_pa
     ours, theirs = initializers(tmp_path / "ours.onnx"), initializers(tmp_path / "ort.onnx")
     assert set(ours) == set(theirs) and any(k.endswith("_scale") for k in ours)
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_graph_preprocessed_once_quantizes_as_when_preprocessed_each_time(float_onnx, tmp_path):
+    """node_sensitivity runs ORT's pre-pass once and quantizes that graph once per node: the files must be the
+    ones static_int8_onnx writes from the float graph, excluded nodes included."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantize.onnx_rt import _preprocess, weighted_nodes
+
+    x, keep_float = _images(8), weighted_nodes(float_onnx)[1:]  # only the stem quantized: the rewrite applies
+    pre, err = _preprocess(float_onnx, tmp_path)
+    assert err is None
+    a = static_int8_onnx(float_onnx, tmp_path / "each.onnx", x, nodes_to_exclude=keep_float)
+    b = static_int8_onnx(pre, tmp_path / "once.onnx", x, nodes_to_exclude=keep_float, preprocess=False)
+    assert a["qdq_weight_ops"] == b["qdq_weight_ops"] == {"Conv": 1} and a["stem"] == b["stem"]
+    graphs = [onnx.load(str(tmp_path / f)).graph for f in ("each.onnx", "once.onnx")]
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    weights = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    run = get_runner("onnxruntime")
+    assert np.array_equal(run.load(tmp_path / "each.onnx").run(x), run.load(tmp_path / "once.onnx").run(x))
