@@ -26,6 +26,13 @@ def _images(n: int, size: int = 32) -> np.ndarray:
     return np.random.default_rng(0).random((n, 3, size, size), dtype=np.float32)
 
 
+def _initializers(path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
 def test_dynamic_quantizes_conv_and_linear(float_onnx, tmp_path):
     info = dynamic_int8_onnx(float_onnx, tmp_path / "dyn.onnx")
     assert info["integer_ops"] == {"ConvInteger": 20, "MatMulInteger": 1}  # ResNet-18: 20 convs + fc
@@ -73,7 +80,6 @@ def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_pa
         pytest.skip("this ONNX Runtime's quantize_static takes no calibration cache")
     monkeypatch.setattr(onnx_rt, "takes_calibration_cache", lambda: cache)
     import onnx
-    from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from quantize.onnx_rt import _ArrayReader, _preprocess
@@ -91,19 +97,16 @@ def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_pa
                     extra_options={"CalibStridedMinMax": 1,  # a batch at a time, as static_int8_onnx does
                                    **({"CalibPercentile": 99.999} if method == "Percentile" else {})})
 
-    def initializers(path):
-        return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-
-    ours, theirs = initializers(tmp_path / "ours.onnx"), initializers(tmp_path / "ort.onnx")
+    ours, theirs = _initializers(tmp_path / "ours.onnx"), _initializers(tmp_path / "ort.onnx")
     assert set(ours) == set(theirs) and any(k.endswith("_scale") for k in ours)
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_a_graph_preprocessed_once_quantizes_as_when_preprocessed_each_time(float_onnx, tmp_path):
     """node_sensitivity runs ORT's pre-pass once and quantizes that graph once per node: the files must be the
-    ones static_int8_onnx writes from the float graph, excluded nodes included."""
+    ones static_int8_onnx writes from the float graph, excluded nodes included (a numerics check on generated
+    inputs)."""
     import onnx
-    from onnx import numpy_helper
 
     from quantize.onnx_rt import _preprocess, weighted_nodes
 
@@ -115,7 +118,7 @@ def test_a_graph_preprocessed_once_quantizes_as_when_preprocessed_each_time(floa
     assert a["qdq_weight_ops"] == b["qdq_weight_ops"] == {"Conv": 1} and a["stem"] == b["stem"]
     graphs = [onnx.load(str(tmp_path / f)).graph for f in ("each.onnx", "once.onnx")]
     assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
-    weights = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    weights = [_initializers(tmp_path / f) for f in ("each.onnx", "once.onnx")]
     assert weights[0].keys() == weights[1].keys()
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
     run = get_runner("onnxruntime")
