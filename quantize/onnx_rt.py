@@ -175,7 +175,7 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
                      per_channel: bool = True, batch_size: int = 8, progress: bool = False,
                      activation_type: str = "QUInt8", x86_isa: str = "vnni",
                      nodes_to_exclude: Sequence[str] = (), threads: int | None = None,
-                     preprocess: bool = True) -> dict[str, Any]:
+                     preprocess: bool = True, ranges: Any = None) -> dict[str, Any]:
     """ORT static int8 in QDQ format: int8 weights (per channel) and 8-bit activations whose ranges
     come from `calib`, float32 (N, 3, H, W) images in [0, 1] from the training split.
 
@@ -188,8 +188,9 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     first (quantize.stem: int8 kernels waste most of a 3-channel convolution's work); `info['stem']` says so.
     `nodes_to_exclude` keeps those nodes in float (the accuracy-aware
     fallback). `threads` caps the calibration session's intra-op threads (ORT's default, every core, when None;
-    see calibrated_ranges). `preprocess=False` skips ORT's pre-pass for a graph that has already had it
-    (node_sensitivity quantizes one graph once per node)."""
+    see calibrated_ranges). `preprocess=False` skips ORT's pre-pass for a graph that has already had it, and
+    `ranges` are calibrated_ranges already computed on that graph with `calib` (node_sensitivity quantizes one
+    graph once per node); they are not used where the stem is rewritten (new tensors need ranges)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -212,7 +213,8 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
         model_in = Path(tmp) / "stem.onnx" if stem else model_in
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # ORT prints per-batch chatter
-                _quantize_static(model_in, out, reader, method, threads, Path(tmp), quant_format=QuantFormat.QDQ,
+                _quantize_static(model_in, out, reader, method, threads, Path(tmp), None if stem else ranges,
+                                 quant_format=QuantFormat.QDQ,
                                  per_channel=per_channel, activation_type=getattr(QuantType, activation_type),
                                  weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
                                  use_external_data_format=False, reduce_range=reduce_range,
@@ -245,9 +247,9 @@ def takes_calibration_cache() -> bool:
 
 
 def _quantize_static(model_in: Path, out: Path, reader: _ArrayReader, method: str, threads: int | None,
-                     tmp_dir: Path, **options: Any) -> None:
-    """quantize_static with ranges from calibrated_ranges where this ORT takes them; otherwise ORT calibrates
-    by itself, a batch at a time (its session then has every core)."""
+                     tmp_dir: Path, ranges: Any = None, **options: Any) -> None:
+    """quantize_static with ranges from calibrated_ranges (those given, else calibrated now) where this ORT takes
+    them; otherwise ORT calibrates by itself, a batch at a time (its session then has every core)."""
     from onnxruntime.quantization import quantize_static
 
     if not takes_calibration_cache():
@@ -256,9 +258,10 @@ def _quantize_static(model_in: Path, out: Path, reader: _ArrayReader, method: st
         return
     from onnxruntime.quantization import save_tensors_data
 
-    ranges = tmp_dir / "ranges.json"
-    save_tensors_data(calibrated_ranges(model_in, reader, method, threads, tmp_dir), ranges)
-    quantize_static(str(model_in), str(out), None, calibration_cache_path=ranges, **options)
+    cache = tmp_dir / "ranges.json"
+    save_tensors_data(ranges if ranges is not None else calibrated_ranges(model_in, reader, method, threads, tmp_dir),
+                      cache)
+    quantize_static(str(model_in), str(out), None, calibration_cache_path=cache, **options)
 
 
 def calibrated_ranges(model_in: Path, reader: _ArrayReader, method: str, threads: int | None, tmp_dir: Path) -> Any:
@@ -310,10 +313,12 @@ def node_sensitivity(src: str | Path, calib: np.ndarray, *, x86_isa: str = "vnni
     rows = []
     with tempfile.TemporaryDirectory(prefix="ortsens.") as tmp:
         pre, _ = _preprocess(src, Path(tmp))  # once, not per node (ResNet-18's 21: 71.1 -> 61.3 s, Zen 3)
+        ranges = (calibrated_ranges(pre, _ArrayReader(name, x, 8), "MinMax", None, Path(tmp))  # once too
+                  if takes_calibration_cache() else None)
         for node in tqdm(nodes, desc="node sensitivity (ONNX Runtime)", unit="node", disable=not progress, leave=False):
             dst = Path(tmp) / "one.onnx"
             others = [n for n in nodes if n != node]
-            static_int8_onnx(pre, dst, x, x86_isa=x86_isa, nodes_to_exclude=others, preprocess=False)
+            static_int8_onnx(pre, dst, x, x86_isa=x86_isa, nodes_to_exclude=others, preprocess=False, ranges=ranges)
             out = onnxruntime.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
             rows.append({"layer": node, "mean_abs_logit_error": float(np.abs(out - ref).mean()),
                          "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())})

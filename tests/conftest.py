@@ -24,8 +24,19 @@ from train.synthetic import make_synthetic_dataset
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED", REPO.parent / "shared"))
 TINY_SIZE = 32  # pixels: ResNet-18 still runs (1x1 at layer4), tests stay fast on 2 cores
+# pytest-xdist runs the suite in one worker per core (pyproject.toml's addopts): each worker's torch gets its
+# share of the cores, so two workers on 2 cores do not each start 2 threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Keep each test module in one xdist worker (--dist loadgroup), so module fixtures are built once; a
+    module marked xdist_group (the export modules share `all_formats`) keeps its group."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +115,41 @@ def export_samples(synthetic_data, ckpt):
     from train.data import verification_sets
 
     return verification_sets(synthetic_data, ckpt.spec.class_names, calib_size=8, eval_size=4)
+
+
+@pytest.fixture(scope="session")
+def all_formats(tmp_path_factory, ckpt, export_samples):
+    """Every registered format, exported once from the tiny checkpoint through the one pipeline, two formats
+    at a time in worker processes (python -m export's default on 2 cores): (folder, {entry name: row}). The
+    registry test and each format's own tests read it (their modules share the xdist group 'exports', so one
+    worker exports); tests must not change the folder."""
+    from export import pipeline
+    from export.registry import FORMATS
+
+    out = tmp_path_factory.mktemp("all_formats")
+    rows = pipeline.export_all(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1],
+                               options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"), jobs=2)
+    return out, {r.name: r for r in rows}
+
+
+@pytest.fixture(scope="session")
+def format_rows(all_formats):
+    """format name -> (folder, {entry name: row}) of that format's files in `all_formats`."""
+    from export.registry import format_of
+
+    out, rows = all_formats
+
+    def of(fmt: str):
+        return out, {name: r for name, r in rows.items() if format_of(name).name == fmt}
+    return of
+
+
+def pytest_sessionfinish(session) -> None:
+    """An xdist worker is stopped with a KeyboardInterrupt in its main thread (execnet's interrupt_main); when
+    JAX's garbage-collection callback (JAX comes with litert-torch) happens to run then, Python prints the
+    interrupt as an ignored exception with a traceback. The callback has nothing left to free at this point."""
+    import gc
+    import sys
+
+    if "jax" in sys.modules:
+        gc.callbacks[:] = [cb for cb in gc.callbacks if getattr(cb, "__name__", "") != "_xla_gc_callback"]

@@ -17,17 +17,15 @@ from export.registry import FORMATS, RegistryError, bundle_variants, format_of, 
 from export.runners import RUNNERS, get_runner
 from train.atomic import sha256_file, size_bytes
 
+pytestmark = pytest.mark.xdist_group("exports")  # the modules that read conftest's all_formats
+
 PRECISIONS = {"fp32", "fp16", "int8", "w8", "palette6", "palette4"}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, ckpt, export_samples):
-    """Every registered format, exported once from the tiny checkpoint through the one pipeline, two formats
-    at a time in worker processes (python -m export's default on 2 cores)."""
-    out = tmp_path_factory.mktemp("all_formats")
-    rows = pipeline.export_all(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1],
-                               options=pipeline.format_options(list(FORMATS), "static", x86_isa="auto"), jobs=2)
-    return out, {r.name: r for r in rows}
+def exported(all_formats):
+    """Every registered format, exported once through the one pipeline (conftest's `all_formats`)."""
+    return all_formats
 
 
 def test_registry_rows_are_complete_and_resolve():

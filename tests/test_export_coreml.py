@@ -19,6 +19,8 @@ from export.manifest import read_manifest, verify_file  # noqa: E402
 from export.registry import variant  # noqa: E402
 from train.data import discover, seeded_subset  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("exports")  # the modules that read conftest's all_formats
+
 
 @pytest.fixture(scope="module")
 def eval_samples(synthetic_data, ckpt):
@@ -26,10 +28,8 @@ def eval_samples(synthetic_data, ckpt):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, ckpt, eval_samples):
-    out = tmp_path_factory.mktemp("coreml")
-    rows = xcm.export_coreml(ckpt, out, eval_samples=eval_samples)
-    return out, {r.name: r for r in rows}
+def exported(format_rows):
+    return format_rows("coreml")
 
 
 @pytest.mark.parametrize("variant_name", list(xcm.VARIANTS))

@@ -12,6 +12,8 @@ from export.manifest import read_manifest, verify_file  # noqa: E402
 from export.runners import get_runner  # noqa: E402
 from train.data import load_batch, seeded_subset  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("exports")  # the modules that read conftest's all_formats
+
 
 @pytest.fixture(scope="module")
 def samples(synthetic_index):
@@ -20,10 +22,8 @@ def samples(synthetic_index):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, ckpt, samples):
-    out = tmp_path_factory.mktemp("executorch")
-    rows = xet.export_executorch(ckpt, out, eval_samples=samples[0], calib_samples=samples[1])
-    return out, {r.name: r for r in rows}
+def exported(format_rows):
+    return format_rows("executorch")
 
 
 def test_fp32_pte_matches_float_model_in_runtime(exported, ckpt, samples):

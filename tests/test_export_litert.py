@@ -13,11 +13,12 @@ import export.litert as xlt  # noqa: E402
 from export.runners import get_runner  # noqa: E402
 from train.data import load_batch  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("exports")  # the modules that read conftest's all_formats
+
 
 @pytest.fixture(scope="module")
-def nhwc(tmp_path_factory, ckpt, export_samples):
-    out = tmp_path_factory.mktemp("litert")
-    return out, {r.name: r for r in xlt.export_litert(ckpt, out, eval_samples=export_samples[0], calib_samples=export_samples[1])}
+def nhwc(format_rows):
+    return format_rows("litert")
 
 
 def test_default_layout_is_nhwc_and_the_runner_transposes_correctly(nhwc, ckpt, export_samples):

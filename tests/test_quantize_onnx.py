@@ -3,9 +3,12 @@ summary saying what was quantized."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from export.onnx import INPUT_NAME
 from export.runners import get_runner
 from train.metrics import compare_logits
 from quantize.onnx_rt import OnnxQuantError, dynamic_int8_onnx, static_int8_onnx
@@ -102,24 +105,35 @@ def test_static_ranges_equal_quantize_statics_own_calibration(float_onnx, tmp_pa
     assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_graph_preprocessed_once_quantizes_as_when_preprocessed_each_time(float_onnx, tmp_path):
-    """node_sensitivity runs ORT's pre-pass once and quantizes that graph once per node: the files must be the
-    ones static_int8_onnx writes from the float graph, excluded nodes included (a numerics check on generated
-    inputs)."""
+def _assert_same_int8_file(a: Path, b: Path, x: np.ndarray) -> None:
+    """The same ops in the same order, every initializer equal, the same logits in ONNX Runtime."""
     import onnx
 
-    from quantize.onnx_rt import _preprocess, weighted_nodes
-
-    x, keep_float = _images(8), weighted_nodes(float_onnx)[1:]  # only the stem quantized: the rewrite applies
-    pre, err = _preprocess(float_onnx, tmp_path)
-    assert err is None
-    a = static_int8_onnx(float_onnx, tmp_path / "each.onnx", x, nodes_to_exclude=keep_float)
-    b = static_int8_onnx(pre, tmp_path / "once.onnx", x, nodes_to_exclude=keep_float, preprocess=False)
-    assert a["qdq_weight_ops"] == b["qdq_weight_ops"] == {"Conv": 1} and a["stem"] == b["stem"]
-    graphs = [onnx.load(str(tmp_path / f)).graph for f in ("each.onnx", "once.onnx")]
+    graphs = [onnx.load(str(f)).graph for f in (a, b)]
     assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
-    weights = [_initializers(tmp_path / f) for f in ("each.onnx", "once.onnx")]
+    weights = [_initializers(f) for f in (a, b)]
     assert weights[0].keys() == weights[1].keys()
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
     run = get_runner("onnxruntime")
-    assert np.array_equal(run.load(tmp_path / "each.onnx").run(x), run.load(tmp_path / "once.onnx").run(x))
+    assert np.array_equal(run.load(a).run(x), run.load(b).run(x))
+
+
+def test_a_graph_preprocessed_and_calibrated_once_quantizes_as_when_done_each_time(float_onnx, tmp_path):
+    """node_sensitivity runs ORT's pre-pass and calibration once and quantizes that graph once per node: the
+    files must be the ones static_int8_onnx writes from the float graph, excluded nodes included (a numerics
+    check on generated inputs)."""
+    from quantize.onnx_rt import _ArrayReader, _preprocess, calibrated_ranges, weighted_nodes
+
+    x, nodes = _images(8), weighted_nodes(float_onnx)
+    pre, err = _preprocess(float_onnx, tmp_path)
+    assert err is None
+    a = static_int8_onnx(float_onnx, tmp_path / "each.onnx", x, nodes_to_exclude=nodes[1:])  # the stem rewrite applies
+    b = static_int8_onnx(pre, tmp_path / "once.onnx", x, nodes_to_exclude=nodes[1:], preprocess=False)
+    assert a["qdq_weight_ops"] == b["qdq_weight_ops"] == {"Conv": 1} and a["stem"] == b["stem"]
+    _assert_same_int8_file(tmp_path / "each.onnx", tmp_path / "once.onnx", x)
+    others = [n for n in nodes if n != nodes[2]]  # one layer quantized, the stem float: given ranges are used
+    ranges = calibrated_ranges(pre, _ArrayReader(INPUT_NAME, x, 8), "MinMax", None, tmp_path)
+    static_int8_onnx(pre, tmp_path / "calibrated.onnx", x, nodes_to_exclude=others, preprocess=False)
+    c = static_int8_onnx(pre, tmp_path / "given.onnx", x, nodes_to_exclude=others, preprocess=False, ranges=ranges)
+    assert c["qdq_weight_ops"] == {"Conv": 1} and not c["stem"]
+    _assert_same_int8_file(tmp_path / "calibrated.onnx", tmp_path / "given.onnx", x)
