@@ -171,6 +171,14 @@ def check_calibration_array(calib: np.ndarray, input_size: int | None = None) ->
     return calib.astype(np.float32, copy=False)
 
 
+def _check_static_settings(method: str, activation_type: str) -> None:
+    """The calibration method and activation type name ORT settings; anything else is the user's typo."""
+    if method not in CALIB_METHODS:
+        raise OnnxQuantError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
+    if activation_type not in ("QUInt8", "QInt8"):
+        raise OnnxQuantError(f"activation_type must be 'QUInt8' or 'QInt8', got {activation_type!r}")
+
+
 def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method: str = "MinMax",
                      per_channel: bool = True, batch_size: int = 8, progress: bool = False,
                      activation_type: str = "QUInt8", x86_isa: str = "vnni",
@@ -195,12 +203,9 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
-    if method not in CALIB_METHODS:
-        raise OnnxQuantError(f"--calib-method must be one of {CALIB_METHODS}, got {method!r}")
-    if activation_type not in ("QUInt8", "QInt8"):
-        raise OnnxQuantError(f"activation_type must be 'QUInt8' or 'QInt8', got {activation_type!r}")
     from quantize.torch_ao import resolve_x86_isa
 
+    _check_static_settings(method, activation_type)
     target = resolve_x86_isa(x86_isa, "onnxruntime")
     reduce_range = target == "avx2"
     src = _check_src(src)
@@ -226,12 +231,11 @@ def static_int8_onnx(src: str | Path, dst: str | Path, calib: np.ndarray, method
         summary = graph_summary(out)
     info = {"mode": "static", "format": "QDQ", "weight_type": "QInt8 (7-bit, reduce_range)" if reduce_range
             else "QInt8", "reduce_range": reduce_range, "x86_isa": target, "x86_isa_requested": x86_isa,
-            "nodes_excluded": list(nodes_to_exclude),
-            "activation_type": activation_type,
+            "nodes_excluded": list(nodes_to_exclude), "activation_type": activation_type,
             "per_channel": per_channel, "calibration_method": method, "calibration_images": int(len(calib)),
             "preprocessed": pre_err is None, "preprocess_error": pre_err, "stem": stem,
-            "onnxruntime_version": onnxruntime.__version__, **summary, "touched": _describe(summary)}
-    info.update(_file_info(Path(dst), src))
+            "onnxruntime_version": onnxruntime.__version__, **summary, "touched": _describe(summary),
+            **_file_info(Path(dst), src)}
     log.info("ORT static int8 (%s) -> %s (%s)", method, dst, info["touched"])
     return info
 
