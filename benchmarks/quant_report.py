@@ -211,6 +211,26 @@ def _add_latency(results: dict[str, dict], variants: list, images: np.ndarray, r
     return latency
 
 
+def _split_index(data: str | Path, class_names: Sequence[str], seed: int) -> tuple[Any, str]:
+    """The data's images and where their split comes from: the data's own folders, else the stratified seeded
+    split training makes for such data (so the report scores the images training held out)."""
+    index = discover(data, class_names=class_names)
+    if index.has_split:
+        return index, "given by the data"
+    return (assign_splits(index, seed=seed),
+            f"generated: stratified seeded split (seed {seed}), as training does for such data")
+
+
+def _timing_section(latency_runs: int, latency: Any) -> dict[str, Any]:
+    """How the latency column was measured, next to the figures."""
+    return {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median", "order": "interleaved rounds",
+            "cpu_count": os.cpu_count(),
+            "torch_engine_note": "'@engine' rows time the int8 model saved as TorchScript and loaded with that "
+                                 "engine set, which re-packs its weights for that engine's kernels, as a server "
+                                 "or app loading the file gets",
+            "all": latency}
+
+
 def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: str = "val",
                             out_dir: Path = Path("reports/quantize"), calib_size: int = 300,
                             calib_method: str = "MinMax", engines: Sequence[str] = ("qnnpack", "x86"),
@@ -225,11 +245,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
 
     _check_args(calib_method, engines, reduce_range, latency_runs)
     ckpt = load_checkpoint(checkpoint)
-    index = discover(data, class_names=ckpt.spec.class_names)
-    split_note = "given by the data"
-    if not index.has_split:
-        index = assign_splits(index, seed=seed)
-        split_note = f"generated: stratified seeded split (seed {seed}), as training does for such data"
+    index, split_note = _split_index(data, ckpt.spec.class_names, seed)
     torch.set_num_threads(threads)
     eval_samples, images, labels, split_total = _eval_images(index, split, max_images, seed, ckpt.spec, progress)
     calib_samples, calib = load_calibration(index, calib_size, ckpt.spec, seed=seed, progress=progress)
@@ -264,12 +280,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
                         "onnx_method": calib_method, **_int8_setup(engines, reduce_range),
                         "samples": [str(s.path) for s in calib_samples],
                         "sample_splits": sorted({str(s.split) for s in calib_samples})},
-        "timing": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median",
-                   "order": "interleaved rounds", "cpu_count": os.cpu_count(),
-                   "torch_engine_note": "'@engine' rows time the int8 model saved as TorchScript and loaded with "
-                                        "that engine set, which re-packs its weights for that engine's "
-                                        "kernels, as a server or app loading the file gets",
-                   "all": latency},
+        "timing": _timing_section(latency_runs, latency),
         "machine": cpu_description(), "torch_version": torch.__version__, "variants": results, "sensitivity": sens,
         "targets": TARGETS,
         "gate": {"max_drop_points": max_drop, "violations": violations, "passed": not violations},
