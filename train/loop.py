@@ -176,17 +176,10 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     dtype = recipe.amp_dtype(cfg["amp"], ctx.device)
     # a loss scaler only for fp16 (bf16 has fp32's range)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and dtype == torch.float16)
-    history: list[dict[str, Any]] = []
-    best = {"score": -1.0, "epoch": None, "metrics": {}}
+    history, best = [], {"score": -1.0, "epoch": None, "metrics": {}}
     if state is not None:
-        r = state["resume"]
-        check_resume_world_size(r.get("world_size"), ctx.world_size)
-        model.net.load_state_dict(state["state_dict"])
-        opt.load_state_dict(r["optimizer"])
-        sched.load_state_dict(r["scheduler"])
-        restore_scaler(scaler, r["scaler"])
-        history, best = list(state["history"]), dict(r["best"])
-        log.info("resuming %s after epoch %d of %d", out_dir, r["epoch"], cfg["epochs"])
+        history, best = _restore(state, model, (opt, sched, scaler), ctx)
+        log.info("resuming %s after epoch %d of %d", out_dir, state["resume"]["epoch"], cfg["epochs"])
     run = {"cfg": cfg, "spec": spec, "summary": summary, "ctx": ctx, "out_dir": out_dir}
     if ctx.is_main:
         _write_run_files(run, idx, generated, status="training")
@@ -219,6 +212,19 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
                          best=best, ddp_check=ddp_check, report=report)
     D.barrier(ctx)
     return best_path
+
+
+def _restore(state: dict[str, Any], model: torch.nn.Module, optim_parts: tuple,
+             ctx: D.DistContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Model, optimizer, scheduler and loss scaler back where last.pt left them; returns its history and best."""
+    opt, sched, scaler = optim_parts
+    r = state["resume"]
+    check_resume_world_size(r.get("world_size"), ctx.world_size)
+    model.net.load_state_dict(state["state_dict"])
+    opt.load_state_dict(r["optimizer"])
+    sched.load_state_dict(r["scheduler"])
+    restore_scaler(scaler, r["scaler"])
+    return list(state["history"]), dict(r["best"])
 
 
 def _train_epoch(model, loader, step_parts, ctx: D.DistContext, epoch: int, cfg: dict[str, Any],
