@@ -317,12 +317,14 @@ def node_sensitivity(src: str | Path, calib: np.ndarray, *, x86_isa: str = "vnni
     rows = []
     with tempfile.TemporaryDirectory(prefix="ortsens.") as tmp:
         pre, _ = _preprocess(src, Path(tmp))  # once, not per node (ResNet-18's 21: 71.1 -> 61.3 s, Zen 3)
-        ranges = (calibrated_ranges(pre, _ArrayReader(name, x, 8), "MinMax", None, Path(tmp))  # once too
+        method, batch = "MinMax", 8  # the ranges computed once are those each static_int8_onnx call would compute
+        ranges = (calibrated_ranges(pre, _ArrayReader(name, x, batch), method, None, Path(tmp))
                   if takes_calibration_cache() else None)
         for node in tqdm(nodes, desc="node sensitivity (ONNX Runtime)", unit="node", disable=not progress, leave=False):
             dst = Path(tmp) / "one.onnx"
             others = [n for n in nodes if n != node]
-            static_int8_onnx(pre, dst, x, x86_isa=x86_isa, nodes_to_exclude=others, preprocess=False, ranges=ranges)
+            static_int8_onnx(pre, dst, x, method=method, batch_size=batch, x86_isa=x86_isa, nodes_to_exclude=others,
+                             preprocess=False, ranges=ranges)
             out = onnxruntime.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
             rows.append({"layer": node, "mean_abs_logit_error": float(np.abs(out - ref).mean()),
                          "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())})
