@@ -133,6 +133,7 @@ def test_bad_data_exits_2_without_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "error: --data" in r.stderr and "no such file or folder" in r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # the mistyped --data left no empty run folder behind
 
 
 def test_resume_refuses_another_process_count(small_data, tmp_path):

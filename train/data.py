@@ -125,12 +125,18 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
     return DatasetIndex(root, classes, samples, layout)
 
 
-def discover(data: str | Path, class_names: Sequence[str] | None = None,
-             data_root: str | Path | None = None) -> DatasetIndex:
-    """Index a dataset in any supported layout and check every class has images."""
+def check_data_path(data: str | Path) -> Path:
+    """--data must exist: checked before anything is written (a training run checks it before making its folder)."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"--data {data}: no such file or folder")
+    return data
+
+
+def discover(data: str | Path, class_names: Sequence[str] | None = None,
+             data_root: str | Path | None = None) -> DatasetIndex:
+    """Index a dataset in any supported layout and check every class has images."""
+    data = check_data_path(data)
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise DataError(f"--data {data}: a file must be a CSV with path,label[,split] columns")

@@ -21,6 +21,7 @@ from train import distributed as D
 from train import recipe
 from train.atomic import write_json
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
+from train.data import check_data_path
 from train.metrics import classification_metrics, predict_logits
 from train.recipe import TrainError
 
@@ -51,6 +52,8 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     workers=None: loader processes from the CPU count (recipe.default_workers)."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
+    if data is not None and not resume:
+        check_data_path(data)  # before the run folder exists: a mistyped --data leaves nothing behind
     ctx = D.init(device, timeout_s=dist_timeout)
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True
