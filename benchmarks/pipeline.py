@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from train.atomic import write_json, write_text
+from train.memory import keep_freed_memory
 from train.errors import ToolkitError, cli_errors
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
+    keep_freed_memory()  # training, export and calibration here; the benchmark's workers keep glibc's defaults
     try:
         summary = run_pipeline(a.out, epochs=a.epochs, per_class=a.per_class, input_size=a.input_size, runs=a.runs,
                                force=a.force, bundle_dir=a.bundle_dir, progress=not a.quiet,

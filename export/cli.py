@@ -18,6 +18,7 @@ from quantize.torch_ao import X86_ISA_CHOICES
 from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from train.checkpoint import Checkpoint
 from train.data import DataError, Sample, verification_sets
+from train.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[Artifact
 
     args = parser.parse_args(argv)
     setup_logging()
+    keep_freed_memory()
     opts = options(args)
     check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
     refuse_file(args.out)

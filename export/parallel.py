@@ -51,12 +51,14 @@ def _log_levels() -> dict[str, int]:
 
 
 def _init_worker(threads: int, levels: dict[str, int]) -> None:
-    """Each worker gets its share of the cores (torch's pool and the runtimes' default thread count) and
-    logs like its parent, each line naming the worker."""
+    """Each worker gets its share of the cores (torch's pool and the runtimes' default thread count), keeps
+    freed memory for its next batch (train.memory) and logs like its parent, each line naming the worker."""
     import torch
 
     from export import runners
+    from train.memory import keep_freed_memory
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     runners.DEFAULT_THREADS = threads
     logging.basicConfig(level=levels.get("", logging.WARNING),

@@ -1,9 +1,15 @@
 """The GPU and multi-process training path, checked on what a CPU can show: global loss normalisation, the
-AMP policy, --deterministic, --sync-bn, LOCAL_RANK, loader workers and per-image augmentation seeds."""
+AMP policy, --deterministic, --sync-bn, LOCAL_RANK, loader workers, per-image augmentation seeds, and the
+allocator setting that keeps freed memory for the next batch."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +171,48 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path, capsys):
     assert steps["torchrun_1_process"] == {"backend": "gloo", "replicas_in_sync": True}
     assert steps["amp_epoch"]["images_per_s"] > 0 and result["images"].startswith("SYNTHETIC")
     assert "| 1-process torchrun | backend gloo" in (tmp_path / "dry" / "gpu_check.md").read_text()
+
+
+# Batched forwards in a fresh process: page faults during the 3rd-6th forward of a batch of 8 at 224 px.
+FAULTS_OF_REPEATED_BATCHES = """
+import resource, sys, torch
+from train.memory import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.set_num_threads(1)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, 1, 1)).eval()
+x = torch.rand(8, 3, 224, 224)
+with torch.no_grad():
+    model(x)
+    model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        model(x)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str, **env: str) -> tuple[bool, int]:
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_BATCHES, mode], cwd=repo, text=True,
+                         capture_output=True, timeout=120, check=True,
+                         env={**os.environ, "PYTHONPATH": str(repo), **env}).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def _huge_pages_always() -> bool:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return thp.is_file() and "[always]" in thp.read_text()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.skipif(_huge_pages_always(), reason="transparent huge pages for every mmap: faults come per 2 MiB")
+def test_kept_freed_memory_serves_the_next_batch_without_page_faults():
+    """Each batch's 25 MiB activations come from fresh mmaps under glibc's defaults (a page fault per 4 KiB,
+    about 17,000-22,000 per forward); with train.memory's thresholds the next batch reuses the freed blocks (0-84
+    faults in 23 of 24 runs on a Zen 4 EPYC, 6,272 in one: hence a bound of a fifth, not zero)."""
+    applied, kept = _faults("keep")
+    _, default = _faults("default")
+    opted_out, opted_out_faults = _faults("keep", CXR_DEFAULT_MALLOC="1")
+    assert applied and not opted_out
+    assert default > 20_000 and opted_out_faults > 20_000
+    assert kept < default / 5

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from train.data import DataError, DatasetIndex, check_images, discover
 from train.errors import cli_errors
+from train.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="default auto")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, out_dir=Path(a.out),
                             explain_per_class=a.explain, batch_size=a.batch_size, workers=a.workers,
                             device=a.device, data_root=a.data_root, skip_bad=a.skip_bad)
