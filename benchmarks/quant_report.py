@@ -25,7 +25,7 @@ from quantize.torch_ao import QuantizationError
 from quantize.variants import load_calibration
 from train.checkpoint import load_checkpoint
 from train.cpu import cpu_description
-from train.data import DataError, assign_splits, discover, images_origin, seeded_subset
+from train.data import DataError, images_origin, labelled_splits, seeded_subset
 from train.errors import ToolkitError
 from train.metrics import against_float
 
@@ -214,11 +214,10 @@ def _add_latency(results: dict[str, dict], variants: list, images: np.ndarray, r
 def _split_index(data: str | Path, class_names: Sequence[str], seed: int) -> tuple[Any, str]:
     """The data's images and where their split comes from: the data's own folders, else the stratified seeded
     split training makes for such data (so the report scores the images training held out)."""
-    index = discover(data, class_names=class_names)
-    if index.has_split:
-        return index, "given by the data"
-    return (assign_splits(index, seed=seed),
-            f"generated: stratified seeded split (seed {seed}), as training does for such data")
+    index = labelled_splits(data, class_names, seed=seed)
+    if index.split_generated:
+        return index, f"generated: stratified seeded split (seed {seed}), as training does for such data"
+    return index, "given by the data"
 
 
 def _timing_section(latency_runs: int, latency: Any) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def test_generated_split_is_stratified_and_reproducible(synthetic_data):
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     for split in ("train", "val", "test"):
         assert all(n >= 1 for n in a.counts(split).values()), split  # every class in every split
-    assert a.layout.endswith("+generated-split")
+    assert a.layout.endswith("+generated-split") and a.split_generated and not discover(synthetic_data).split_generated
 
 
 def test_missing_folder(tmp_path):

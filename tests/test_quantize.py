@@ -94,6 +94,7 @@ def test_calibration_uses_only_the_train_split(report, synthetic_data):
     assert len(calib) == 24 and {split_of[p] for p in calib} == {"train"}
     evaluated = {str(s.path) for s in index.split("val")}
     assert not evaluated & set(calib)
+    assert rep["data"]["split_source"].startswith("generated: stratified seeded split")  # the data has no split
 
 
 def test_sensitivity_fallback_keeps_named_layers_float(report):

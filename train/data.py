@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")
+GENERATED_SPLIT = "+generated-split"  # appended to DatasetIndex.layout where assign_splits made the split
 # Written by train.synthetic into every dataset it generates: images under it are never called real.
 SYNTHETIC_MARKER = "SYNTHETIC"
 
@@ -55,6 +56,11 @@ class DatasetIndex:
     @property
     def has_split(self) -> bool:
         return all(s.split is not None for s in self.samples)
+
+    @property
+    def split_generated(self) -> bool:
+        """Whether assign_splits made the split (the data gave none)."""
+        return self.layout.endswith(GENERATED_SPLIT)
 
     def split(self, name: str) -> list[Sample]:
         if name not in SPLITS:
@@ -177,7 +183,7 @@ def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
                         f"add images or give a split column") from err
     names = {**{int(i): "train" for i in train}, **{int(i): "val" for i in val}, **{int(i): "test" for i in test}}
     samples = [replace(s, split=names[i]) for i, s in enumerate(idx.samples)]
-    return replace(idx, samples=samples, layout=idx.layout + "+generated-split")
+    return replace(idx, samples=samples, layout=idx.layout + GENERATED_SPLIT)
 
 
 def write_splits_csv(idx: DatasetIndex, dest: Path) -> None:
