@@ -43,19 +43,17 @@ def load_eval_set(ckpt: Checkpoint, data: str | Path, split: str, max_images: in
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Images (float32 [0,1]) and labels in the model's class order; info['class_error'] is set (and the
     labels are empty) when the data's classes differ from the model's."""
-    from train.data import assign_splits, discover, load_batch, seeded_subset
+    from train.data import discover, labelled_splits, load_batch, seeded_subset
 
     model_classes = tuple(ckpt.spec.class_names)
-    idx = discover(data)
-    info: dict[str, Any] = {"data": str(data), "split": split, "data_classes": list(idx.class_names),
+    found = discover(data).class_names
+    info: dict[str, Any] = {"data": str(data), "split": split, "data_classes": list(found),
                             "model_classes": list(model_classes), "class_error": None}
-    if set(idx.class_names) != set(model_classes):
-        info["class_error"] = (f"data classes {list(idx.class_names)} differ from the model's "
+    if set(found) != set(model_classes):
+        info["class_error"] = (f"data classes {list(found)} differ from the model's "
                                f"{list(model_classes)}; accuracy cannot be scored")
-    else:
-        idx = discover(data, class_names=model_classes)
-    if not idx.has_split:
-        idx = assign_splits(idx, seed=seed)
+    idx = labelled_splits(data, None if info["class_error"] else model_classes, seed=seed)
+    if idx.split_generated:
         info["split_note"] = f"the data has no split column; a seeded stratified split (seed {seed}) was made"
     samples = idx.split(split)
     if not samples:

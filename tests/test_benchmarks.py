@@ -89,6 +89,7 @@ def test_accuracy_matches_a_recomputation(happy, tiny_checkpoint, synthetic_data
     expected = float((logits.argmax(1) == labels).mean() * 100)
     rows = _rows(happy)
     assert happy["data"]["n_images"] == len(samples)
+    assert "seeded stratified split (seed 0)" in happy["data"]["split_note"]  # folder data names no split
     assert rows[BASELINE]["accuracy"] == pytest.approx(expected)
     assert rows["onnx_fp32"]["accuracy"] == pytest.approx(expected)
     assert set(rows[BASELINE]["recall"]) == set(ckpt.spec.class_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,19 @@ def test_compare_with_dynamic_int8(ckpt64, data64, tmp_path):
     assert len(info["images"]) == 4 and info["top1_agreement"] is not None
     assert info["overall"]["eigencam"]["iou_top20"] == pytest.approx(1.0)  # convs untouched by dynamic int8
     assert info["eigencam_sign_aligned"] == 0 and "Method for int8" in md and json.dumps(info)
+
+
+def test_data_without_a_split_is_explained_on_the_split_every_stage_uses(tiny_checkpoint, synthetic_data,
+                                                                          tmp_path, caplog):
+    """Folder data names no split: the report explains images of the seeded val split that training,
+    the benchmark and the quantization report read, and the log says the split was made."""
+    from train.data import labelled_splits
+    from train.explain.run import run_explain
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="train.explain.run"):
+        report = run_explain(tiny_checkpoint, synthetic_data, per_class=1, out_dir=tmp_path, progress=False)
+    val = {str(s.path) for s in labelled_splits(synthetic_data, ckpt.spec.class_names).split("val")}
+    shown = {r["path"] for r in report["explanations"]["images"]}
+    assert shown and shown <= val
+    assert "names no split" in caplog.text

@@ -145,7 +145,7 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
     given, its float-vs-int8 section. Writes explain.json and explain.md under `out_dir`."""
     from train.atomic import write_json, write_text
     from train.checkpoint import load_checkpoint
-    from train.data import DataError, assign_splits, discover
+    from train.data import DataError, labelled_splits
 
     if per_class < 1:
         raise DataError(f"--per-class must be at least 1, got {per_class}")
@@ -153,10 +153,9 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
         int8.check()  # fail before minutes of work, not after
     out_dir = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
-    index = discover(data, class_names=ckpt.spec.class_names)
-    if not index.has_split:
+    index = labelled_splits(data, class_names=ckpt.spec.class_names)
+    if index.split_generated:
         log.warning("%s names no split; using the toolkit's seeded split (seed 0)", data)
-        index = assign_splits(index)
     samples = index.split(split)
     if not samples:
         raise DataError(f"--split {split}: no images in that split of {data} (counts: {index.counts()})")
