@@ -85,6 +85,42 @@ def test_imagenet_weights_from_cache(tmp_path, monkeypatch):
     assert net.fc.weight.shape == (4, 512)  # own head kept
 
 
+class _Payload:
+    """A pickled object that creates a folder when unpickled: proof of whether a file was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_imagenet_cache_file_is_read_weights_only(tmp_path, monkeypatch):
+    """A file put in torchvision's cache by hand (what the offline message asks for) is never unpickled:
+    torchvision's own loader would run it with weights_only=False."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cached = imagenet_weights_path()
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "unpickled"
+    torch.save({"conv1.weight": _Payload(marker)}, cached)
+    with pytest.raises(CheckpointError) as err:
+        init_weights(build_network(num_classes=4), "imagenet")
+    assert not marker.exists()
+    assert str(cached) in str(err.value) and "pickled Python objects" in str(err.value)
+
+
+def test_a_pickled_model_is_refused_with_what_to_save_instead(tmp_path):
+    path = tmp_path / "whole_model.pt"
+    torch.save(build_network(num_classes=4), path)  # torch.save(model): the usual mistake
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert str(path) in msg and "torch.save(model.state_dict(), PATH)" in msg and "ResNet" in msg
+    assert "weights_only` set to `False" not in msg and "\x1b" not in msg  # none of torch's unsafe advice
+
+
 def test_imagenet_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
 

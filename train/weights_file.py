@@ -9,6 +9,8 @@ Both `train.model` (--weights PATH) and `train.checkpoint` read files this way, 
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,34 @@ def read_raw(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} is a folder; pass the .pt file inside it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(err)
+        if "GLOBAL" in reason:  # e.g. torch.save(model): pickled Python objects
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds pickled Python objects ({reason[:200]}), and the "
+                f"toolkit loads weights only (torch.load with weights_only=True). Save the weights instead, "
+                f"torch.save(model.state_dict(), PATH), and pass that file."
+            ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: not a file torch.save wrote ({reason[:200]}). "
+                              f"{_EXPECTED}") from err
     except Exception as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
-            f"It must be a file saved with torch.save holding only tensors and plain data "
-            f"(the toolkit never unpickles arbitrary objects)."
-        ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:300]}. {_EXPECTED}") from err
+
+
+_EXPECTED = ("It must be a file saved with torch.save holding only tensors and plain data "
+             "(the toolkit never unpickles arbitrary objects).")
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """What torch's weights-only unpickler objected to, without torch's advice around it (which suggests
+    loading the file with weights_only=False: the one thing the toolkit never does with a user's file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).replace("WeightsUnpickler error:", "\n")
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [ln.strip() for ln in text.splitlines()]
+    reasons = [ln for ln in lines if ln and not ln.startswith(advice) and "weights_only" not in ln]
+    reason = reasons[0] if reasons else "torch's weights-only unpickler refused it"
+    return re.split(r" was not an allowed global| Please use", reason)[0].strip()
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
