@@ -125,6 +125,18 @@ def test_resume_without_run_fails(tmp_path, capsys):
     assert "last.pt does not exist" in capsys.readouterr().err
 
 
+def test_resume_from_a_folder_without_run_state_fails_naming_the_file(tmp_path, capsys):
+    """A last.pt that `python -m train` did not write (here a plain state dict) is refused, not a KeyError."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(build_network(num_classes=4).state_dict(), run / "last.pt")
+    assert train_main(["--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(run / "last.pt") in err and "not the run state" in err and "train_config" in err
+    with pytest.raises(TrainError, match="not the run state"):
+        train_model(None, run, resume=True, epochs=1)
+
+
 def test_bad_data_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "missing"),

@@ -85,12 +85,9 @@ def resolve_args(a: argparse.Namespace) -> dict:
     if a.resume:
         if not a.out:
             raise TrainError("--resume needs --out pointing at the run folder to continue")
-        import torch
+        from train.loop import read_run_state
 
-        last = Path(a.out) / "last.pt"
-        if not last.is_file():
-            raise TrainError(f"--resume: {last} does not exist; start the run without --resume")
-        base = torch.load(last, map_location="cpu", weights_only=True)["train_config"]
+        base = read_run_state(Path(a.out))["train_config"]
         base = {**REAL, **OTHER, **base}
     else:
         base = {**(REAL if a.data else DEMO), **OTHER, "data": None}

@@ -24,6 +24,7 @@ from train.checkpoint import make_checkpoint_dict, save_checkpoint
 from train.data import check_data_path
 from train.metrics import classification_metrics, predict_logits
 from train.recipe import TrainError
+from train.weights_file import read_raw
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,28 @@ def _log_to_file(out_dir: Path) -> logging.Handler:
     return handler
 
 
+RUN_STATE_KEYS = ("train_config", "resume", "history", "state_dict", "split_fingerprint")
+
+
+def read_run_state(out_dir: Path) -> dict[str, Any]:
+    """What --resume continues from: the run folder's last.pt, read weights-only like every checkpoint, and
+    refused with an error naming it unless `python -m train` wrote it (a plain checkpoint has no run state)."""
+    last = Path(out_dir) / "last.pt"
+    if not last.is_file():
+        raise TrainError(f"--resume: {last} does not exist; start the run without --resume")
+    state = read_raw(last)
+    missing = [k for k in RUN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainError(f"--resume: {last} is not the run state `python -m train` writes (no {', '.join(missing)}); "
+                         f"point --out at the folder of the run to continue, or start a new run without --resume")
+    return state
+
+
 def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.DistContext,
                     per_class: int) -> dict[str, Any]:
     last = out_dir / "last.pt"
     if resume:
-        if not last.is_file():
-            raise TrainError(f"--resume: {last} does not exist; start the run without --resume")
-        stored = torch.load(last, map_location="cpu", weights_only=True)["train_config"]
+        stored = read_run_state(out_dir)["train_config"]
         changed = {k: v for k, v in cfg.items() if k in stored and v is not None and k != "data"
                    and v != stored[k]}
         if changed:
@@ -163,7 +179,7 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     idx, generated = D.from_main(lambda: recipe.prepare_index(cfg, progress), ctx)
     spec = recipe.make_spec(cfg, idx.class_names)
     summary = recipe.data_summary(idx, generated, out_dir)
-    state = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True) if resume else None
+    state = read_run_state(out_dir) if resume else None
     if state is not None and state["split_fingerprint"] != summary["split_fingerprint"]:
         raise TrainError(f"--resume: the data under {cfg['data']} changed since this run started (split "
                          f"fingerprint differs); start a new run with another --out")
