@@ -137,6 +137,20 @@ def test_resume_from_a_folder_without_run_state_fails_naming_the_file(tmp_path, 
         train_model(None, run, resume=True, epochs=1)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--weights", "{tmp}/missing.pt"], "not 'imagenet', 'none' or an existing file"),
+    (["--input-size", "8"], "input_size must be at least 16"),
+    (["--val-frac", "2"], "--val-frac 2.0"),
+    (["--workers", "-1"], "--workers must be 0"),
+])
+def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys, flags, said):
+    run = tmp_path / "run"
+    assert train_main(["--out", str(run), *[f.format(tmp=tmp_path) for f in flags]]) == 2
+    assert said in capsys.readouterr().err
+    assert not run.exists()  # no empty run folder with a train.log left behind
+
+
 def test_bad_data_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "missing"),

@@ -158,6 +158,13 @@ def discover(data: str | Path, class_names: Sequence[str] | None = None,
     return idx
 
 
+def check_split_fractions(val_frac: float, test_frac: float) -> None:
+    """The shares of a generated split: some validation, optional test, and train left over."""
+    if not (0 <= test_frac < 1 and 0 < val_frac < 1 and val_frac + test_frac < 1):
+        raise DataError(f"--val-frac {val_frac} and --test-frac {test_frac} must be fractions with "
+                        f"0 < val, 0 <= test and val + test < 1")
+
+
 def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
                   test_frac: float = 0.15) -> DatasetIndex:
     """Stratified, seeded train/val/test split where the data gives none; the assignment is recorded
@@ -168,9 +175,7 @@ def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
 
     labels = [s.label for s in idx.samples]
     positions = np.arange(len(idx.samples))
-    if not (0 <= test_frac < 1 and 0 < val_frac < 1 and val_frac + test_frac < 1):
-        raise DataError(f"--val-frac {val_frac} and --test-frac {test_frac} must be fractions with "
-                        f"0 < val, 0 <= test and val + test < 1")
+    check_split_fractions(val_frac, test_frac)
     try:
         if test_frac > 0:
             rest, test = train_test_split(positions, test_size=test_frac, stratify=labels, random_state=seed)

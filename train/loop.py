@@ -53,8 +53,10 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     workers=None: loader processes from the CPU count (recipe.default_workers)."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
-    if data is not None and not resume:
-        check_data_path(data)  # before the run folder exists: a mistyped --data leaves nothing behind
+    if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
+        recipe.check_choices({**cfg, "workers": workers})
+        if data is not None:
+            check_data_path(data)
     ctx = D.init(device, timeout_s=dist_timeout)
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True
@@ -121,7 +123,6 @@ def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.Dis
     if last.exists():
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or "
                          f"choose another --out")
-    recipe.check_choices(cfg)
     if cfg["data"] is None:
         synth = out_dir / "synthetic-data"
         if ctx.is_main and not synth.is_dir():

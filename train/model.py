@@ -127,15 +127,20 @@ def load_local_weights(net: nn.Module, path: str | Path) -> None:
         raise WeightsError(f"{path}: weights do not fit resnet18: missing {missing}, unexpected {unexpected}")
 
 
+def check_weights_arg(weights: str) -> None:
+    """--weights is 'imagenet', 'none' or the path of an existing file."""
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file")
+
+
 def init_weights(net: nn.Module, weights: str) -> None:
     """`weights` is 'imagenet', 'none' or a path to a local state dict / checkpoint."""
+    check_weights_arg(weights)
     if weights == "none":
         return
     if weights == "imagenet":
         load_imagenet_backbone(net)
         return
-    if not Path(weights).is_file():
-        raise WeightsError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file")
     load_local_weights(net, weights)
 
 

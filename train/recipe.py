@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.data import DataError, DatasetIndex, assign_splits, check_images, discover
+from train.data import (DataError, DatasetIndex, assign_splits, check_images, check_split_fractions,
+                        discover)
 from train import distributed as D
 from train.distributed import DistContext, EpochSampler
 from train.errors import ToolkitError
-from train.spec import PreprocessSpec
+from train.model import FREEZE_MODES, check_weights_arg
+from train.spec import DEFAULT_CLASSES, PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,9 @@ class TrainError(ToolkitError, ValueError):
 
 
 def check_choices(cfg: dict[str, Any]) -> None:
-    """Fail before any work on a value outside the documented choices."""
-    for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("balance", BALANCE)):
+    """Fail before any work (and before the run folder exists) on a setting outside the documented choices."""
+    for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("balance", BALANCE),
+                         ("freeze", FREEZE_MODES)):
         if cfg[key] not in choices:
             raise TrainError(f"--{key} must be one of {choices}, got {cfg[key]!r}")
     for key in ("epochs", "batch_size"):
@@ -43,6 +46,11 @@ def check_choices(cfg: dict[str, Any]) -> None:
         raise TrainError(f"--amp must be one of {AMP_MODES}, got {cfg['amp']!r}")
     if not float(cfg["lr"]) > 0:
         raise TrainError(f"--lr must be positive, got {cfg['lr']}")
+    if cfg.get("workers") is not None and int(cfg["workers"]) < 0:
+        raise TrainError(f"--workers must be 0 (load in the main process) or more, got {cfg['workers']}")
+    check_split_fractions(float(cfg["val_frac"]), float(cfg["test_frac"]))
+    check_weights_arg(cfg["weights"])
+    make_spec(cfg, DEFAULT_CLASSES)  # --input-size and --resize, by the spec's own rules
 
 
 def prepare_index(cfg: dict[str, Any], progress: bool) -> tuple[DatasetIndex, bool]:
