@@ -47,8 +47,23 @@ def format_for(path: Path) -> Format:
         if path.name.endswith(suffix):
             return SUFFIXES[suffix]
     if path.suffix == ".pt":
+        if is_torch_save_file(path):
+            raise InspectError(f"{path}: a PyTorch checkpoint or state dict (torch.save), not an exported model; "
+                               f"export it first: python -m export --checkpoint {path} --out artifacts/")
         return FORMATS["torchscript"]
     raise InspectError(f"{path}: unknown kind of file; inspect reads {', '.join(sorted({*SUFFIXES, '.pt'}))}")
+
+
+def is_torch_save_file(path: Path) -> bool:
+    """torch.save and TorchScript both write zip archives, often named .pt; only TorchScript's hold
+    constants.pkl (and code/)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/data.pkl") for n in names) and not any(n.endswith("/constants.pkl") for n in names)
 
 
 def _manifest_checks(path: Path, sha256: str, meta: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -54,3 +54,16 @@ def test_foreign_truncated_and_unknown_files(onnx_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     assert inspect_main([str(tmp_path / "notes.txt")]) == 2
     assert "unknown kind of file" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_told_apart_from_torchscript(tiny_checkpoint, ckpt, tmp_path, capsys):
+    """Both are zip archives named .pt: a checkpoint is not reported as 'full TorchScript'."""
+    import torch
+
+    assert inspect_main([str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert str(tiny_checkpoint) in err and "not an exported model" in err and "python -m export" in err
+    scripted = tmp_path / "theirs.pt"
+    torch.jit.script(ckpt.build_deploy_model()).save(str(scripted))
+    assert inspect_main([str(scripted)]) == 0
+    assert "full TorchScript" in capsys.readouterr().out
