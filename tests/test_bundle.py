@@ -212,6 +212,24 @@ def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "all"), "--test-vectors", "1"]) == 0
     files = [x["file"] for x in bundle.check_bundle(tmp_path / "all")["models"]]
     assert files == ["model.ptl", "model_int8.ptl", "model.tflite"]
+    for name, models in (("tfl", ["model.tflite"]), ("all", files)):  # the README's pubspec.yaml ships them
+        assert {*models, "labels.txt", "manifest.json"} <= _pubspec_assets(tmp_path / name)
+
+
+def _pubspec_assets(bundle_dir, folder="assets/cxr/"):
+    """The bundle's files that the pubspec.yaml of its README declares, the bundle copied to assets/cxr/ (a
+    folder entry takes the files directly in it, as Flutter does)."""
+    text = (bundle_dir / "README.md").read_text()
+    block = text.split("## pubspec.yaml", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    entries = [ln.split("#")[0].strip()[2:].strip() for ln in block.splitlines() if ln.strip().startswith("- ")]
+    declared = set()
+    for entry in entries:
+        rel = entry[len(folder):]
+        if entry.endswith("/"):
+            declared |= {f"{rel}{p.name}" for p in (bundle_dir / rel).iterdir() if p.is_file()}
+        else:
+            declared.add(rel)
+    return declared
 
 
 def test_a_flutter_onnxruntime_bundle(built, ckpt, tmp_path):
