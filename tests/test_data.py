@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,20 @@ def test_split_without_test_part_and_bad_fractions(synthetic_data):
     assert not idx.split("test") and len(idx.split("val")) == 12
     with pytest.raises(DataError, match="--val-frac 0.6 and --test-frac 0.5"):
         assign_splits(discover(synthetic_data), val_frac=0.6, test_frac=0.5)
+
+
+def test_an_unreadable_image_is_named_by_every_reader(tmp_path, synthetic_index, ckpt):
+    """Every stage decodes through train.spec: a cut-off file is one ToolkitError naming it, not a PIL traceback."""
+    from train.errors import ToolkitError
+    from train.spec import ImageReadError
+
+    sample = synthetic_index.samples[0]
+    bad = tmp_path / sample.path.name
+    bad.write_bytes(sample.path.read_bytes()[:40])
+    with pytest.raises(ImageReadError, match="unreadable image") as err:
+        load_batch([replace(sample, path=bad)], ckpt.spec)
+    assert str(bad) in str(err.value) and isinstance(err.value, ToolkitError)
+    idx = replace(synthetic_index, samples=[replace(sample, path=bad), *synthetic_index.samples[1:]])
+    with pytest.raises(DataError, match="--skip-bad"):
+        check_images(idx, progress=False)
+    assert [p for p, _ in check_images(idx, skip_bad=True, progress=False).skipped] == [str(bad)]

@@ -4,6 +4,7 @@ recorded with every check, x86 int8 that cannot saturate, and one `error:` line 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,10 @@ BAD_INPUTS = [
      "NaN or inf"),
     ("benchmark without manifest", "benchmarks.__main__", ["--artifacts", "{tmp}/empty", "--checkpoint", "{ckpt}",
                                                            "--data", "{data}", "--out", "{tmp}/b"], "artifacts"),
+    ("unreadable image in --data (export)", "export.onnx", ["--checkpoint", "{ckpt}", "--out", "{tmp}/o", "--data",
+                                                             "{corrupt}"], "unreadable image"),
+    ("unreadable image in --data (quantize)", "quantize.__main__", ["--checkpoint", "{ckpt}", "--data", "{corrupt}",
+                                                                    "--out", "{tmp}/q"], "unreadable image"),
     ("evaluate missing checkpoint", "train.evaluate", ["--checkpoint", "{tmp}/none.pt", "--data", "{data}",
                                                   "--out", "{tmp}/e"],
      "does not exist"),
@@ -274,6 +279,11 @@ def test_bad_input_is_one_error_line(case, tmp_path, tiny_checkpoint, synthetic_
     fill = {"tmp": str(tmp_path), "ckpt": str(tiny_checkpoint), "data": str(synthetic_data), "junk": str(junk)}
     if any("{nan}" in a for a in argv):
         fill["nan"] = str(_bad_checkpoint(tmp_path, tiny_checkpoint))
+    if any("{corrupt}" in a for a in argv):  # the synthetic images, every one of them cut to a few bytes
+        corrupt = shutil.copytree(synthetic_data, tmp_path / "corrupt")
+        for image in corrupt.rglob("*.png"):
+            image.write_bytes(image.read_bytes()[:40])
+        fill["corrupt"] = str(corrupt)
     before = sorted(p.name for p in tmp_path.iterdir())
     code = importlib.import_module(module).main([a.format(**fill) for a in argv])
     err = capsys.readouterr().err

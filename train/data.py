@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from train.errors import ToolkitError
-from train.spec import DEFAULT_CLASSES, PreprocessSpec, load_unit_image
+from train.spec import DEFAULT_CLASSES, ImageReadError, PreprocessSpec, check_decodes, load_unit_image
 
 log = logging.getLogger(__name__)
 
@@ -203,20 +203,18 @@ def write_splits_csv(idx: DatasetIndex, dest: Path) -> None:
 
 def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = True) -> DatasetIndex:
     """Decode every image once before training so a bad file stops the run at the start, not hours in."""
-    from PIL import Image
     from tqdm import tqdm
 
     good, bad = [], []
     for s in tqdm(idx.samples, desc="checking images", unit="img", disable=not progress, leave=False):
         try:
-            with Image.open(s.path) as img:
-                img.load()
+            check_decodes(s.path)
             good.append(s)
-        except Exception as err:  # PIL raises many types for corrupt files
+        except ImageReadError as err:
             if not skip_bad:
-                raise DataError(f"{s.path}: unreadable image ({type(err).__name__}: {err}); fix or "
-                                f"remove it, or pass --skip-bad to leave such files out") from err
-            bad.append((str(s.path), f"{type(err).__name__}: {err}"))
+                raise DataError(f"{err}, or pass --skip-bad to leave such files out") from err
+            cause = err.__cause__
+            bad.append((str(s.path), f"{type(cause).__name__}: {cause}"))
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(p for p, _ in bad[:10]))
     return replace(idx, samples=good, skipped=idx.skipped + bad)
@@ -289,12 +287,16 @@ def labelled_splits(data: str | Path, class_names: Sequence[str] | None = None, 
 def verification_sets(data: str | Path, class_names: Sequence[str], calib_size: int,
                       eval_size: int) -> tuple[list[Sample], list[Sample]]:
     """(val subset that verifies artifacts, train subset that calibrates int8): one seed each, the same
-    for every command, so `python -m export` and `python -m export.lite` check on the same images."""
+    for every command, so `python -m export` and `python -m export.lite` check on the same images. Every
+    chosen image is decoded once here, so an unreadable one stops the command before it writes anything."""
     idx = labelled_splits(data, class_names)
     train, val = idx.split("train"), idx.split("val") or idx.split("test")
     if not train or not val:
         raise DataError(f"--data {data}: needs train and val images (found {len(train)} train, {len(val)} val)")
-    return seeded_subset(val, eval_size, seed=1), seeded_subset(train, calib_size, seed=0)
+    chosen = seeded_subset(val, eval_size, seed=1), seeded_subset(train, calib_size, seed=0)
+    for s in (*chosen[0], *chosen[1]):
+        check_decodes(s.path)
+    return chosen
 
 
 @functools.lru_cache(maxsize=4096)

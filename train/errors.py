@@ -28,7 +28,16 @@ def cli_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except ToolkitError as err:
+            _close_progress_bars()
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
 
     return wrapper  # type: ignore[return-value]
+
+
+def _close_progress_bars() -> None:
+    """A tqdm bar the failure left open would put the error after its text on the same line."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()

@@ -111,13 +111,36 @@ def _pil_resample(method: str) -> int:
     }[method]
 
 
+class ImageReadError(ToolkitError, ValueError):
+    """An image file that cannot be decoded; the message names it."""
+
+
+def unreadable(path: str | Path, err: Exception) -> str:
+    """The one wording for an image that cannot be decoded (PIL raises many exception types for them)."""
+    return f"{path}: unreadable image ({type(err).__name__}: {err}); fix or remove it"
+
+
+def check_decodes(path: str | Path) -> None:
+    """Decode without resizing: the cheap proof that a file is an image, before any work depends on it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as err:  # PIL raises many exception types for corrupt files
+        raise ImageReadError(unreadable(path, err)) from err
+
+
 def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
     """Decode any PIL-readable image and return it as an 8-bit grayscale PIL image at the spec's size."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img.load()
-        return to_gray_resized(img, spec)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_gray_resized(img, spec)
+    except Exception as err:  # corrupt, truncated or not an image: name the file, no traceback
+        raise ImageReadError(unreadable(path, err)) from err
 
 
 def to_gray8(img: "Image.Image") -> "Image.Image":  # noqa: F821
