@@ -45,10 +45,7 @@ def _eval_images(index, split: str, max_images: int | None, seed: int, spec, pro
     if split == "train":
         raise ReportError("--split train would evaluate on the images calibration samples from; use --split "
                           "val (or test)")
-    samples = index.split(split)
-    if not samples:
-        raise ReportError(f"--split {split}: {index.root} has no images in that split "
-                          f"(splits present: {sorted({s.split for s in index.samples})})")
+    samples = index.require_split(split)
     total = len(samples)
     if max_images:
         samples = seeded_subset(samples, max_images, seed)

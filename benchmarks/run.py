@@ -55,10 +55,7 @@ def load_eval_set(ckpt: Checkpoint, data: str | Path, split: str, max_images: in
     idx = labelled_splits(data, None if info["class_error"] else model_classes, seed=seed)
     if idx.split_generated:
         info["split_note"] = f"the data has no split column; a seeded stratified split (seed {seed}) was made"
-    samples = idx.split(split)
-    if not samples:
-        raise BenchmarkError(f"--data {data}: no images in split {split!r}; pick --split from "
-                             f"{sorted({s.split for s in idx.samples})}")
+    samples = idx.require_split(split)
     if max_images and len(samples) > max_images:
         samples = seeded_subset(samples, max_images, seed=seed)
     images = load_batch(samples, ckpt.spec)

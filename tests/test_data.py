@@ -159,3 +159,12 @@ def test_an_unreadable_image_is_named_by_every_reader(tmp_path, synthetic_index,
     with pytest.raises(DataError, match="--skip-bad"):
         check_images(idx, progress=False)
     assert [p for p, _ in check_images(idx, skip_bad=True, progress=False).skipped] == [str(bad)]
+
+
+def test_an_empty_split_names_the_splits_there_are(synthetic_index):
+    """One wording for every command's --split (benchmarks, quantize, evaluate, explain)."""
+    halves = [replace(s, split="train" if i % 2 else "val") for i, s in enumerate(synthetic_index.samples)]
+    idx = replace(synthetic_index, samples=halves)
+    assert idx.require_split("val") == idx.split("val") and idx.require_split("val")
+    with pytest.raises(DataError, match=r"--split test: .* pick --split from \['train', 'val'\]"):
+        idx.require_split("test")

@@ -67,6 +67,14 @@ class DatasetIndex:
             raise DataError(f"--split must be one of {SPLITS}, got {name!r}")
         return [s for s in self.samples if s.split == name]
 
+    def require_split(self, name: str) -> list[Sample]:
+        """The images of split `name` (--split), or an error naming the splits the data has."""
+        samples = self.split(name)
+        if not samples:
+            present = sorted({s.split for s in self.samples if s.split})
+            raise DataError(f"--split {name}: {self.root} has no images in that split; pick --split from {present}")
+        return samples
+
     def fingerprint(self) -> str:
         """Changes whenever any file, label or split assignment changes."""
         h = hashlib.sha256()

@@ -38,10 +38,7 @@ def _select(idx: DatasetIndex, split: str):
     if not idx.has_split:
         raise DataError(f"{idx.root}: the data has no split column; pass --split all, or pass the run's "
                         f"splits.csv as --data to evaluate its {split} split")
-    samples = idx.split(split)
-    if not samples:
-        raise DataError(f"{idx.root}: the {split} split is empty; choose another --split")
-    return samples
+    return idx.require_split(split)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex, *, split: str = "val",

@@ -156,9 +156,7 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
     index = labelled_splits(data, class_names=ckpt.spec.class_names)
     if index.split_generated:
         log.warning("%s names no split; using the toolkit's seeded split (seed 0)", data)
-    samples = index.split(split)
-    if not samples:
-        raise DataError(f"--split {split}: no images in that split of {data} (counts: {index.counts()})")
+    samples = index.require_split(split)
     probs = predict_probs(ckpt.build_deploy_model(), samples, ckpt, progress=progress)
     labels = np.asarray([s.label for s in samples])
     roc = plot_roc(labels, probs, index.class_names, out_dir / "roc.png")
