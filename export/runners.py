@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,7 +125,8 @@ class TorchScriptRunner(_TorchRunner):
 
         self._configure()
         try:
-            with self._engine():
+            with self._engine(), warnings.catch_warnings():  # TorchScript's deprecation: the README says so
+                warnings.simplefilter("ignore", FutureWarning)
                 self.model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as err:
             raise RunnerError(f"torch.jit.load cannot load {path}: {err}") from err

@@ -170,7 +170,9 @@ def export_torchscript(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sa
         module, method = script_or_trace(model, torch.from_numpy(inputs.x[:1]))
         module, folded = fold_and_freeze(module, inputs.x, ref, FLOAT_ATOL)
         meta = embedded_metadata(ckpt, "torchscript_fp32")
-        torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: to_json(meta)})
+        with warnings.catch_warnings():  # "torch.jit.save is deprecated": the README says so once
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: to_json(meta)})
         return {"conversion": method, "fold_and_freeze": folded, "embedded_metadata": read_metadata(tmp)}
 
     details = {"input_shape": list(ckpt.spec.input_shape), "input_range": [0.0, 1.0],
