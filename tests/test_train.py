@@ -151,6 +151,24 @@ def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys,
     assert not run.exists()  # no empty run folder with a train.log left behind
 
 
+def test_offline_imagenet_weights_fail_before_the_run_folder_exists(synthetic_data, tmp_path, monkeypatch, capsys):
+    """--weights imagenet (the default with --data) on a machine without network: the error, with where to put
+    the file, comes before the images are checked and leaves no run folder."""
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    run = tmp_path / "run"
+    assert train_main(["--data", str(synthetic_data), "--out", str(run), "--weights", "imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert "ImageNet weights" in err and str(imagenet_weights_path()) in err and "--weights none" in err
+    assert not run.exists()
+
+
 def test_bad_data_exits_2_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "missing"),

@@ -23,6 +23,7 @@ from train.atomic import write_json
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
 from train.data import check_data_path
 from train.metrics import classification_metrics, predict_logits
+from train.model import fetch_imagenet_weights
 from train.recipe import TrainError
 from train.weights_file import read_raw
 
@@ -57,6 +58,8 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
         recipe.check_choices({**cfg, "workers": workers})
         if data is not None:
             check_data_path(data)
+        if weights == "imagenet":
+            fetch_imagenet_weights()  # offline, the error comes now, not after the images are checked
     ctx = D.init(device, timeout_s=dist_timeout)
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True

@@ -11,7 +11,7 @@ from torch import nn
 
 from train.errors import ToolkitError
 from train.spec import PreprocessSpec
-from train.weights_file import CheckpointError, read_state_dict
+from train.weights_file import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +88,30 @@ def imagenet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def load_imagenet_backbone(net: nn.Module) -> None:
-    """Copy torchvision's ImageNet weights into `net`, keeping `net`'s own class head."""
+def fetch_imagenet_weights() -> Path:
+    """torchvision's ImageNet ResNet-18 file in its cache, downloaded (hash-checked) when it is not there yet.
+    Training calls it before it makes the run folder, so an offline machine fails before any work."""
     from torchvision.models import ResNet18_Weights
 
     weights = ResNet18_Weights.IMAGENET1K_V1
     cached = imagenet_weights_path()
-    try:
-        # torchvision's loader unpickles with weights_only=False by default, and loads a file found in the
-        # cache without checking its hash: a file put there by hand is read like any user's checkpoint.
-        state = (read_state_dict(cached) if cached.is_file()
-                 else weights.get_state_dict(progress=False, check_hash=True, weights_only=True))
-    except CheckpointError:
-        raise
-    except Exception as err:  # offline: URLError, socket errors, hash mismatch of a partial file
-        raise WeightsError(
-            f"could not get torchvision's ImageNet weights for resnet18 ({err}). Offline, download "
-            f"{weights.url} elsewhere and put it at {imagenet_weights_path()} (set TORCH_HOME to move "
-            f"that folder), or train with --weights none, or pass --weights PATH to a local state dict."
-        ) from err
+    if not cached.is_file():
+        try:
+            weights.get_state_dict(progress=False, check_hash=True, weights_only=True)  # writes the cache
+        except Exception as err:  # offline: URLError, socket errors, hash mismatch of a partial file
+            raise WeightsError(
+                f"could not get torchvision's ImageNet weights for resnet18 ({err}). Offline, download "
+                f"{weights.url} elsewhere and put it at {cached} (set TORCH_HOME to move that folder), or "
+                f"train with --weights none, or pass --weights PATH to a local state dict."
+            ) from err
+    return cached
+
+
+def load_imagenet_backbone(net: nn.Module) -> None:
+    """Copy torchvision's ImageNet weights into `net`, keeping `net`'s own class head. The cached file is read
+    like any user's checkpoint: torchvision's own loader unpickles it with weights_only=False and, once it is in
+    the cache, without checking its hash."""
+    state = read_state_dict(fetch_imagenet_weights())
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
