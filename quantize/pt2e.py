@@ -74,7 +74,11 @@ def quantize_pt2e_litert(model: nn.Module, example: tuple[torch.Tensor, ...], ca
         annotate_constant_pads(graph)
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
         calibrate(graph, calib, batch_size)
-        return quantize_pt2e.convert_pt2e(graph, fold_quantize=False), quantizer
+        converted = quantize_pt2e.convert_pt2e(graph, fold_quantize=False)
+    # Exported from model.eval(), so the graph already has eval semantics, but a GraphModule keeps its training
+    # flag and refuses .eval(); litert-torch warns "converted in training mode" on the flag alone.
+    converted.training = False
+    return converted, quantizer
 
 
 ADD_OPS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
