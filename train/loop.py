@@ -64,10 +64,11 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True
     try:
-        cfg = _resolve_config(cfg, out_dir, resume, ctx, synthetic_per_class)
+        state = read_run_state(out_dir) if resume else None  # read once: last.pt holds weights and optimizer
+        cfg = _resolve_config(cfg, out_dir, state, ctx, synthetic_per_class)
         workers = recipe.default_workers() if workers is None else workers
         best = _run(cfg, out_dir, ctx, workers=workers, progress=progress and ctx.is_main,
-                    resume=resume, stop_after=stop_after, evaluate=evaluate)
+                    state=state, stop_after=stop_after, evaluate=evaluate)
         failed = False
         return best
     except RuntimeError as err:
@@ -112,11 +113,11 @@ def read_run_state(out_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _resolve_config(cfg: dict[str, Any], out_dir: Path, resume: bool, ctx: D.DistContext,
+def _resolve_config(cfg: dict[str, Any], out_dir: Path, state: dict[str, Any] | None, ctx: D.DistContext,
                     per_class: int) -> dict[str, Any]:
     last = out_dir / "last.pt"
-    if resume:
-        stored = read_run_state(out_dir)["train_config"]
+    if state is not None:  # --resume
+        stored = state["train_config"]
         changed = {k: v for k, v in cfg.items() if k in stored and v is not None and k != "data"
                    and v != stored[k]}
         if changed:
@@ -176,14 +177,14 @@ def seed_everything(seed: int) -> None:
 
 
 def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int, progress: bool,
-         resume: bool, stop_after: int | None, evaluate: bool) -> Path:
+         state: dict[str, Any] | None, stop_after: int | None, evaluate: bool) -> Path:
+    """Train from scratch, or from `state` (the run's last.pt) on --resume."""
     seed_everything(cfg["seed"])
     recipe.configure_determinism(cfg["deterministic"], ctx.device)
     # rank 0 decodes the index and every rank gets its answer: ranks cannot disagree about the data
     idx, generated = D.from_main(lambda: recipe.prepare_index(cfg, progress), ctx)
     spec = recipe.make_spec(cfg, idx.class_names)
     summary = recipe.data_summary(idx, generated, out_dir)
-    state = read_run_state(out_dir) if resume else None
     if state is not None and state["split_fingerprint"] != summary["split_fingerprint"]:
         raise TrainError(f"--resume: the data under {cfg['data']} changed since this run started (split "
                          f"fingerprint differs); start a new run with another --out")

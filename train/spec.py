@@ -10,9 +10,10 @@ The pipeline is split in two halves so apps cannot get it wrong:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -120,27 +121,29 @@ def unreadable(path: str | Path, err: Exception) -> str:
     return f"{path}: unreadable image ({type(err).__name__}: {err}); fix or remove it"
 
 
-def check_decodes(path: str | Path) -> None:
-    """Decode without resizing: the cheap proof that a file is an image, before any work depends on it."""
+@contextlib.contextmanager
+def _decoded(path: str | Path) -> Iterator["Image.Image"]:  # noqa: F821
+    """The image at `path`, fully decoded; a file that cannot be read as one is an ImageReadError naming it."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
-    except Exception as err:  # PIL raises many exception types for corrupt files
+            yield img
+    except Exception as err:  # PIL raises many exception types for corrupt, truncated or non-image files
         raise ImageReadError(unreadable(path, err)) from err
+
+
+def check_decodes(path: str | Path) -> None:
+    """Decode without resizing: the cheap proof that a file is an image, before any work depends on it."""
+    with _decoded(path):
+        pass
 
 
 def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
     """Decode any PIL-readable image and return it as an 8-bit grayscale PIL image at the spec's size."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_gray_resized(img, spec)
-    except Exception as err:  # corrupt, truncated or not an image: name the file, no traceback
-        raise ImageReadError(unreadable(path, err)) from err
+    with _decoded(path) as img:
+        return to_gray_resized(img, spec)
 
 
 def to_gray8(img: "Image.Image") -> "Image.Image":  # noqa: F821
