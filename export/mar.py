@@ -1,11 +1,13 @@
 """`python -m export.mar`: a TorchServe archive (`cxr_resnet18.mar`) with the toolkit's own handler.
 
 The archive holds the TorchScript DeployModel (normalization inside), `spec.json`, `index_to_name.json`,
-`cxr_spec.py` (a byte-for-byte copy of `train/spec.py`: one source of truth for decoding and resizing),
+`cxr_spec.py` and `cxr_errors.py` (byte-for-byte copies of `train/spec.py` and the `train/errors.py` it
+imports: one source of truth for decoding and resizing, and no toolkit needed on the server),
 `model-config.yaml` (batching, workers) and `torchserve_handler.py`. Beside it goes a `config.properties`
 that binds every TorchServe endpoint to 127.0.0.1 and keeps token authorization on.
 
-Verification runs the shipped handler in-process on the unpacked archive against the float model;
+Verification runs the shipped handler on the unpacked archive the way a TorchServe worker does (a fresh
+Python, the archive folder on its path, the toolkit's packages unimportable) against the float model;
 `tests/test_torchserve.py` then serves the archive in a real TorchServe.
 """
 
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,9 @@ MAR_FILE = variant(ENTRY_NAME).file
 MODEL_NAME = MAR_FILE.removesuffix(".mar")  # torch-model-archiver names the file after the model
 HANDLER_SRC = Path(__file__).with_name("torchserve_handler.py")
 SPEC_SRC = Path(spec_module.__file__)  # shipped byte for byte as cxr_spec.py
+ERRORS_SRC = SPEC_SRC.with_name("errors.py")  # what cxr_spec.py imports, shipped as cxr_errors.py
+ARCHIVE_CODE = {"cxr_spec.py": SPEC_SRC, "cxr_errors.py": ERRORS_SRC}
+TOOLKIT_PACKAGES = ("train", "export", "quantize", "benchmarks", "mobile_assets")
 PROB_TOLERANCE = 1e-4
 
 
@@ -71,12 +78,15 @@ def stage_files(ckpt: Checkpoint, staging: Path, *, batch_size: int, max_batch_d
                 workers: int, threads: int | None) -> dict[str, Any]:
     """Write everything the archive holds into `staging`; returns what was chosen (for the manifest)."""
     module, how = script_model(ckpt)
-    torch.jit.save(module, str(staging / "model.pt"))
+    with warnings.catch_warnings():  # "torch.jit.save is deprecated": the README says so once
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(module, str(staging / "model.pt"))
     write_json(staging / "spec.json", ckpt.spec.to_dict())
     write_json(staging / "index_to_name.json", {str(i): c for i, c in enumerate(ckpt.spec.class_names)})
     meta = embedded_metadata(ckpt, ENTRY_NAME)
     write_json(staging / METADATA_FILE, meta)
-    shutil.copyfile(SPEC_SRC, staging / "cxr_spec.py")
+    for name, src in ARCHIVE_CODE.items():
+        shutil.copyfile(src, staging / name)
     shutil.copyfile(HANDLER_SRC, staging / HANDLER_SRC.name)
     write_text(staging / "model-config.yaml", model_config_yaml(batch_size, max_batch_delay_ms, workers, threads))
     return {"torchscript": how, "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay_ms,
@@ -90,8 +100,6 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
 
 def describe(path: Path) -> dict[str, Any]:
     """The archive's own manifest (model name, version, handler) and its files."""
-    import json
-
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         manifest = json.loads(zf.read("MAR-INF/MANIFEST.json")) if "MAR-INF/MANIFEST.json" in names else {}
@@ -105,7 +113,7 @@ def run_archiver(staging: Path, export_dir: Path, version: str) -> Path:
     tmp = staging / "tmp"
     tmp.mkdir(exist_ok=True)
     export_dir.mkdir(exist_ok=True)
-    extra = ",".join(str(staging / f) for f in ("spec.json", "index_to_name.json", "cxr_spec.py", METADATA_FILE))
+    extra = ",".join(str(staging / f) for f in ("spec.json", "index_to_name.json", *ARCHIVE_CODE, METADATA_FILE))
     cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", MODEL_NAME,
            "--serialized-file", str(staging / "model.pt"), "--handler", str(staging / HANDLER_SRC.name),
            "--extra-files", extra, "--config-file", str(staging / "model-config.yaml"),
@@ -153,25 +161,59 @@ def reference_probs(ckpt: Checkpoint, payloads: list[bytes]) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
+# What a TorchServe worker on a server does with the unpacked archive, where the toolkit is not installed:
+# import the handler from the archive folder and answer requests. Run by a fresh `python -I`, with the
+# toolkit's packages made unimportable, so an archive that still needs the toolkit fails here, not in
+# production. argv: archive folder, JSON list of payload files, JSON list of hidden packages, result file.
+_WORKER = """
+import importlib, importlib.abc, json, sys
+model_dir, payload_files, hidden, result_file = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in hidden:
+            raise ModuleNotFoundError("No module named %r (the toolkit is not installed on the server)" % name,
+                                      name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+sys.path.insert(0, model_dir)
+handler = importlib.import_module("torchserve_handler")
+payloads = [open(f, "rb").read() for f in payload_files]
+results = handler.CxrHandler().load(model_dir).infer(payloads)
+with open(result_file, "w", encoding="utf-8") as fh:
+    json.dump(results, fh)
+"""
+
+
+def run_archived_handler(model_dir: Path, payloads: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
+    """(HTTP status, JSON body) per payload from the archive's handler, run as a server's worker runs it."""
+    work = Path(tempfile.mkdtemp(prefix="handler-run-", dir=model_dir.parent))
+    try:
+        files = []
+        for i, data in enumerate(payloads):
+            files.append(str(work / f"{i}.bin"))
+            Path(files[-1]).write_bytes(data)
+        result_file = work / "results.json"
+        proc = subprocess.run([sys.executable, "-I", "-c", _WORKER, str(model_dir), json.dumps(files),
+                               json.dumps(TOOLKIT_PACKAGES), str(result_file)],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not result_file.is_file():
+            lines = (proc.stderr or proc.stdout or "no output").strip().splitlines()
+            raise RuntimeError(f"the archived handler failed in a fresh Python without the toolkit "
+                               f"(exit {proc.returncode}): {lines[-1][:500]}")
+        return [(status, body) for status, body in json.loads(result_file.read_text(encoding="utf-8"))]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def verify_archive(mar: Path, ckpt: Checkpoint, payloads: list[bytes], inputs: str = "") -> dict[str, Any]:
     """Unpack the archive and run its handler, with its shipped cxr_spec.py, on `payloads`."""
-    import importlib.util
-
     with tempfile.TemporaryDirectory(prefix="mar-verify-") as tmp:
+        model_dir = Path(tmp) / "model"
         with zipfile.ZipFile(mar) as zf:
-            zf.extractall(tmp)
-        saved = sys.modules.pop("cxr_spec", None)
-        sys.path.insert(0, tmp)
-        try:
-            spec = importlib.util.spec_from_file_location("_mar_handler", Path(tmp) / HANDLER_SRC.name)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-            results = module.CxrHandler().load(tmp).infer(payloads)
-        finally:
-            sys.path.remove(tmp)
-            sys.modules.pop("cxr_spec", None)
-            if saved is not None:
-                sys.modules["cxr_spec"] = saved
+            zf.extractall(model_dir)
+        results = run_archived_handler(model_dir, payloads)
     bad = [body for status, body in results if status != 200]
     if bad:
         raise RuntimeError(f"the archived handler rejected verification images: {bad[:2]}")
@@ -179,8 +221,8 @@ def verify_archive(mar: Path, ckpt: Checkpoint, payloads: list[bytes], inputs: s
     got = np.array([[body["probabilities"][c] for c in names] for _, body in results], dtype=np.float64)
     ref = reference_probs(ckpt, payloads)
     figures = compare_logits(np.log(ref), np.log(np.clip(got, 1e-30, None)))
-    figures.update(method="archived handler run in-process on the unpacked .mar vs float DeployModel "
-                          "(log-probabilities compared as logits)", inputs=inputs,
+    figures.update(method="archived handler run on the unpacked .mar in a fresh Python without the toolkit "
+                          "vs float DeployModel (log-probabilities compared as logits)", inputs=inputs,
                    max_prob_diff=float(np.abs(ref - got).max()), tolerance=PROB_TOLERANCE)
     return figures
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import logging
 import os
@@ -110,8 +111,8 @@ def check_available() -> str | None:
     """Why TorchServe cannot run here, or None."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         return "java not found (TorchServe needs Java 17: apt-get install openjdk-17-jre-headless)"
-    if shutil.which("torchserve") is None:
-        return "torchserve not found (pip install torchserve==0.12.0)"
+    if importlib.util.find_spec("ts") is None:
+        return f"torchserve is not installed in {sys.executable} (pip install torchserve==0.12.0)"
     return None
 
 
@@ -136,12 +137,14 @@ class TorchServe:
                 "METRICS_LOCATION": logs, "no_proxy": HOST, "NO_PROXY": HOST}
 
     def _cli(self, *args: str) -> tuple[int, str]:
-        """Run the torchserve CLI. Output goes to a file, not a pipe: the java server inherits the
+        """Run the torchserve CLI of this Python (`python -m ts.model_server`), not whichever `torchserve` is
+        first on PATH: the CLI hands its own interpreter to the workers, and one from another environment
+        would run them on another torch. Output goes to a file, not a pipe: the java server inherits the
         CLI's stdout, so a pipe would never reach end-of-file while the server runs."""
         out = self.workdir / "torchserve_cli.log"
         with open(out, "ab") as fh:
             start = fh.tell()
-            code = subprocess.run(["torchserve", *args], cwd=self.workdir, env=self._env(), stdout=fh,
+            code = subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.workdir, env=self._env(), stdout=fh,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120).returncode
         with open(out, "rb") as fh:
             fh.seek(start)

@@ -2,7 +2,8 @@
 
 Runs inside a TorchServe worker where the toolkit is not installed, so it imports only what the archive
 carries: `model.pt` (TorchScript DeployModel, normalization inside), `spec.json`, and `cxr_spec.py` (a
-byte-for-byte copy of `train/spec.py`, so decoding, grayscale and resize are the checkpoint's own code).
+byte-for-byte copy of `train/spec.py`, so decoding, grayscale and resize are the checkpoint's own code) with
+`cxr_errors.py` (the copy of `train/errors.py` it imports).
 
 Per request: PNG/JPEG bytes (raw body or multipart field 'data'/'body', grayscale or colour) ->
 {"label": top class, "probabilities": {class: p, ...}}. A request whose bytes cannot be decoded gets
@@ -24,7 +25,9 @@ import torch
 
 try:  # inside the archive
     import cxr_spec as spec_lib
-except ImportError:  # imported from the toolkit (tests, in-process verification)
+except ModuleNotFoundError as err:  # imported from the toolkit (tests); a broken archive copy still fails
+    if err.name != "cxr_spec":
+        raise
     from train import spec as spec_lib
 
 log = logging.getLogger(__name__)

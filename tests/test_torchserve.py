@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import platform
 import zipfile
 from pathlib import Path
 
@@ -80,14 +82,40 @@ def test_archive_is_verified_and_carries_the_spec_code(archive):
     assert entry.verification["max_prob_diff"] <= TOL and entry.verification["top1_agreement"] == 1.0
     with zipfile.ZipFile(out / MAR_FILE) as zf:
         names = set(zf.namelist())
-        assert {"model.pt", "spec.json", "index_to_name.json", "cxr_spec.py", "torchserve_handler.py",
-                "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+        assert {"model.pt", "spec.json", "index_to_name.json", "cxr_spec.py", "cxr_errors.py",
+                "torchserve_handler.py", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
         assert zf.read("cxr_spec.py") == (REPO / "train" / "spec.py").read_bytes()  # one source of truth
+        assert zf.read("cxr_errors.py") == (REPO / "train" / "errors.py").read_bytes()
         assert b"batchSize: 8" in zf.read("model-config.yaml")
+    assert "without the toolkit" in entry.verification["method"]
     config = read_config(out / "config.properties")
     addresses = [v for k, v in config.items() if k.endswith("_address")]
     assert len(addresses) == 5 and all(a.startswith(("http://127.0.0.1:", "127.0.0.1")) for a in addresses)
     assert config["disable_token_authorization"] == "false" and config["enable_model_api"] == "false"
+
+
+def test_archive_runs_where_the_toolkit_is_not_installed(archive, tmp_path):
+    """A server that runs the .mar has TorchServe, torch and Pillow, not this toolkit. The archived handler
+    answers from its own files in a fresh Python where the toolkit cannot be imported; an archive whose code
+    still imports the toolkit fails there, naming the module (so the check can catch what a server would)."""
+    from export.mar import run_archived_handler
+
+    ckpt, out, _ = archive
+    model_dir = tmp_path / "model"
+    with zipfile.ZipFile(out / MAR_FILE) as zf:
+        zf.extractall(model_dir)
+    results = run_archived_handler(model_dir, GOOD[:2])
+    assert [status for status, _ in results] == [200, 200]
+    got = np.array([probs_of(body, ckpt.spec.class_names) for _, body in results])
+    np.testing.assert_allclose(got, reference_probs(ckpt, GOOD[:2]), atol=TOL)
+
+    spec_copy = model_dir / "cxr_spec.py"
+    source = spec_copy.read_text(encoding="utf-8")
+    assert "\nimport contextlib\n" in source
+    spec_copy.write_text(source.replace("\nimport contextlib\n", "\nimport contextlib\nimport train.spec\n"),
+                         encoding="utf-8")
+    with pytest.raises(RuntimeError, match="without the toolkit.*No module named 'train"):
+        run_archived_handler(model_dir, GOOD[:1])
 
 
 def test_handler_answers_each_request_of_a_mixed_batch(archive, tmp_path):
@@ -139,6 +167,8 @@ def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory):
+    """A real TorchServe serving the archive. A decoy `torchserve` stands first on PATH while it runs, as
+    where another environment's CLI is found first: the server must come from this Python all the same."""
     reason = check_available()
     if reason:
         pytest.skip(reason)
@@ -146,13 +176,28 @@ def server(archive, tmp_path_factory):
     config = write_serve_config(tmp_path_factory.mktemp("conf") / "test.properties", model_store=out,
                                 ports=free_ports(), enable_model_api=True)  # the test registers over the API
     ts = TorchServe(out, config, tmp_path_factory.mktemp("ts-work"))
+    decoy_dir = tmp_path_factory.mktemp("decoy-bin")
+    decoy = decoy_dir / "torchserve"
+    decoy.write_text(f"#!/bin/sh\ntouch '{decoy_dir / 'decoy-ran'}'\nexit 1\n")
+    decoy.chmod(0o755)
+    old_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{decoy_dir}{os.pathsep}{old_path}"
     try:
         ts.start(timeout=90)
         ts.register(MAR_FILE)
         wait_ready(ts, MODEL_NAME, timeout=90)
+        ts.decoy_ran = decoy_dir / "decoy-ran"
         yield ts
     finally:
+        os.environ["PATH"] = old_path
         ts.stop()
+
+
+@pytest.mark.torchserve
+def test_server_and_workers_run_this_python_not_the_first_torchserve_on_path(server):
+    assert not server.decoy_ran.exists()
+    log = (server.workdir / "logs" / "model_log.log").read_text(encoding="utf-8", errors="replace")
+    assert f"Python runtime: {platform.python_version()}" in log
 
 
 @pytest.mark.torchserve

@@ -17,7 +17,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from train.errors import ToolkitError
+try:
+    from train.errors import ToolkitError
+except ImportError:  # shipped as cxr_spec.py in the TorchServe archive, beside its copy of train/errors.py
+    from cxr_errors import ToolkitError  # type: ignore[no-redef]
 
 DEFAULT_CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
