@@ -144,8 +144,9 @@ class TorchServe:
         out = self.workdir / "torchserve_cli.log"
         with open(out, "ab") as fh:
             start = fh.tell()
-            code = subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.workdir, env=self._env(), stdout=fh,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120).returncode
+            code = subprocess.run([sys.executable, "-m", "ts.model_server", *args], cwd=self.workdir,
+                                  env=self._env(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  timeout=120).returncode
         with open(out, "rb") as fh:
             fh.seek(start)
             return code, fh.read().decode(errors="replace")
