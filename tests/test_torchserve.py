@@ -3,6 +3,7 @@ real TorchServe on 127.0.0.1 (token authorization on) and compared with the floa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -302,3 +303,48 @@ def test_stop_leaves_no_process_behind(server):
             if p.info["status"] != psutil.STATUS_ZOMBIE and workdir in " ".join(p.info["cmdline"] or [])]
     assert ours == [] and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                   for p in pids)
+
+
+@pytest.mark.torchserve
+@pytest.mark.slow
+def test_serve_command_stops_its_server_on_sigterm(archive, tmp_path):
+    """`kill`, `timeout` and `docker stop` send SIGTERM, not Ctrl-C: `python -m export.serve` must still stop
+    TorchServe (java and workers) instead of leaving it behind on its ports."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    reason = check_available()
+    if reason:
+        pytest.skip(reason)
+    _, out, _ = archive
+    config = write_serve_config(tmp_path / "serve.properties", model_store=out, ports=free_ports(),
+                                load_models=MAR_FILE)
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "export.serve", "--model-store", str(out), "--config",
+                             str(config), "--workdir", str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def ours() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline", "status"]) if p.pid != proc.pid and
+                p.info["status"] != psutil.STATUS_ZOMBIE and str(workdir) in " ".join(p.info["cmdline"] or [])]
+
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "to stop" in line:
+                break
+        assert any("is serving" in x for x in lines), "".join(lines)[-2000:]
+        assert ours(), "the server's processes were not found by their work folder"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        deadline = time.monotonic() + 10
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert ours() == []
+    finally:  # a failing run must not leave a server behind either
+        for pid in [proc.pid] * (proc.poll() is None) + ours():
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
