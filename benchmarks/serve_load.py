@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from export.serve import TorchServe, ServeError, check_available, stop_on_termination, wait_ready
+from export.serve import TorchServe, ServeError, check_available, wait_ready
 from train.atomic import write_json
 from train.errors import cli_errors
 
@@ -106,16 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    stop_on_termination()  # Ctrl-C, kill or timeout: the server is stopped either way
-    try:
+    try:  # Ctrl-C, kill or timeout: run_serve_load stops the server, cli_errors says "interrupted"
         stats = run_serve_load(args.model_store, config=config, n_requests=args.requests, clients=args.clients,
                                images=args.images)
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; the server was stopped", file=sys.stderr)
-        return 130
     print(json.dumps(stats, indent=2))
     if args.out:
         write_json(args.out, stats)

@@ -4,6 +4,8 @@ Much of an export is single-threaded Python (graph lowering, converters, coremlt
 leaves cores idle even when torch uses them all. N spawned workers each take one format at a time with
 cores/N threads; a format that reuses another's files (the registry's `after`) starts once that one is done.
 Workers write their own files and rows; the manifest's read-modify-write is locked (export.manifest).
+An interrupted export (Ctrl-C, SIGTERM) stops its workers, and a worker whose parent is gone (kill -9, a
+crash) interrupts itself: no worker goes on writing into the folder, or waits for work, after its export.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
@@ -50,14 +55,34 @@ def _log_levels() -> dict[str, int]:
     return {"": logging.getLogger().level, **levels}
 
 
-def _init_worker(threads: int, levels: dict[str, int]) -> None:
+PARENT_GONE_GRACE_S = 10.0  # how long a worker whose parent died has to remove its half-written files
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Interrupt this worker once its parent is gone (it would finish its format into a folder no export
+    reads, then wait for work forever), and end it if the interrupt has not within the grace period."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # -> KeyboardInterrupt: the format's `finally` blocks clean up
+        time.sleep(PARENT_GONE_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(threads: int, levels: dict[str, int], parent: int) -> None:
     """Each worker gets its share of the cores (torch's pool and the runtimes' default thread count), keeps
-    freed memory for its next batch (train.memory) and logs like its parent, each line naming the worker."""
+    freed memory for its next batch (train.memory) and logs like its parent, each line naming the worker.
+    SIGTERM interrupts it like Ctrl-C, and it ends itself when its parent dies."""
     import torch
 
     from export import runners
+    from train.errors import interrupt_on_termination_signals
     from train.memory import keep_freed_memory
 
+    interrupt_on_termination_signals()
+    _exit_with_parent(parent)
     keep_freed_memory()
     torch.set_num_threads(threads)
     runners.DEFAULT_THREADS = threads
@@ -103,7 +128,7 @@ def _run_pool(task: Callable[..., Any], pending: list[str], jobs: int, threads: 
     interrupted: list[str] = []
     while pending:
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads, _log_levels()))
+                                   initializer=_init_worker, initargs=(threads, _log_levels(), os.getpid()))
         running: dict[Future, str] = {}
         try:
             while pending or running:
@@ -123,6 +148,18 @@ def _run_pool(task: Callable[..., Any], pending: list[str], jobs: int, threads: 
                         results[name] = on_crash(name, f"{type(err).__name__}: {err}")
         except BrokenProcessPool:  # submit() on a pool that broke since the last wait
             interrupted += list(running.values())
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: interrupt the workers too, rather than wait for them
+            _interrupt_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return interrupted
+
+
+def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM each worker (a KeyboardInterrupt there: its format cleans up and stops); the pool has no public
+    way to reach them, and Ctrl-C in a terminal reaches them anyway while `kill PID` reaches only the parent."""
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        if process.is_alive():
+            process.terminate()

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -266,17 +265,6 @@ def wait_ready(server: TorchServe, model: str, timeout: float = 120.0) -> None:
     raise ServeError(f"model {model} has no READY worker after {timeout:.0f} s: {info}")
 
 
-def stop_on_termination() -> None:
-    """`kill`, `timeout`, `docker stop` and a closed terminal send SIGTERM or SIGHUP, not Ctrl-C: treat them
-    as Ctrl-C, so the server is stopped instead of being left behind holding its ports."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), interrupt)
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0])
@@ -297,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     server = TorchServe(args.model_store, config, args.workdir)
-    stop_on_termination()
     try:
         server.start()
         wait_ready(server, args.model)
@@ -307,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Press Ctrl-C (or send SIGTERM) to stop.", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP through cli_errors: the way to stop it
         return 0
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 
 from export.__main__ import build_parser
 from export.manifest import ArtifactEntry, read_manifest, record
-from export.parallel import resolve_jobs, run_in_workers
-from train.atomic import remove_partials
+from export.parallel import PARENT_GONE_GRACE_S, resolve_jobs, run_in_workers
+from train.atomic import atomic_path, remove_partials
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _record_many(out_dir: str, prefix: str, n: int) -> None:
@@ -89,3 +94,89 @@ def test_remove_partials_takes_only_what_atomic_path_left(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"kept")
     assert remove_partials(tmp_path) == [".model.ab12.partial.onnx", ".model_fp16.cd34.partial.mlpackage"]
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def _write_slowly(name: str, *, out_dir: str) -> None:
+    """A format caught mid-write: its half-written file exists under atomic_path's temporary name."""
+    with atomic_path(Path(out_dir) / f"model_{name}.onnx") as tmp:
+        tmp.write_bytes(b"half")
+        time.sleep(300)
+
+
+# An export in its own process (what `python -m export --jobs 2` runs), so the test can end it.
+_EXPORT = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_export_parallel as t
+from export.parallel import run_in_workers
+from train.errors import cli_errors
+
+@cli_errors
+def main():
+    run_in_workers(t._write_slowly, ["a", "b"], 2, {{}}, lambda n, why: why, out_dir={out!r})
+    return 0
+
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_an_ended_export_leaves_no_worker_and_no_half_written_file(tmp_path, how):
+    """`kill PID` (SIGTERM) reaches only the parent: it must interrupt its workers, which remove their
+    half-written files, and say so (exit 130). After kill -9 the workers notice their parent is gone and do
+    the same. Before, the workers finished their formats into the folder and then waited for work forever."""
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORT.format(tests=str(REPO / "tests"), out=str(tmp_path))],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    family: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob(".*.partial*"))) < 2:  # both workers are mid-write
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, getattr(signal, how))
+        code = proc.wait(timeout=60)
+        if how == "SIGTERM":
+            assert code == 130 and "interrupted" in proc.stderr.read()
+        _, alive = psutil.wait_procs(family, timeout=PARENT_GONE_GRACE_S + 20)
+        assert alive == [], [p.cmdline()[-3:] for p in alive]
+        assert list(tmp_path.glob(".*.partial*")) == []
+    finally:  # a failing run must not leave processes behind either
+        if proc.poll() is None:
+            proc.kill()
+        for p in family:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def test_a_command_turns_sigterm_into_an_interrupt_and_leaves_an_ignored_signal_alone(capsys):
+    """Every command (cli_errors) treats SIGTERM like Ctrl-C: its `finally` blocks run and it exits 130. A
+    signal the caller ignores (SIGHUP under nohup) stays ignored, and the old handlers return afterwards."""
+    from train.errors import EXIT_INTERRUPTED, cli_errors
+
+    seen = {}
+
+    @cli_errors
+    def main() -> int:
+        seen["hup"] = signal.getsignal(signal.SIGHUP)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises KeyboardInterrupt long before this ends
+        finally:
+            seen["finally ran"] = True
+        return 0
+
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a plain process's disposition
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        started = time.monotonic()
+        assert main() == EXIT_INTERRUPTED and time.monotonic() - started < 10
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
+    assert seen == {"hup": signal.SIG_IGN, "finally ran": True}
+    assert capsys.readouterr().err.strip() == "interrupted"
