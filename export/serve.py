@@ -107,6 +107,27 @@ def request(port: int, method: str, path: str, body: bytes | None = None, token:
         conn.close()
 
 
+def configured_ports(config: dict[str, str]) -> dict[str, int]:
+    """The TCP ports a config makes TorchServe listen on, by config key (workers use Unix sockets)."""
+    ports = {key: _port(config[key]) for key in ("inference_address", "management_address", "metrics_address")
+             if key in config}
+    ports.update({key: int(config[key]) for key in ("grpc_inference_port", "grpc_management_port") if key in config})
+    return ports
+
+
+def ports_in_use(ports: dict[str, int]) -> dict[str, int]:
+    """Those of `ports` another process already listens on (TorchServe would exit at start-up)."""
+    busy = {}
+    for key, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no bar
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                busy[key] = port
+    return busy
+
+
 def check_available() -> str | None:
     """Why TorchServe cannot run here, or None."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
@@ -156,6 +177,12 @@ class TorchServe:
         reason = check_available()
         if reason:
             raise ServeError(reason)
+        busy = ports_in_use(configured_ports(self.config))
+        if busy:
+            taken = ", ".join(f"{HOST}:{port} ({key})" for key, port in busy.items())
+            raise ServeError(f"{taken} in {self.config_path} already in use by another process (another "
+                             f"TorchServe?): stop it, or write a config with free ports (python -m export.mar "
+                             f"--inference-port N --management-port N --metrics-port N) or edit the file")
         self.workdir.mkdir(parents=True, exist_ok=True)
         code, output = self._cli("--start", "--ncs", "--model-store", str(self.model_store),
                                  "--ts-config", str(self.config_path))

@@ -194,6 +194,27 @@ def server(archive, tmp_path_factory):
         ts.stop()
 
 
+def test_a_port_in_use_is_named_before_the_server_starts(archive, tmp_path):
+    """TorchServe itself exits at start-up with the cause only in its log; the port is named up front."""
+    import socket
+
+    from export.serve import ServeError
+
+    if check_available():
+        pytest.skip(check_available())
+    _, out, _ = archive
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_serve_config(tmp_path / "busy.properties", model_store=out,
+                                    ports={**free_ports(), "management": port})
+        ts = TorchServe(out, config, tmp_path / "work")
+        with pytest.raises(ServeError, match=f"127.0.0.1:{port} \\(management_address\\).*already in use"):
+            ts.start(timeout=30)
+    assert ts.java_pid is None and not (tmp_path / "work").exists()
+
+
 @pytest.mark.torchserve
 def test_server_and_workers_run_this_python_not_the_first_torchserve_on_path(server):
     assert not server.decoy_ran.exists()
