@@ -79,23 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_args(a: argparse.Namespace) -> dict:
-    """Unset flags take the run's stored value on --resume, else the demo or real-data default."""
+def resolve_args(a: argparse.Namespace) -> tuple[dict, dict | None]:
+    """Unset flags take the run's stored value on --resume, else the demo or real-data default. Also returns
+    the run state read for --resume (last.pt: weights and optimizer), so training does not read it again."""
     given = {k: v for k, v in vars(a).items() if v is not None}
+    state = None
     if a.resume:
         if not a.out:
             raise TrainError("--resume needs --out pointing at the run folder to continue")
         from train.loop import read_run_state
 
-        base = read_run_state(Path(a.out))["train_config"]
-        base = {**REAL, **OTHER, **base}
+        state = read_run_state(Path(a.out))
+        base = {**REAL, **OTHER, **state["train_config"]}
     else:
         base = {**(REAL if a.data else DEMO), **OTHER, "data": None}
     kw = {**base, **given}
     if not kw.get("out"):
         name = Path(a.data).stem if a.data else "synthetic"
         kw["out"] = f"runs/{name}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
-    return kw
+    return kw, state
 
 
 @cli_errors
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.memory import keep_freed_memory
 
     keep_freed_memory()  # before the loader's worker processes fork, so they keep freed memory too
-    kw = resolve_args(a)
+    kw, run_state = resolve_args(a)
     best = train_model(
         kw["data"], kw["out"], epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"],
         optimizer=kw["optimizer"], schedule=kw["schedule"], weights=kw["weights"], freeze=kw["freeze"],
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         contrast_stretch=kw["contrast_stretch"], balance=kw["balance"], val_frac=kw["val_frac"],
         test_frac=kw["test_frac"], data_root=kw["data_root"], weight_decay=kw["weight_decay"],
         stop_after=kw.get("stop_after"), evaluate=not a.no_report, sync_bn=kw["sync_bn"], amp=kw["amp"],
-        deterministic=kw["deterministic"], dist_timeout=kw["dist_timeout"])
+        deterministic=kw["deterministic"], dist_timeout=kw["dist_timeout"], run_state=run_state)
     if rank == 0:
         print(f"best checkpoint: {best}")
     return 0

@@ -46,12 +46,14 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
                 val_frac: float = 0.15, test_frac: float = 0.15, data_root: str | Path | None = None,
                 weight_decay: float = 1e-4, stop_after: int | None = None, evaluate: bool = True,
                 synthetic_per_class: int = 60, sync_bn: bool = False, amp: str = "auto",
-                deterministic: bool = False, dist_timeout: float = D.DEFAULT_TIMEOUT_S) -> Path:
+                deterministic: bool = False, dist_timeout: float = D.DEFAULT_TIMEOUT_S,
+                run_state: dict[str, Any] | None = None) -> Path:
     """Train (or resume) a run in `out_dir` and return the path of its best.pt.
 
     data=None trains on SYNTHETIC images generated into out_dir/synthetic-data (the built-in demo).
     stop_after=N ends this invocation after N epochs (resume later with resume=True).
-    workers=None: loader processes from the CPU count (recipe.default_workers)."""
+    workers=None: loader processes from the CPU count (recipe.default_workers).
+    run_state: on resume, out_dir's last.pt as read_run_state returned it, where the caller has read it already."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
@@ -64,7 +66,7 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True
     try:
-        state = read_run_state(out_dir) if resume else None  # read once: last.pt holds weights and optimizer
+        state = (run_state or read_run_state(out_dir)) if resume else None  # last.pt: weights and optimizer
         cfg = _resolve_config(cfg, out_dir, state, ctx, synthetic_per_class)
         workers = recipe.default_workers() if workers is None else workers
         best = _run(cfg, out_dir, ctx, workers=workers, progress=progress and ctx.is_main,
