@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from train.atomic import check_writable_dir
 from train.errors import cli_errors
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_writable_dir(args.out)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from benchmarks.run import BenchmarkError, run_benchmarks
     from export.manifest import ManifestError

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from benchmarks.machine import describe, machine_info
-from train.atomic import write_json, write_text
+from train.atomic import check_writable_dir, write_json, write_text
+from train.errors import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,7 @@ def render(result: dict[str, Any]) -> str:
         f"| same epoch, fp32 on the CPU | {a['cpu_images_per_s']:.1f} images/s ({a['ratio_over_cpu']}x) |", ""])
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="default cuda; cpu = dry run")
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"error: --out {out} is not empty; pass a new folder", file=sys.stderr)
         return 2
+    check_writable_dir(out)
     result = run(a.device, a.size, a.per_class, out)
     write_json(out / "gpu_check.json", result)
     write_text(out / "gpu_check.md", render(result))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from train.atomic import write_json, write_text
+from train.atomic import check_writable_dir, write_json, write_text
 from train.memory import keep_freed_memory
 from train.errors import ToolkitError, cli_errors
 
@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an earlier pipeline run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    check_writable_dir(a.out)
+    if a.bundle_dir is not None:
+        check_writable_dir(a.bundle_dir, "--bundle-dir")
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
     keep_freed_memory()  # training, export and calibration here; the benchmark's workers keep glibc's defaults
     try:

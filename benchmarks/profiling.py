@@ -11,7 +11,7 @@ import numpy as np
 
 from export.manifest import ManifestError, entries, read_source
 from export.registry import variant
-from train.atomic import write_json, write_text
+from train.atomic import check_writable_dir, write_json, write_text
 from train.errors import ToolkitError
 
 
@@ -74,6 +74,7 @@ def profile_cli(prog: str, doc: str, default_out: str, run: Callable[..., dict[s
     p.add_argument("--runs", type=int, default=20, help="profiled runs per file (default 20)")
     p.add_argument("--threads", type=int, default=1, help=threads_help)
     a = p.parse_args(argv)
+    check_writable_dir(a.out)
     if a.runs < 1:
         raise ProfileError(f"--runs must be at least 1, got {a.runs}")
     result = run(a.artifacts, a.runs, a.threads or None)

@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.run import BenchmarkError
     from export.manifest import manifest_path
-    from train.atomic import write_json, write_text
+    from train.atomic import check_writable_dir, write_json, write_text
 
     a = build_parser().parse_args(argv)
+    check_writable_dir(a.out)
     if a.rounds < 1 or a.warmup < 0:
         raise BenchmarkError(f"--rounds must be >= 1 and --warmup >= 0 (got {a.rounds}, {a.warmup})")
     if not manifest_path(a.artifacts).is_file():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from export.serve import TorchServe, ServeError, check_available, wait_ready
-from train.atomic import write_json
+from train.atomic import check_writable_file, write_json
 from train.errors import cli_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.model_store}` first")
     if args.requests < 1 or args.clients < 1:
         p.error("--requests and --clients must be at least 1")
+    if args.out:
+        check_writable_file(args.out)
     reason = check_available()
     if reason:
         print(f"error: {reason}", file=sys.stderr)

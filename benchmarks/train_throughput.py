@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +25,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from train.atomic import check_writable_file  # noqa: E402
+from train.errors import ToolkitError, cli_errors  # noqa: E402
+
+
+class ThroughputError(ToolkitError, ValueError):
+    """Settings the data cannot serve (too few images for the batches asked)."""
+
 
 def _time_batches(loader, step, batches: int, warmup: int) -> float:
     """Images per second over `batches` batches after `warmup` untimed ones (loader start-up included
-    in the warm-up, not in the timing)."""
+    in the warm-up, not in the timing), all within one pass over the data: a new pass would time the loader
+    starting again."""
+    if len(loader) < warmup + batches:
+        raise ThroughputError(f"the train split has {len(loader)} batches of --batch-size {loader.batch_size}, "
+                              f"fewer than --warmup {warmup} + {batches} timed batches per round; pass fewer "
+                              f"--batches, more --rounds or a smaller --batch-size")
     it = iter(loader)
     for _ in range(warmup):
         step(*next(it))
@@ -39,15 +52,20 @@ def _time_batches(loader, step, batches: int, warmup: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
+def train_config(data: str, batch_size: int, workers: int, input_size: int) -> dict:
+    """`python -m train`'s settings for this benchmark (random init, seed 0, its default split fractions)."""
+    return {"data": data, "data_root": None, "seed": 0, "val_frac": 0.15, "test_frac": 0.15, "skip_bad": False,
+            "input_size": input_size, "resize": "bilinear", "contrast_stretch": False, "balance": "loss",
+            "batch_size": batch_size, "workers": workers, "weights": "none", "freeze": "none", "lr": 1e-3,
+            "optimizer": "adamw", "schedule": "onecycle", "weight_decay": 1e-4, "epochs": 1}
+
+
 def toolkit_side(data: str, batch_size: int, workers: int, input_size: int):
     from train import recipe
     from train.distributed import DistContext
     from train.loop import seed_everything, train_step
 
-    cfg = {"data": data, "data_root": None, "seed": 0, "val_frac": 0.15, "test_frac": 0.15, "skip_bad": False,
-           "input_size": input_size, "resize": "bilinear", "contrast_stretch": False, "balance": "loss",
-           "batch_size": batch_size, "workers": workers, "weights": "none", "freeze": "none", "lr": 1e-3,
-           "optimizer": "adamw", "schedule": "onecycle", "weight_decay": 1e-4, "epochs": 1}
+    cfg = train_config(data, batch_size, workers, input_size)
     seed_everything(0)
     ctx = DistContext(torch.device("cpu"))
     idx, _ = recipe.prepare_index(cfg, progress=False)
@@ -65,11 +83,13 @@ def plain_side(data: str, batch_size: int, workers: int, input_size: int):
     import torchvision
     from torchvision import transforms as T
 
-    from train.data import discover
+    from train import recipe
     from train.spec import IMAGENET_MEAN, IMAGENET_STD
 
-    idx = discover(data)  # same train files as the toolkit side; decoding is torchvision's default_loader
-    samples = [(str(s.path), s.label) for s in (idx.split("train") if idx.has_split else idx.samples)]
+    # the toolkit side's train split (the data's own, or the seeded one training makes); decoding is
+    # torchvision's default_loader
+    idx, _ = recipe.prepare_index(train_config(data, batch_size, workers, input_size), progress=False)
+    samples = [(str(s.path), s.label) for s in idx.split("train")]
     tf = T.Compose([T.Grayscale(num_output_channels=3), T.Resize((input_size, input_size)), T.ToTensor(),
                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -117,7 +137,8 @@ def run(data: str, *, batches: int = 40, warmup: int = 3, batch_size: int = 32, 
                          "workers": workers, "input_size": input_size, "threads": torch.get_num_threads()}}
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/cxr4", help="data folder or CSV (default ../shared/data/cxr4)")
     p.add_argument("--batches", type=int, default=40, help="timed batches per side, over all rounds (default 40)")
@@ -130,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     a = p.parse_args(argv)
     if not Path(a.data).exists():
-        raise SystemExit(f"error: --data {a.data}: no such file or folder")
+        raise ThroughputError(f"--data {a.data}: no such file or folder")
+    if a.json:
+        check_writable_file(a.json, "--json")
     result = run(a.data, batches=a.batches, warmup=a.warmup, batch_size=a.batch_size, workers=a.workers,
                  input_size=a.input_size, rounds=a.rounds, threads=a.threads)
     print(json.dumps(result, indent=2))
@@ -138,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         from train.atomic import write_json
 
         write_json(a.json, result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

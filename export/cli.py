@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +14,7 @@ from export.common import ExportError, require_calibration
 from export.manifest import ArtifactEntry, record_source
 from export.pipeline import source_record
 from quantize.torch_ao import X86_ISA_CHOICES
+from train.atomic import check_writable_dir
 from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from train.checkpoint import Checkpoint
 from train.data import DataError, Sample, verification_sets
@@ -58,24 +58,10 @@ def variants_option(value: str, choices: Sequence[str], flag: str = "--variants"
     return variants
 
 
-def refuse_file(out: Path, flag: str = "--out") -> None:
-    """An output folder whose place a file takes is a user error, found before any work or writing."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ExportError(f"{flag} {out} is a file; pass a folder (it is created if missing)")
-
-
 def check_out_dir(out: Path, flag: str = "--out") -> Path:
-    """A folder we can write into, made if missing; a file in its place, or no permission, is a user error,
-    not a traceback."""
-    out = Path(out)
-    refuse_file(out, flag)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise ExportError(f"{flag} {out}: cannot write there ({err.strerror or err}); choose a writable "
-                          f"folder") from err
+    """A folder we can write into (train.atomic.check_writable_dir), made if missing."""
+    out = check_writable_dir(out, flag)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -158,7 +144,7 @@ def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[Artifact
     keep_freed_memory()
     opts = options(args)
     check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
-    refuse_file(args.out)
+    check_writable_dir(args.out)  # before decoding the data and loading the model
     ckpt = load_checkpoint(args.checkpoint)
     data, eval_samples, calib_samples = load_inputs(args, ckpt, static_int8(opts), alternatives)
     check_out_dir(args.out)

@@ -23,7 +23,7 @@ from export.metadata import RESEARCH_NOTICE
 from export.registry import bundle_variants, variant
 from mobile_assets import APP_README_PATH, validate_manifest
 from mobile_assets.vectors import evaluate_models, write_test_vectors
-from train.atomic import sha256_file, size_bytes
+from train.atomic import check_writable_dir, sha256_file, size_bytes
 from train.data import Sample
 from train.errors import ToolkitError
 from train.spec import PreprocessSpec
@@ -51,6 +51,7 @@ def check_target(bundle_dir: Path, force: bool) -> None:
     if (bundle_dir / "manifest.json").exists() and not force:
         raise BundleError(f"--out {bundle_dir} already holds a bundle (manifest.json); pass --force to "
                           f"replace it or choose another --out")
+    check_writable_dir(bundle_dir)
 
 
 def _stage(bundle_dir: Path) -> Path:

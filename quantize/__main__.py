@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quantize.onnx_rt import CALIB_METHODS
 from quantize.torch_ao import LEGACY_REDUCE_RANGE, REDUCE_RANGE_CHOICES, X86_ISA_CHOICES
+from train.atomic import check_writable_dir
 from train.errors import cli_errors
 
 
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    check_writable_dir(args.out)
     # INFO for this toolkit only: ONNX Runtime's quantizer logs one root INFO line per tensor
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("quantize", "train", "export"):

@@ -299,3 +299,23 @@ def test_ratios_report_files_it_cannot_time_and_time_the_rest(artifacts, tiny_ch
     assert set(data["not_timed"]) == {"ptl_fp32", "torchscript_fp32"}
     assert data["not_timed"]["torchscript_fp32"].startswith("does not load")
     assert "Not timed: `ptl_fp32`" in (out / "ratios.md").read_text()
+
+
+def test_train_throughput_times_both_sides_on_the_same_train_split(synthetic_data, tmp_path, capsys):
+    """Both sides read the same files (the data has no split: the seeded train split training makes), and
+    settings the data cannot serve are one error line (a StopIteration traceback before)."""
+    from benchmarks import train_throughput as tt
+
+    plain, _ = tt.plain_side(str(synthetic_data), 8, 0, 32)
+    toolkit, _ = tt.toolkit_side(str(synthetic_data), 8, 0, 32)
+    assert len(plain.dataset) == len(toolkit.dataset) < 48
+    out = tmp_path / "t.json"
+    args = ["--data", str(synthetic_data), "--batch-size", "8", "--workers", "0", "--input-size", "32"]
+    assert tt.main(args + ["--batches", "4", "--warmup", "1", "--rounds", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) == {"plain_torchvision", "toolkit"}
+    assert all(len(r) == 2 and min(r) > 0 for r in result["rounds"].values())
+    capsys.readouterr()
+    assert tt.main(args + ["--batches", "40", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the train split has" in err and "--batches" in err and "Traceback" not in err

@@ -149,13 +149,15 @@ def test_failure_during_commit_leaves_no_manifest(built, ckpt, tmp_path, monkeyp
 
 
 def test_unwritable_or_file_target_is_a_clear_error(built, ckpt, tmp_path):
+    from train.atomic import OutputPathError
+
     art, _ = built
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(bundle.BundleError, match="is a file"):
         bundle.write_bundle(art, blocker)
-    with pytest.raises(bundle.BundleError, match="cannot write the bundle"):
-        bundle.write_bundle(art, blocker / "bundle")
+    with pytest.raises(OutputPathError, match=f"--out {blocker / 'bundle'}: cannot write there "):
+        bundle.write_bundle(art, blocker / "bundle")  # found before the models are read and scored
 
 
 def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):

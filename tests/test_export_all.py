@@ -221,3 +221,23 @@ def test_run_in_batches_joins_chunks_in_order_and_channels_last_keeps_the_logits
     fast = channels_last(ckpt.build_deploy_model())
     assert fast.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert np.abs(get_runner("torch-eager").use_module(fast).run(images) - ref).max() <= 1e-4
+
+
+def test_a_full_disk_is_a_failed_row_that_names_the_file_and_what_to_do(tmp_path, ckpt):
+    """torch.onnx's writer reports a full disk with no file name; the row names it and what to do."""
+    import errno
+    import os
+
+    from export.common import write_proven
+
+    def full(tmp):
+        tmp.write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    row = write_proven(ckpt, tmp_path, "onnx_fp32", write=full, prove=lambda p: {})
+    assert row.status == "failed" and row.path is None
+    assert f"No space left on device (writing {tmp_path / 'model.onnx'}): free space" in row.error
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".artifacts.json.lock", "artifacts.json"]
+    other = write_proven(ckpt, tmp_path, "onnx_fp32", write=lambda t: (_ for _ in ()).throw(ValueError("bad")),
+                         prove=lambda p: {})
+    assert other.error == "ValueError: bad"  # other failures keep their own words

@@ -292,3 +292,72 @@ def test_bad_input_is_one_error_line(case, tmp_path, tiny_checkpoint, synthetic_
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert not list(tmp_path.rglob("artifacts.json"))
+
+
+# --------------------------------------------------------------------------- an output place that cannot be written
+# Every command that writes, each given an output below a file (where no folder can be made) and otherwise
+# good inputs. The portable stand-in for a read-only disk: before, most failed only when they first wrote,
+# after their work (quantize after calibrating, the benchmark after timing), with an OSError traceback.
+WRITERS = [
+    ("train.__main__", ["--data", "{data}", "--out", "{out}", "--epochs", "1", "--weights", "none"], "--out"),
+    ("train.evaluate", ["--checkpoint", "{ckpt}", "--data", "{data}", "--split", "all", "--out", "{out}"], "--out"),
+    ("train.explain.__main__", ["--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{out}"], "--out"),
+    ("train.convert", ["--weights", "{ckpt}", "--out", "{out}/x.pt"], "--out"),
+    ("train.synthetic", ["--out", "{out}"], "--out"),
+    ("quantize.__main__", ["--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{out}"], "--out"),
+    ("export.__main__", ["--checkpoint", "{ckpt}", "--data", "{data}", "--out", "{out}"], "--out"),
+    ("export.lite.__main__", ["--checkpoint", "{ckpt}", "--data", "{data}", "--artifacts", "{tmp}/a",
+                              "--out", "{out}"], "--out"),
+    ("mobile_assets.__main__", ["--artifacts", "{tmp}/empty", "--out", "{out}"], "--out"),
+    ("benchmarks.__main__", ["--artifacts", "{tmp}/empty", "--checkpoint", "{ckpt}", "--data", "{data}",
+                             "--out", "{out}"], "--out"),
+    ("benchmarks.ratios", ["--artifacts", "{tmp}/empty", "--checkpoint", "{ckpt}", "--out", "{out}"], "--out"),
+    ("benchmarks.ort_profile", ["--artifacts", "{tmp}/empty", "--out", "{out}"], "--out"),
+    ("benchmarks.executorch_profile", ["--artifacts", "{tmp}/empty", "--out", "{out}"], "--out"),
+    ("benchmarks.pipeline", ["--out", "{out}"], "--out"),
+    ("benchmarks.pipeline", ["--out", "{tmp}/p", "--bundle-dir", "{out}"], "--bundle-dir"),
+    ("benchmarks.gpu_check", ["--device", "cpu", "--out", "{out}"], "--out"),
+    ("benchmarks.train_throughput", ["--data", "{data}", "--json", "{out}/t.json"], "--json"),
+    ("benchmarks.serve_load", ["--model-store", "{tmp}/store", "--out", "{out}/s.json"], "--out"),
+]
+
+
+@pytest.mark.parametrize("module, argv, flag", WRITERS, ids=[f"{m.split('.__')[0]} {f}" for m, _, f in WRITERS])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(module, argv, flag, tmp_path,
+                                                                      tiny_checkpoint, synthetic_data, capsys):
+    import importlib
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "config.properties").write_text("inference_address=http://127.0.0.1:1\n")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    fill = {"tmp": str(tmp_path), "ckpt": str(tiny_checkpoint), "data": str(synthetic_data),
+            "out": str(blocker / "out")}
+    code = importlib.import_module(module).main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {flag} {blocker / 'out'}") and f"({blocker} is a file)" in lines[0], err
+    assert "Traceback" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written, no folder made
+
+
+def test_a_read_only_place_is_named_with_the_reason(tmp_path, monkeypatch):
+    """A read-only disk (or a folder without permission) fails the write probe: the error gives the system's
+    reason. Simulated, since the tests may run as root, for whom permissions do not block writes."""
+    import errno
+    import tempfile
+
+    from train.atomic import OutputPathError, check_writable_dir, check_writable_file
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(kwargs.get("dir")))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OutputPathError, match=r"--out .*/new/run: cannot write there \(Read-only file system\)"):
+        check_writable_dir(tmp_path / "new" / "run")
+    with pytest.raises(OutputPathError, match=r"--json .*/r.json: cannot write there \(Read-only file system\)"):
+        check_writable_file(tmp_path / "r.json", "--json")
+    assert not (tmp_path / "new").exists()

@@ -10,6 +10,50 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from train.errors import ToolkitError
+
+
+class OutputPathError(ToolkitError, ValueError):
+    """An output folder or file that cannot be written: found before any work, named with its flag."""
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Fail before minutes of work, not after them, when the folder a command will write into cannot be
+    written: a file in its place or above it, or a read-only or forbidden place. Creates nothing (a command
+    that makes its folder only after checking its other settings keeps doing so)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
+    return _writable(path, flag)
+
+
+def check_writable_file(path: str | Path, flag: str = "--out") -> Path:
+    """check_writable_dir for a file a command will write: not a folder, and its folder writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; pass a file name")
+    _writable(path.parent, flag, named=path)
+    return path
+
+
+def _writable(folder: Path, flag: str, named: Path | None = None) -> Path:
+    """Probe `folder`, or the nearest existing folder above it, with a temporary file that leaves no trace."""
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    reason = None
+    if not probe.is_dir():
+        reason = f"{probe} is a file"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as err:
+            reason = err.strerror or str(err)
+    if reason:
+        raise OutputPathError(f"{flag} {named or folder}: cannot write there ({reason}); choose a writable folder")
+    return folder
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:

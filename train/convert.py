@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from train.atomic import check_writable_file
 from train.errors import cli_errors
 from train.spec import DEFAULT_CLASSES, IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHODS, PreprocessSpec
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="RGB std (default ImageNet)")
     p.add_argument("--contrast-stretch", action="store_true", help="per-image min-max stretch before normalizing")
     a = p.parse_args(argv)
+    check_writable_file(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from train.checkpoint import CheckpointError
     from train.spec import SpecError

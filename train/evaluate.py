@@ -13,6 +13,7 @@ from typing import Any
 
 from dataclasses import replace
 
+from train.atomic import check_writable_dir
 from train.data import DataError, DatasetIndex, check_images, discover
 from train.errors import cli_errors
 from train.memory import keep_freed_memory
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="default auto")
     a = p.parse_args(argv)
+    check_writable_dir(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, out_dir=Path(a.out),

@@ -19,7 +19,7 @@ import torch
 
 from train import distributed as D
 from train import recipe
-from train.atomic import write_json
+from train.atomic import check_writable_dir, write_json
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
 from train.data import check_data_path
 from train.metrics import classification_metrics, predict_logits
@@ -58,6 +58,7 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
         recipe.check_choices({**cfg, "workers": workers})
+        check_writable_dir(out_dir)
         if data is not None:
             check_data_path(data)
         if weights == "imagenet":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from train.atomic import check_writable_dir
 from train.checkpoint import Checkpoint
 from train.data import SPLITS, DataError, DatasetIndex, Sample, seeded_subset
 from train.errors import cli_errors
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the report; a ToolkitError (bad checkpoint, data, engine) prints `error: ...` and exits 2."""
     a = build_parser().parse_args(argv)
+    check_writable_dir(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     int8 = StaticInt8Comparison(a.data, a.engine, a.calib_size, a.seed) if a.int8 else None
     report = run_explain(a.checkpoint, a.data, split=a.split, per_class=a.per_class, out_dir=Path(a.out),
