@@ -50,6 +50,24 @@ def test_plain_folders_sorted_classes(tmp_path):
     assert all(s.path.parent.name == idx.class_names[s.label] for s in idx.samples)
 
 
+@pytest.mark.parametrize("layout", ["plain", "covid19"])
+def test_a_folder_unzipped_from_a_macos_archive_reads_as_its_classes(tmp_path, layout):
+    """A zip made on a Mac unzips with a __MACOSX folder (which became a class with no images: an error) and,
+    with some tools, a '._name.png' AppleDouble file beside each image (an image suffix, no image: an
+    unreadable-image error in every command), plus .DS_Store files. None of them is data."""
+    root = make_synthetic_dataset(tmp_path / "mac", per_class=3, size=32, classes=("alpha", "zeta"), layout=layout)
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    for image in list(root.rglob("*.png")):
+        (image.parent / f"._{image.name}").write_bytes(apple_double)
+        mirror = root / "__MACOSX" / image.relative_to(root).parent
+        mirror.mkdir(parents=True, exist_ok=True)
+        (mirror / f"._{image.name}").write_bytes(apple_double)
+        (image.parent / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    idx = check_images(discover(root))
+    assert idx.class_names == ("alpha", "zeta") and idx.counts() == {"alpha": 3, "zeta": 3}
+    assert not any(s.path.name.startswith(".") for s in idx.samples)
+
+
 @pytest.mark.parametrize("with_split", [True, False])
 def test_csv_with_and_without_split(synthetic_data, tmp_path, with_split):
     fields = ("path", "label", "split") if with_split else ("path", "label")
@@ -88,7 +106,12 @@ def test_empty_class_named(tmp_path):
     root = make_synthetic_dataset(tmp_path / "d", per_class=2, size=32)
     for f in (root / "Normal" / "images").iterdir():
         f.unlink()
-    with pytest.raises(DataError, match="'Normal' has no images"):
+    with pytest.raises(DataError, match="'Normal' has no images; its folder .*/Normal/images is empty"):
+        discover(root)
+    for i in range(3):  # X-rays as they leave the scanner: DICOM, which the toolkit does not read
+        (root / "Normal" / "images" / f"{i}.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(DataError, match=r"'Normal' has no images; its folder .* holds 3 \.dcm files, none of them "
+                                        r"an image the toolkit reads \(.*\.png.*\) \(DICOM: convert to PNG"):
         discover(root)
 
 

@@ -9,10 +9,11 @@ Layouts read (first match wins):
 
 from __future__ import annotations
 
-import functools
 import csv
+import functools
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -120,8 +121,15 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
     return DatasetIndex(root, classes, samples, "csv")
 
 
+def _is_metadata(path: Path) -> bool:
+    """Files and folders that are never X-rays: hidden ones (.DS_Store, and the '._name.png' AppleDouble files
+    that unzipping a macOS archive leaves beside each image, which carry an image suffix but no image) and the
+    __MACOSX folder of such an archive, which would otherwise become a class."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
 def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_metadata(d))
     if not dirs:
         raise DataError(f"{root}: no class folders found; expected <Class>/images/<file>, "
                         f"<Class>/<file> or a labels.csv")
@@ -134,7 +142,7 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
             raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
                             f"{list(classes)})")
         img_dir = folder / "images" if (folder / "images").is_dir() else folder
-        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not _is_metadata(p))
         samples += [Sample(p, i) for p in files]
     return DatasetIndex(root, classes, samples, layout)
 
@@ -162,8 +170,23 @@ def discover(data: str | Path, class_names: Sequence[str] | None = None,
     empty = [c for c, n in idx.counts().items() if n == 0]
     if empty:
         raise DataError(f"{data}: class {empty[0]!r} has no images" + (f" (also empty: {empty[1:]})" if
-                        empty[1:] else "") + "; add images or pass --classes without it")
+                        empty[1:] else "") + _what_is_there(idx, empty[0]) + "; every class needs images")
     return idx
+
+
+def _what_is_there(idx: DatasetIndex, name: str) -> str:
+    """For a class folder without images: the files it holds instead (DICOM exports, say), and what is read."""
+    if idx.layout not in ("covid19-radiography", "class-folders"):
+        return ""
+    folder = idx.root / name
+    folder = folder / "images" if (folder / "images").is_dir() else folder
+    suffixes = Counter(p.suffix.lower() or "(none)" for p in folder.iterdir() if p.is_file() and not _is_metadata(p))
+    if not suffixes:
+        return f"; its folder {folder} is empty"
+    found = ", ".join(f"{n} {suffix}" for suffix, n in suffixes.most_common(3))
+    hint = " (DICOM: convert to PNG first, e.g. with pydicom)" if ".dcm" in suffixes else ""
+    return (f"; its folder {folder} holds {found} files, none of them an image the toolkit reads "
+            f"({' '.join(sorted(IMAGE_SUFFIXES))}){hint}")
 
 
 def check_split_fractions(val_frac: float, test_frac: float) -> None:
