@@ -8,7 +8,6 @@ registry (export.registry), and 'verified' is decided in one place (status_for).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.metadata
 import json
@@ -276,18 +275,10 @@ def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[
                               details=details)
     except Exception as err:  # any failure is a 'failed' row, never a crash of the whole export
         remove_path(dest)  # a stale file from an earlier run must not pass for this one
-        reason = f"{type(err).__name__}: {err}" + disk_full_advice(err, dest)
-        log.error("%s failed: %s", name, reason)
-        return record_failed(ckpt, out_dir, name, reason, engine=engine, details=details)
+        log.error("%s failed: %s: %s", name, type(err).__name__, err)
+        return record_failed(ckpt, out_dir, name, f"{type(err).__name__}: {err}", engine=engine, details=details)
     record(out_dir, entry)
     return entry
-
-
-def disk_full_advice(err: BaseException, dest: Path) -> str:
-    """What to do when a write failed for want of space: some writers (torch.onnx) name no file."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f" (writing {dest}): free space on that disk or export to another folder"
-    return ""
 
 
 def failed_entry(ckpt: Checkpoint | None, name: str, error: str, engine: str | None = None,

@@ -224,7 +224,8 @@ def test_run_in_batches_joins_chunks_in_order_and_channels_last_keeps_the_logits
 
 
 def test_a_full_disk_is_a_failed_row_that_names_the_file_and_what_to_do(tmp_path, ckpt):
-    """torch.onnx's writer reports a full disk with no file name; the row names it and what to do."""
+    """torch.onnx's writer reports a full disk with no file name (torch.save's as 'unexpected pos N vs M'); the
+    row names the file and what to do (train.atomic.DiskFullError, from atomic_path)."""
     import errno
     import os
 
@@ -236,7 +237,8 @@ def test_a_full_disk_is_a_failed_row_that_names_the_file_and_what_to_do(tmp_path
 
     row = write_proven(ckpt, tmp_path, "onnx_fp32", write=full, prove=lambda p: {})
     assert row.status == "failed" and row.path is None
-    assert f"No space left on device (writing {tmp_path / 'model.onnx'}): free space" in row.error
+    assert row.error.startswith(f"DiskFullError: writing {tmp_path / 'model.onnx'} failed: the disk is full (")
+    assert row.error.endswith("free space there or choose another output folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".artifacts.json.lock", "artifacts.json"]
     other = write_proven(ckpt, tmp_path, "onnx_fp32", write=lambda t: (_ for _ in ()).throw(ValueError("bad")),
                          prove=lambda p: {})

@@ -361,3 +361,41 @@ def test_a_read_only_place_is_named_with_the_reason(tmp_path, monkeypatch):
     with pytest.raises(OutputPathError, match=r"--json .*/r.json: cannot write there \(Read-only file system\)"):
         check_writable_file(tmp_path / "r.json", "--json")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_is_said_in_those_words_and_leaves_no_partial_file(tmp_path, monkeypatch, tiny_spec):
+    """torch.save on a full disk raises RuntimeError 'unexpected pos N vs M' (pytorch/pytorch#10577): a
+    training run ended with that traceback. Every atomic write now says the disk is full, names the file, and
+    leaves nothing; other errors, and torch's words while space is left, pass through unchanged."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from train import atomic
+    from train.checkpoint import make_checkpoint_dict, save_checkpoint
+    from train.model import build_network
+
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 10 << 20}
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - free["bytes"],
+                                                                     free["bytes"]))
+    real_save = torch.save
+
+    def save_until_full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # a file that is there, half-written
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 59986880 vs 59986768")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    dest = tmp_path / "run" / "last.pt"
+    ckpt = make_checkpoint_dict(build_network(num_classes=tiny_spec.num_classes).state_dict(), tiny_spec)
+    with pytest.raises(atomic.DiskFullError, match=rf"writing {dest} failed: the disk is full \(10\.5 MB left "):
+        save_checkpoint(ckpt, dest)
+    assert list((tmp_path / "run").iterdir()) == []
+
+    free["bytes"] = 50 << 30  # the same words with space left: not called a full disk
+    with pytest.raises(RuntimeError, match="unexpected pos") as caught:
+        save_checkpoint(ckpt, dest)
+    assert not isinstance(caught.value, atomic.DiskFullError)
+    free["bytes"] = 1 << 20
+    with pytest.raises(ValueError, match="logits differ"):  # another failure on a nearly full disk
+        with atomic.atomic_path(tmp_path / "model.onnx"):
+            raise ValueError("logits differ")

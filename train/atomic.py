@@ -76,14 +76,48 @@ def atomic_path(dest: str | Path, suffix: str | None = None) -> Iterator[Path]:
 
             shutil.rmtree(dest)
         os.replace(tmp_path, dest)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and disk_full(err, dest.parent)  # measured before the file is removed
         if tmp_path.is_dir():
             import shutil
 
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"writing {dest} failed: the disk is full ({full}); free space there or choose "
+                                f"another output folder") from err
         raise
+
+
+class DiskFullError(ToolkitError, OSError):
+    """A write that failed for want of space, said in those words: torch's own writers report a full disk as
+    'unexpected pos N vs M' or 'PytorchStreamWriter failed writing file' (a RuntimeError), and torch.onnx's
+    with no file name."""
+
+
+FULL_BELOW_BYTES = 16 << 20  # a writer fails once less than its next chunk is left
+# how torch's zip writer (torch.save, torch.jit.save, the lite interpreter's) words a failed write
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+def disk_full(err: BaseException, folder: Path) -> str | None:
+    """How full `folder`'s disk is, when `err` (or an error it came from) was a write that ran out of space: an
+    ENOSPC/EDQUOT OSError, or torch's write failure with less than FULL_BELOW_BYTES left. None otherwise."""
+    import errno
+    import shutil
+
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    out_of_space = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    torch_write = any(m in str(e) for e in chain for m in TORCH_WRITE_FAILURES) and free < FULL_BELOW_BYTES
+    return f"{free / 1e6:.1f} MB left in {folder}" if out_of_space or torch_write else None
 
 
 def remove_partials(folder: str | Path) -> list[str]:
