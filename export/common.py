@@ -23,7 +23,7 @@ import numpy as np
 from export.manifest import ArtifactEntry, record
 from export.registry import BASE_TOOLS, format_of, tools, variant
 from quantize.targets import MIN_TOP1_AGREEMENT
-from train.atomic import atomic_path, sha256_file, size_bytes
+from train.atomic import atomic_path, require_free_space, sha256_file, size_bytes
 from train.checkpoint import Checkpoint
 from train.data import Sample, images_origin, load_batch
 from train.errors import ToolkitError
@@ -251,6 +251,16 @@ def step_times(write_s: float, verify_s: float, quantize_s: float | None = None)
     return {**steps, "convert_and_write": round(write_s - (quantize_s or 0.0), 2), "verify": round(verify_s, 2)}
 
 
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "w8": 1.0, "palette6": 0.75, "palette4": 0.5}
+
+
+def expected_size(ckpt: Checkpoint, precision: str) -> int:
+    """About how many bytes a file of this precision takes (weights at its width, plus a tenth for the graph):
+    what must be free before writing it."""
+    weights = sum(t.numel() for t in ckpt.state_dict.values() if t.is_floating_point())
+    return int(weights * BYTES_PER_WEIGHT.get(precision, 4.0) * 1.1)
+
+
 def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[[Path], dict | None],
                  prove: Callable[[Path], dict], engine: str | None = None,
                  details: dict | None = None) -> ArtifactEntry:
@@ -261,6 +271,7 @@ def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[
     dest = Path(out_dir) / file
     details = dict(details or {})
     try:
+        require_free_space(out_dir, expected_size(ckpt, variant(name).precision), dest)
         with atomic_path(dest) as tmp:
             t0 = time.perf_counter()
             written = dict(write(tmp) or {})

@@ -243,3 +243,26 @@ def test_a_full_disk_is_a_failed_row_that_names_the_file_and_what_to_do(tmp_path
     other = write_proven(ckpt, tmp_path, "onnx_fp32", write=lambda t: (_ for _ in ()).throw(ValueError("bad")),
                          prove=lambda p: {})
     assert other.error == "ValueError: bad"  # other failures keep their own words
+
+
+def test_a_file_that_cannot_fit_is_refused_before_its_writer_runs(tmp_path, ckpt, monkeypatch):
+    """On a nearly full disk torch's lite-interpreter writer aborted the whole process (exit 134, 'terminate
+    called ... unexpected pos') and left its partial file: `python -m export.lite` died that way. A file that
+    cannot fit is now a failed row before its writer starts."""
+    import shutil
+    from collections import namedtuple
+
+    from export.common import expected_size, write_proven
+
+    need = expected_size(ckpt, "fp32")
+    assert expected_size(ckpt, "int8") < need / 3
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, need - 1))
+    ran = []
+    row = write_proven(ckpt, tmp_path, "ptl_fp32", write=ran.append, prove=lambda p: {})
+    assert ran == [] and row.status == "failed"
+    assert f"DiskFullError: writing {tmp_path / 'model.ptl'} needs about " in row.error
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    write_proven(ckpt, tmp_path, "ptl_int8", write=ran.append, prove=lambda p: {})
+    assert len(ran) == 1  # an int8 file needs a quarter of the room
+

@@ -120,6 +120,21 @@ def disk_full(err: BaseException, folder: Path) -> str | None:
     return f"{free / 1e6:.1f} MB left in {folder}" if out_of_space or torch_write else None
 
 
+def require_free_space(folder: str | Path, needed: int, what: str | Path) -> None:
+    """Refuse a write that cannot fit before it starts: on a full disk torch's zip writer can throw from a
+    destructor, which aborts the whole process ('terminate called ... unexpected pos', exit 134) instead of
+    raising, and leaves its partial file behind."""
+    import shutil
+
+    probe = Path(folder).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DiskFullError(f"writing {what} needs about {needed / 1e6:.0f} MB and the disk holding {probe} has "
+                            f"{free / 1e6:.1f} MB left; free space there or choose another output folder")
+
+
 def remove_partials(folder: str | Path) -> list[str]:
     """Delete the temporary files and folders atomic_path left in `folder` when its writer was killed (a crashed
     worker process cannot clean up); only call it when no writer is running there. Returns their names."""

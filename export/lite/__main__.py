@@ -75,8 +75,8 @@ def run_lite(a: argparse.Namespace) -> int:
     results = export_all(ckpt, a.artifacts, eval_samples=verify, calib_samples=calib, only=ran, options=options)
     print_entries(results)
     if any(e.status == "failed" for e in results):
-        print(f"error: an export failed its proof; nothing was bundled (see {a.artifacts}/artifacts.json)",
-              file=sys.stderr)
+        print(f"error: an export failed (the table above says why); nothing was bundled (see "
+              f"{a.artifacts}/artifacts.json)", file=sys.stderr)
         return 1
     if a.bundle:
         write_bundle(a.artifacts, a.out, data=data, force=a.force, test_vectors=a.test_vectors,
