@@ -36,11 +36,17 @@ def check_writable_file(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def _writable(folder: Path, flag: str, named: Path | None = None) -> Path:
-    """Probe `folder`, or the nearest existing folder above it, with a temporary file that leaves no trace."""
-    probe = folder.absolute()
+def nearest_existing(path: str | Path) -> Path:
+    """`path`, or the closest folder above it that exists (a command's output folder may not exist yet)."""
+    probe = Path(path).absolute()
     while not probe.exists():
         probe = probe.parent
+    return probe
+
+
+def _writable(folder: Path, flag: str, named: Path | None = None) -> Path:
+    """Probe `folder`, or the nearest existing folder above it, with a temporary file that leaves no trace."""
+    probe = nearest_existing(folder)
     reason = None
     if not probe.is_dir():
         reason = f"{probe} is a file"
@@ -126,9 +132,7 @@ def require_free_space(folder: str | Path, needed: int, what: str | Path) -> Non
     raising, and leaves its partial file behind."""
     import shutil
 
-    probe = Path(folder).absolute()
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(folder)
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise DiskFullError(f"writing {what} needs about {needed / 1e6:.0f} MB and the disk holding {probe} has "

@@ -56,9 +56,9 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     run_state: on resume, out_dir's last.pt as read_run_state returned it, where the caller has read it already."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
+    check_writable_dir(out_dir)  # a run folder that cannot be written fails now, not at the first checkpoint
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
         recipe.check_choices({**cfg, "workers": workers})
-        check_writable_dir(out_dir)
         if data is not None:
             check_data_path(data)
         if weights == "imagenet":
