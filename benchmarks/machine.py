@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from export.registry import tools
-from train.cpu import cpu_description
+from train.cpu import cgroup_cpu_limit, cpu_description, usable_cores
 
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                      "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
@@ -74,6 +74,8 @@ def machine_info() -> dict[str, Any]:
         "logical_cores": logical,
         "physical_cores": physical,
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical,
+        "cpu_quota": cgroup_cpu_limit(),  # CPUs a container's quota allows (None: no quota)
+        "usable_cores": usable_cores(),
         "cpu_mhz": round(mhz, 1) if mhz else None,
         "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
         "has_avx512": "avx512f" in flags,
@@ -97,5 +99,6 @@ def resnet18_gflop(input_size: int) -> float:
 def describe(m: dict[str, Any]) -> str:
     """One line for reports."""
     flags = ", ".join(m["flags"]) or "none detected"
+    quota = f" (a CPU quota of {m['cpu_quota']:g} lets this process use {m['usable_cores']})" if m.get("cpu_quota") else ""
     return (f"{m['cpu_model']} ({m['machine']}), {m['logical_cores']} logical / {m['physical_cores']} "
-            f"physical cores at {m['cpu_mhz']} MHz; vector flags: {flags}; {m['system']}")
+            f"physical cores{quota} at {m['cpu_mhz']} MHz; vector flags: {flags}; {m['system']}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from train.atomic import check_writable_dir, write_json, write_text
+from train.cpu import fit_torch_threads
 from train.memory import keep_freed_memory
 from train.errors import ToolkitError, cli_errors
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.bundle_dir is not None:
         check_writable_dir(a.bundle_dir, "--bundle-dir")
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO, format="%(message)s")
+    fit_torch_threads()
     keep_freed_memory()  # training, export and calibration here; the benchmark's workers keep glibc's defaults
     try:
         summary = run_pipeline(a.out, epochs=a.epochs, per_class=a.per_class, input_size=a.input_size, runs=a.runs,

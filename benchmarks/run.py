@@ -27,6 +27,7 @@ from export.registry import variants
 from export.runners import RUNNERS
 from train.atomic import size_bytes
 from train.checkpoint import Checkpoint, load_checkpoint
+from train.cpu import usable_cores
 from train.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ def run_benchmarks(artifacts_dir: str | Path, checkpoint: str | Path, data: str 
             if row["job"]:
                 row.update(status="failed", reason=data_info["class_error"], job=None)
     if not threads_all:
-        threads_all = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads_all = usable_cores()
     settings = {"runs": runs, "warmup": warmup, "threads_all": int(threads_all or 1), "batch": batch,
                 "timeout": timeout, "max_drop": max_drop, "max_images": max_images, "niceness": os.nice(0)}
     machine = machine_info()  # before the workers: the report quotes the load average at the start

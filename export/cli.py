@@ -18,6 +18,7 @@ from train.atomic import check_writable_dir
 from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from train.checkpoint import Checkpoint
 from train.data import DataError, Sample, verification_sets
+from train.cpu import fit_torch_threads
 from train.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[Artifact
     args = parser.parse_args(argv)
     setup_logging()
     keep_freed_memory()
+    fit_torch_threads()
     opts = options(args)
     check_sizes(calib_size=args.calib_size, eval_size=args.eval_size)
     check_writable_dir(args.out)  # before decoding the data and loading the model

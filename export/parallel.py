@@ -20,11 +20,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
 
+from train.cpu import usable_cores
+
 log = logging.getLogger(__name__)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 WORKER_MEMORY_GB = 3  # a worker's peak resident memory exporting the heaviest format at 224 px, rounded up

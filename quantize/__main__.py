@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("quantize", "train", "export"):
         logging.getLogger(name).setLevel(logging.INFO)
     from benchmarks.quant_report import ReportError, run_quantization_report
+    from train.cpu import fit_torch_threads
     from train.memory import keep_freed_memory
 
+    fit_torch_threads()
     keep_freed_memory()  # batched calibration and scoring; its latencies are batch 1, which this does not move
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())

@@ -180,3 +180,66 @@ def test_a_command_turns_sigterm_into_an_interrupt_and_leaves_an_ignored_signal_
         signal.signal(signal.SIGHUP, old_hup)
     assert seen == {"hup": signal.SIG_IGN, "finally ran": True}
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def _cgroup(tmp_path, proc_lines, files):
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    for rel, text in files.items():
+        (tmp_path / "cg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cg" / rel).write_text(text)
+    return proc, tmp_path / "cg"
+
+
+@pytest.mark.parametrize("proc_lines, files, expected", [
+    # cgroup v2 in a container (its own cgroup seen as /): docker --cpus 2
+    (["0::/"], {"cpu.max": "200000 100000\n"}, 2.0),
+    # cgroup v2 on a host: a pod's quota on a parent of the process's cgroup counts too
+    (["0::/kubepods/pod1/ctr"], {"kubepods/pod1/cpu.max": "150000 100000\n",
+                                 "kubepods/pod1/ctr/cpu.max": "max 100000\n"}, 1.5),
+    (["0::/"], {"cpu.max": "max 100000\n"}, None),  # no quota
+    # cgroup v1, cpu and cpuacct mounted together, as docker does
+    (["4:cpu,cpuacct:/docker/abc", "3:memory:/docker/abc"],
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
+     0.5),
+    (["1:cpu:/"], {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ([], {}, None),  # not Linux, or no cgroup file
+])
+def test_a_cpu_quota_is_read_from_cgroup_v1_and_v2(tmp_path, proc_lines, files, expected):
+    from train.cpu import cgroup_cpu_limit
+
+    proc, root = _cgroup(tmp_path, proc_lines, files)
+    assert cgroup_cpu_limit(proc, root) == expected
+
+
+def test_a_cpu_quota_caps_cores_workers_and_torch_threads(monkeypatch):
+    """In a 2-CPU container on a 64-core host torch, ONNX Runtime and os.sched_getaffinity all count 64: the
+    export would start 8 workers of 8 threads each (measured on a 2-core EPYC under a 1-CPU quota: ResNet-18
+    batch 8 ran in 429 ms with 2 torch threads and 361 ms with 1)."""
+    import psutil
+    import torch
+
+    from train import cpu, recipe
+
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda *a, **k: 2.5)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu.usable_cores() == 2 and recipe.default_workers() == 2
+    monkeypatch.setattr("export.parallel.usable_cores", cpu.usable_cores)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=64 * 2**30))
+    assert resolve_jobs("auto", 8) == 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert cpu.fit_torch_threads() == 2 and torch.get_num_threads() == 2
+        assert cpu.fit_torch_threads() is None  # already within the quota
+        torch.set_num_threads(8)
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's own setting rules
+        assert cpu.fit_torch_threads() is None and torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda *a, **k: 0.5)
+    assert cpu.usable_cores() == 1
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda *a, **k: None)
+    assert cpu.usable_cores() == 64

@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from train.loop import train_model
+    from train.cpu import fit_torch_threads
     from train.memory import keep_freed_memory
 
     keep_freed_memory()  # before the loader's worker processes fork, so they keep freed memory too
+    fit_torch_threads()
     kw, run_state = resolve_args(a)
     best = train_model(
         kw["data"], kw["out"], epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"],

@@ -16,6 +16,7 @@ from dataclasses import replace
 from train.atomic import check_writable_dir
 from train.data import DataError, DatasetIndex, check_images, discover
 from train.errors import cli_errors
+from train.cpu import fit_torch_threads
 from train.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable_dir(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
+    fit_torch_threads()
     r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, out_dir=Path(a.out),
                             explain_per_class=a.explain, batch_size=a.batch_size, workers=a.workers,
                             device=a.device, data_root=a.data_root, skip_bad=a.skip_bad)

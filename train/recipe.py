@@ -85,8 +85,9 @@ def class_weights(idx: DatasetIndex) -> torch.Tensor:
 def default_workers() -> int:
     """Loader processes per training process: this machine's cores shared by the processes torchrun starts
     on it (LOCAL_WORLD_SIZE), at most 8 (decoding a 224-pixel gray PNG is cheap next to a GPU step)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from train.cpu import usable_cores
+
+    return max(1, min(8, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def make_train_loader(idx: DatasetIndex, spec: PreprocessSpec, cfg: dict[str, Any],

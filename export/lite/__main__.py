@@ -15,6 +15,7 @@ from export.common import ExportError
 from export.registry import bundle_variants, format_of
 from export.torchscript import INT8_MODES, check_bytecode_version
 from quantize.torch_ao import X86_ISA_CHOICES
+from train.cpu import fit_torch_threads
 from train.errors import cli_errors
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     setup_logging()
+    fit_torch_threads()
     check_sizes(calib_size=a.calib_size, eval_size=a.eval_size, metrics_size=a.metrics_size,
                 test_vectors=a.test_vectors)
     return run_lite(a)
