@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from train.cpu import quota_threads
 from train.errors import ToolkitError
 
 
@@ -22,8 +23,9 @@ class RunnerError(ToolkitError, RuntimeError):
     """A runtime that is unavailable here or an artifact it cannot load."""
 
 
-# Intra-op threads of a runner made without `threads` (None: each runtime's own default). A parallel export's
-# workers set it to their share of the cores (export.parallel).
+# Intra-op threads of a runner made without `threads` (None: each runtime's own default, or the cores a container's
+# CPU quota allows, which no runtime sees: train.cpu.quota_threads). A parallel export's workers set it to their
+# share of the cores (export.parallel).
 DEFAULT_THREADS: int | None = None
 
 
@@ -41,7 +43,7 @@ class Runner:
         return None
 
     def __init__(self, threads: int | None = None, engine: str | None = None) -> None:
-        self.threads = threads if threads is not None else DEFAULT_THREADS
+        self.threads = threads if threads is not None else (DEFAULT_THREADS or quota_threads())
         self.engine = engine
         self.model: Any = None
 

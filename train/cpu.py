@@ -130,6 +130,11 @@ def usable_cores() -> int:
     return max(1, min(cores, int(limit))) if limit else cores
 
 
+def quota_threads() -> int | None:
+    """usable_cores() where a CPU quota applies, else None (each runtime keeps its own default thread count)."""
+    return usable_cores() if cgroup_cpu_limit() else None
+
+
 def fit_torch_threads() -> int | None:
     """Give torch no more threads than usable_cores() when a CPU quota is the smaller (torch counts the host's
     cores). Returns the new count, or None when nothing changed; OMP_NUM_THREADS, where set, is left to rule."""
