@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from export.registry import tools
-from train.cpu import cgroup_cpu_limit, cpu_description, usable_cores
+from train import cgroup
+from train.cpu import cpu_description, usable_cores
 
 INTERESTING_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                      "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
@@ -74,7 +75,7 @@ def machine_info() -> dict[str, Any]:
         "logical_cores": logical,
         "physical_cores": physical,
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical,
-        "cpu_quota": cgroup_cpu_limit(),  # CPUs a container's quota allows (None: no quota)
+        "cpu_quota": cgroup.cpu_limit(),  # CPUs a container's quota allows (None: no quota)
         "usable_cores": usable_cores(),
         "cpu_mhz": round(mhz, 1) if mhz else None,
         "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),

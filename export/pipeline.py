@@ -86,7 +86,8 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
                options: dict[str, dict[str, Any]] | None = None, jobs: int = 1) -> list[ArtifactEntry]:
     """Export every registered format (or `only` those); returns all rows written, in registry order.
     `options` maps a format name to extra keyword arguments for its exporter. `jobs` > 1 exports formats
-    side by side in that many worker processes (export.parallel), each with its share of the cores."""
+    side by side in that many worker processes (export.parallel), each with its share of the cores; `jobs` 1
+    exports them one after another in this process, or each in a fresh process where memory is tight."""
     names = list(FORMATS) if only is None else list(only)
     for n in names:
         get_format(n)  # an unknown name fails before anything is written
@@ -95,12 +96,13 @@ def export_all(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
     common = {"ckpt": ckpt, "out_dir": out_dir, "eval_samples": eval_samples, "calib_samples": calib_samples}
     t0 = time.perf_counter()
     jobs = max(1, min(jobs, len(names)))
-    if jobs > 1:
-        from export.parallel import run_in_workers
+    from export.parallel import memory_tight, run_in_workers
 
+    if jobs > 1 or memory_tight():
         per_format = run_in_workers(_format_job, names, jobs, {n: FORMATS[n].after for n in names},
                                     lambda n, why: _crashed(ckpt, out_dir, n, why),
-                                    on_broken=lambda: _remove_partials(out_dir), options=options or {}, **common)
+                                    on_broken=lambda: _remove_partials(out_dir), options=options or {},
+                                    one_per_process=jobs == 1, **common)
     else:
         per_format = {n: timed_export(n, options=(options or {}).get(n, {}), **common) for n in names}
     rows = [r for n in names for r in per_format[n][0]]

@@ -14,6 +14,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from train import cgroup
+
 INT8_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile",
               "avx512_bf16", "asimd", "asimddp", "i8mm")
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
@@ -83,56 +85,17 @@ def cpu_description() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- how many cores this process may use
-def cgroup_cpu_limit(proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup") -> float | None:
-    """CPUs this process may keep busy by its cgroup's CPU quota (docker --cpus, a Kubernetes CPU limit), the
-    smallest over its cgroup and the cgroups above it; None when there is no quota or no cgroup to read.
-    Neither torch, ONNX Runtime nor os.sched_getaffinity sees a quota: in a 2-CPU container on a 64-core host
-    they start 64 threads, and the quota then stalls them every scheduling period."""
-    try:
-        lines = Path(proc_cgroup).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    root = Path(root)
-    limits = []
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        here = Path(path.strip().lstrip("/"))
-        chain = [here, *here.parents] if str(here) != "." else [here]
-        if controllers == "":  # cgroup v2: one hierarchy, "max" = no quota
-            limits += [_quota(root / p / "cpu.max", None) for p in chain]
-        elif "cpu" in controllers.split(","):  # cgroup v1: the cpu controller's own hierarchy, -1 = no quota
-            mount = next((root / m for m in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / m).is_dir()),
-                         None)
-            if mount is not None:
-                limits += [_quota(mount / p / "cpu.cfs_quota_us", mount / p / "cpu.cfs_period_us") for p in chain]
-    limits = [x for x in limits if x]
-    return min(limits) if limits else None
-
-
-def _quota(quota_file: Path, period_file: Path | None) -> float | None:
-    try:
-        if period_file is None:
-            quota, period = quota_file.read_text(encoding="utf-8").split()[:2]
-        else:
-            quota, period = quota_file.read_text(encoding="utf-8").strip(), period_file.read_text(encoding="utf-8").strip()
-        if quota in ("max", "-1"):
-            return None
-        return int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
-
-
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (rounded down, at least 1,
     as Go's automaxprocs does: a thread more than the quota is throttled)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = cgroup_cpu_limit()
+    limit = cgroup.cpu_limit()
     return max(1, min(cores, int(limit))) if limit else cores
 
 
 def quota_threads() -> int | None:
     """usable_cores() where a CPU quota applies, else None (each runtime keeps its own default thread count)."""
-    return usable_cores() if cgroup_cpu_limit() else None
+    return usable_cores() if cgroup.cpu_limit() else None
 
 
 def fit_torch_threads() -> int | None:
@@ -145,7 +108,7 @@ def fit_torch_threads() -> int | None:
     cores = usable_cores()
     if torch.get_num_threads() <= cores:
         return None
-    logging.getLogger(__name__).info("a CPU quota of %.2f CPUs: torch runs %d thread(s), not %d", cgroup_cpu_limit(),
+    logging.getLogger(__name__).info("a CPU quota of %.2f CPUs: torch runs %d thread(s), not %d", cgroup.cpu_limit(),
                                      cores, torch.get_num_threads())
     torch.set_num_threads(cores)
     return cores
