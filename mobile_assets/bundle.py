@@ -23,7 +23,7 @@ from export.metadata import RESEARCH_NOTICE
 from export.registry import bundle_variants, variant
 from mobile_assets import APP_README_PATH, validate_manifest
 from mobile_assets.vectors import evaluate_models, write_test_vectors
-from train.atomic import check_writable_dir, sha256_file, size_bytes
+from train.atomic import check_writable_dir, require_free_space, sha256_file, size_bytes
 from train.data import Sample
 from train.errors import ToolkitError
 from train.spec import PreprocessSpec
@@ -245,6 +245,8 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     check_target(bundle_dir, force)
     source = read_source(artifacts_dir)
     models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified, runtime)
+    room = sum(size_bytes(artifacts_dir / e.path) for e in models) * 1.1 + (8 << 20)  # models, vectors, manifest
+    require_free_space(bundle_dir, int(room), f"the bundle {bundle_dir}")
     spec = PreprocessSpec.from_dict(source["spec"])
     vector_images, metric_images, eval_info = bundle_images(artifacts_dir, source, data, metrics_size)
     stage = _stage(bundle_dir)

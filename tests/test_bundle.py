@@ -259,3 +259,18 @@ def test_a_flutter_onnxruntime_bundle(built, ckpt, tmp_path):
     x = np.fromfile(tmp_path / "ort" / vec["input"], dtype="<f4").reshape(1, 3, 32, 32)
     logits = get_runner("onnxruntime").load(tmp_path / "ort" / "model_mobile.onnx").run(x)
     assert np.abs(logits[0] - expected["model_mobile.onnx"][vec["name"]]).max() <= 1e-4
+
+
+def test_a_bundle_that_cannot_fit_is_refused_before_its_models_are_scored(built, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from train.atomic import DiskFullError
+
+    art, _ = built
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 20))
+    monkeypatch.setattr(bundle, "evaluate_models", lambda *a, **k: pytest.fail("scored before the room was known"))
+    with pytest.raises(DiskFullError, match=f"writing the bundle {tmp_path / 'b'} needs about .* MB left"):
+        bundle.write_bundle(art, tmp_path / "b", data=None)
+    assert not (tmp_path / "b").exists()

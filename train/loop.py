@@ -19,7 +19,7 @@ import torch
 
 from train import distributed as D
 from train import recipe
-from train.atomic import check_writable_dir, write_json
+from train.atomic import check_writable_dir, require_free_space, write_json
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
 from train.data import check_data_path
 from train.metrics import classification_metrics, predict_logits
@@ -57,6 +57,7 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
     check_writable_dir(out_dir)  # a run folder that cannot be written fails now, not at the first checkpoint
+    require_free_space(out_dir, checkpoint_room(resume), f"the checkpoints of {out_dir}")
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
         recipe.check_choices({**cfg, "workers": workers})
         if data is not None:
@@ -85,6 +86,16 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
             logging.getLogger("train").removeHandler(handler)
             handler.close()
         D.cleanup(ctx, failed=failed)
+
+
+def checkpoint_room(resume: bool) -> int:
+    """Bytes a run's checkpoints need free: best.pt (the weights) and last.pt (the weights and AdamW's two
+    moments: 3x), each written beside the file it replaces; a new run has neither yet. Checked before the first
+    epoch, which on real data takes minutes to hours, rather than at its end."""
+    from train.model import build_network
+
+    weights = sum(t.numel() * t.element_size() for t in build_network("resnet18", num_classes=4).state_dict().values())
+    return int(weights * (4 if resume else 7) * 1.1)
 
 
 def _log_to_file(out_dir: Path) -> logging.Handler:
