@@ -10,7 +10,8 @@ from pathlib import Path
 
 from quantize.onnx_rt import CALIB_METHODS
 from quantize.torch_ao import LEGACY_REDUCE_RANGE, REDUCE_RANGE_CHOICES, X86_ISA_CHOICES
-from train.atomic import check_writable_dir
+from train.atomic import check_writable_dir, require_free_space
+from train.model import weight_bytes
 from train.errors import cli_errors
 
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fit_torch_threads()
     keep_freed_memory()  # batched calibration and scoring; its latencies are batch 1, which this does not move
+    # before calibrating: the ONNX fp32 and two int8 files it writes to OUT/models are 1.5x the weights
+    require_free_space(args.out, int(weight_bytes() * 1.5 * 1.1) + (8 << 20), f"the quantization report {args.out}")
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     legacy = LEGACY_REDUCE_RANGE.get(args.reduce_range, args.reduce_range)

@@ -401,21 +401,28 @@ def test_a_full_disk_is_said_in_those_words_and_leaves_no_partial_file(tmp_path,
             raise ValueError("logits differ")
 
 
-def test_a_run_or_bundle_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, synthetic_data, capsys):
+def test_a_run_or_report_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch, synthetic_data,
+                                                                    tiny_checkpoint, capsys):
     """A training run whose checkpoints cannot fit failed when it first saved, after an epoch (minutes to hours
-    on real data); a bundle after scoring its models. Both now say so before starting."""
+    on real data); a quantization report after calibrating (30 s on cxr4). Both now say so before starting."""
     import shutil as shutil_module
     from collections import namedtuple
 
+    from quantize.__main__ import main as quantize_main
     from train.__main__ import main as train_main
     from train.loop import checkpoint_room
 
     usage = namedtuple("usage", "total used free")
-    free = checkpoint_room(resume=False) - 1
-    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(1 << 40, 0, free))
-    assert checkpoint_room(resume=True) < free  # a resumed run has its files already
+    free = {"bytes": checkpoint_room(resume=False) - 1}
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(1 << 40, 0, free["bytes"]))
+    assert checkpoint_room(resume=True) < free["bytes"]  # a resumed run has its files already
     out = tmp_path / "run"
     code = train_main(["--data", str(synthetic_data), "--out", str(out), "--epochs", "1", "--weights", "none"])
     err = capsys.readouterr().err
     assert code == 2 and f"error: writing the checkpoints of {out} needs about " in err and "MB left" in err
-    assert not out.exists()
+    free["bytes"] = 60 << 20  # the report's ONNX files need about 80 MB
+    code = quantize_main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data), "--out",
+                          str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: writing the quantization report {tmp_path / 'q'} needs about " in err
+    assert sorted(tmp_path.iterdir()) == []

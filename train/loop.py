@@ -92,10 +92,9 @@ def checkpoint_room(resume: bool) -> int:
     """Bytes a run's checkpoints need free: best.pt (the weights) and last.pt (the weights and AdamW's two
     moments: 3x), each written beside the file it replaces; a new run has neither yet. Checked before the first
     epoch, which on real data takes minutes to hours, rather than at its end."""
-    from train.model import build_network
+    from train.model import weight_bytes
 
-    weights = sum(t.numel() * t.element_size() for t in build_network("resnet18", num_classes=4).state_dict().values())
-    return int(weights * (4 if resume else 7) * 1.1)
+    return int(weight_bytes() * (4 if resume else 7) * 1.1)
 
 
 def _log_to_file(out_dir: Path) -> logging.Handler:

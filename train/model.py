@@ -80,6 +80,12 @@ def build_network(arch: str = "resnet18", num_classes: int = 4) -> nn.Module:
     return torchvision.models.resnet18(weights=None, num_classes=num_classes)
 
 
+def weight_bytes(arch: str = "resnet18", num_classes: int = 4) -> int:
+    """Bytes of the network's float32 weights and buffers: the unit the commands' room checks count in
+    (a checkpoint, an exported fp32 model and a quantization report's ONNX files are multiples of it)."""
+    return sum(t.numel() * t.element_size() for t in build_network(arch, num_classes).state_dict().values())
+
+
 def imagenet_weights_path() -> Path:
     """Where torchvision caches the ImageNet ResNet-18 weights (honours TORCH_HOME)."""
     from torchvision.models import ResNet18_Weights
