@@ -60,15 +60,21 @@ def train_config(data: str, batch_size: int, workers: int, input_size: int) -> d
             "optimizer": "adamw", "schedule": "onecycle", "weight_decay": 1e-4, "epochs": 1}
 
 
-def toolkit_side(data: str, batch_size: int, workers: int, input_size: int):
+def train_index(cfg: dict):
+    """The data indexed, split (the data's own split, or the seeded one training makes) and decode-checked as
+    `python -m train` does: once per run, for both sides and every round."""
+    from train import recipe
+
+    return recipe.prepare_index(cfg, progress=False)[0]
+
+
+def toolkit_side(idx, cfg: dict):
     from train import recipe
     from train.distributed import DistContext
     from train.loop import seed_everything, train_step
 
-    cfg = train_config(data, batch_size, workers, input_size)
     seed_everything(0)
     ctx = DistContext(torch.device("cpu"))
-    idx, _ = recipe.prepare_index(cfg, progress=False)
     spec = recipe.make_spec(cfg, idx.class_names)
     loader = recipe.make_train_loader(idx, spec, cfg, ctx)
     model = recipe.make_model(cfg, spec, init=True).train()
@@ -79,17 +85,15 @@ def toolkit_side(data: str, batch_size: int, workers: int, input_size: int):
     return loader, lambda x, y: train_step(model, x, y, criterion, opt, sched, scaler, device=ctx.device)
 
 
-def plain_side(data: str, batch_size: int, workers: int, input_size: int):
+def plain_side(idx, cfg: dict):
     import torchvision
     from torchvision import transforms as T
 
-    from train import recipe
     from train.spec import IMAGENET_MEAN, IMAGENET_STD
 
-    # the toolkit side's train split (the data's own, or the seeded one training makes); decoding is
-    # torchvision's default_loader
-    idx, _ = recipe.prepare_index(train_config(data, batch_size, workers, input_size), progress=False)
+    # the toolkit side's train files; decoding is torchvision's default_loader
     samples = [(str(s.path), s.label) for s in idx.split("train")]
+    batch_size, workers, input_size = cfg["batch_size"], cfg["workers"], cfg["input_size"]
     tf = T.Compose([T.Grayscale(num_output_channels=3), T.Resize((input_size, input_size)), T.ToTensor(),
                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -122,11 +126,13 @@ def run(data: str, *, batches: int = 40, warmup: int = 3, batch_size: int = 32, 
     if threads:
         torch.set_num_threads(threads)
     sides = {"plain_torchvision": plain_side, "toolkit": toolkit_side}
+    cfg = train_config(data, batch_size, workers, input_size)
+    idx = train_index(cfg)
     results: dict[str, list[float]] = {k: [] for k in sides}
     per_round = max(1, batches // rounds)
     for r in range(rounds):
         for name, make in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
-            loader, step = make(data, batch_size, workers, input_size)
+            loader, step = make(idx, cfg)
             ips = _time_batches(loader, step, per_round, warmup)
             results[name].append(round(ips, 3))
             print(f"round {r + 1}/{rounds} {name}: {ips:.2f} images/s", flush=True)

@@ -149,7 +149,7 @@ def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[Artifact
     check_writable_dir(args.out)  # before decoding the data and loading the model
     ckpt = load_checkpoint(args.checkpoint)
     data, eval_samples, calib_samples = load_inputs(args, ckpt, static_int8(opts), alternatives)
-    check_out_dir(args.out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # probed by check_writable_dir above
     record_source(args.out, source_record(ckpt, data, eval_samples))
     rows = export(ckpt, args.out, eval_samples=eval_samples, calib_samples=calib_samples, **opts)
     print_entries(rows)

@@ -46,7 +46,9 @@ def resolve_jobs(jobs: int | str, n_formats: int) -> int:
 
     available = psutil.virtual_memory().available
     limited = cgroup.memory_available()  # a container's memory limit, which psutil does not see
-    by_memory = int(min(available, limited if limited is not None else available) / 2**30 // WORKER_MEMORY_GB)
+    if limited is not None:
+        available = min(available, limited)
+    by_memory = int(available / 2**30 // WORKER_MEMORY_GB)
     return max(1, min(usable_cores(), n_formats, by_memory))
 
 

@@ -306,8 +306,10 @@ def test_train_throughput_times_both_sides_on_the_same_train_split(synthetic_dat
     settings the data cannot serve are one error line (a StopIteration traceback before)."""
     from benchmarks import train_throughput as tt
 
-    plain, _ = tt.plain_side(str(synthetic_data), 8, 0, 32)
-    toolkit, _ = tt.toolkit_side(str(synthetic_data), 8, 0, 32)
+    cfg = tt.train_config(str(synthetic_data), 8, 0, 32)
+    idx = tt.train_index(cfg)
+    plain, _ = tt.plain_side(idx, cfg)
+    toolkit, _ = tt.toolkit_side(idx, cfg)
     assert len(plain.dataset) == len(toolkit.dataset) < 48
     out = tmp_path / "t.json"
     args = ["--data", str(synthetic_data), "--batch-size", "8", "--workers", "0", "--input-size", "32"]

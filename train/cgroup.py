@@ -4,6 +4,7 @@ sees them: in a 2-CPU, 4 GB container on a 64-core, 256 GB host they all count t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 PROC_CGROUP = "/proc/self/cgroup"
@@ -23,7 +24,7 @@ def _folders(v1_controller: str, proc_cgroup: str | Path, root: str | Path) -> l
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         here = Path(path.strip().lstrip("/"))
-        chain = [here, *here.parents] if str(here) != "." else [here]
+        chain = [here, *here.parents]  # Path("a/b").parents ends at ".", the hierarchy's root
         if controllers == "":
             mount: Path | None = root
         elif v1_controller in controllers.split(","):
@@ -43,9 +44,11 @@ def _read(path: Path) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=8)
 def cpu_limit(proc_cgroup: str | Path = PROC_CGROUP, root: str | Path = ROOT) -> float | None:
     """CPUs this process may keep busy by its CPU quota, the smallest over its cgroups; None without one.
-    A thread more than the quota is stalled every scheduling period."""
+    A thread more than the quota is stalled every scheduling period. Read once per process (every runner and
+    thread count asks), unlike memory_available, whose usage part moves."""
     limits = []
     for folder in _folders("cpu", proc_cgroup, root):
         v2, quota, period = _read(folder / "cpu.max"), _read(folder / "cpu.cfs_quota_us"), None

@@ -128,6 +128,11 @@ def _is_metadata(path: Path) -> bool:
     return path.name.startswith(".") or path.name == "__MACOSX"
 
 
+def _image_folder(class_folder: Path) -> Path:
+    """Where a class's images are: <Class>/images/ (COVID-19 Radiography layout) or <Class>/ itself."""
+    return class_folder / "images" if (class_folder / "images").is_dir() else class_folder
+
+
 def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_metadata(d))
     if not dirs:
@@ -141,8 +146,8 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
         if not folder.is_dir():
             raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
                             f"{list(classes)})")
-        img_dir = folder / "images" if (folder / "images").is_dir() else folder
-        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not _is_metadata(p))
+        files = sorted(p for p in _image_folder(folder).iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not _is_metadata(p))
         samples += [Sample(p, i) for p in files]
     return DatasetIndex(root, classes, samples, layout)
 
@@ -178,8 +183,7 @@ def _what_is_there(idx: DatasetIndex, name: str) -> str:
     """For a class folder without images: the files it holds instead (DICOM exports, say), and what is read."""
     if idx.layout not in ("covid19-radiography", "class-folders"):
         return ""
-    folder = idx.root / name
-    folder = folder / "images" if (folder / "images").is_dir() else folder
+    folder = _image_folder(idx.root / name)
     suffixes = Counter(p.suffix.lower() or "(none)" for p in folder.iterdir() if p.is_file() and not _is_metadata(p))
     if not suffixes:
         return f"; its folder {folder} is empty"
