@@ -39,6 +39,17 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
+@pytest.fixture(autouse=True)
+def no_container_limits(monkeypatch) -> None:
+    """The suite runs alike on every CI machine: a container's CPU quota or memory limit, read from the real
+    cgroup files, would change worker and thread counts (and run each export format in its own process) under
+    the tests. The cgroup code itself is tested on files the tests write (test_export_parallel.py)."""
+    import train.cgroup
+
+    monkeypatch.setattr(train.cgroup, "PROC_CGROUP", "/nonexistent/proc-self-cgroup")
+    train.cgroup.cpu_limit.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_spec() -> PreprocessSpec:
     return PreprocessSpec(input_size=TINY_SIZE)

@@ -12,14 +12,15 @@ ROOT = "/sys/fs/cgroup"
 NO_LIMIT = 1 << 60  # cgroup v1 writes "no memory limit" as a number near 2**63
 
 
-def _folders(v1_controller: str, proc_cgroup: str | Path, root: str | Path) -> list[Path]:
+def _folders(v1_controller: str, proc_cgroup: str | Path | None, root: str | Path | None) -> list[Path]:
     """The folders of this process's cgroup and of every cgroup above it (a limit on any of them applies): in
-    the v2 hierarchy, and in the v1 hierarchy that holds `v1_controller`."""
+    the v2 hierarchy, and in the v1 hierarchy that holds `v1_controller`. None: this process's own files
+    (PROC_CGROUP, ROOT, read when called)."""
     try:
-        lines = Path(proc_cgroup).read_text(encoding="utf-8").splitlines()
+        lines = Path(PROC_CGROUP if proc_cgroup is None else proc_cgroup).read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
-    root = Path(root)
+    root = Path(ROOT if root is None else root)
     folders = []
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -45,7 +46,7 @@ def _read(path: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def cpu_limit(proc_cgroup: str | Path = PROC_CGROUP, root: str | Path = ROOT) -> float | None:
+def cpu_limit(proc_cgroup: str | Path | None = None, root: str | Path | None = None) -> float | None:
     """CPUs this process may keep busy by its CPU quota, the smallest over its cgroups; None without one.
     A thread more than the quota is stalled every scheduling period. Read once per process (every runner and
     thread count asks), unlike memory_available, whose usage part moves."""
@@ -64,7 +65,7 @@ def cpu_limit(proc_cgroup: str | Path = PROC_CGROUP, root: str | Path = ROOT) ->
     return min(limits) if limits else None
 
 
-def memory_available(proc_cgroup: str | Path = PROC_CGROUP, root: str | Path = ROOT) -> int | None:
+def memory_available(proc_cgroup: str | Path | None = None, root: str | Path | None = None) -> int | None:
     """Bytes this process's cgroups still allow (limit minus usage, the smallest over its cgroups); None
     without a memory limit. Past it the kernel kills a process, which psutil's 'available' does not foresee."""
     left = []
