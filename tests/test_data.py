@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.data import DataError, assign_splits, check_images, discover, load_batch
+from train.data import (DataError, assign_splits, check_images, discover, duplicate_summary,
+                        duplicate_warnings, load_batch)
 from train.spec import DEFAULT_CLASSES
 from train.synthetic import make_synthetic_dataset
 
@@ -95,6 +96,64 @@ def test_generated_split_is_stratified_and_reproducible(synthetic_data):
     for split in ("train", "val", "test"):
         assert all(n >= 1 for n in a.counts(split).values()), split  # every class in every split
     assert a.layout.endswith("+generated-split") and a.split_generated and not discover(synthetic_data).split_generated
+
+
+def _with_copies(src: Path, dest: Path, copies: int) -> tuple[Path, list[Path]]:
+    """The data at src with `copies` byte-identical copies of one COVID image (as the public collections hold:
+    one radiograph filed twice under different names)."""
+    shutil.copytree(src, dest)
+    original = sorted((dest / "COVID" / "images").glob("*.png"))[0]
+    made = [original.with_name(f"copy_{i}.png") for i in range(copies)]
+    for path in made:
+        shutil.copyfile(original, path)
+    return dest, [original, *made]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_generated_split_keeps_copies_of_one_image_in_one_split(synthetic_data, tmp_path, seed):
+    """A random split puts copies of one image in train and in val, and val then scores an image the model
+    trained on. Seven copies among 19 COVID images: a split that ignored them scattered them at every seed."""
+    root, group = _with_copies(synthetic_data, tmp_path / "data", copies=6)
+    idx = assign_splits(discover(root), seed=seed)
+    where = {s.path: s.split for s in idx.samples}
+    assert len({where[p] for p in group}) == 1, {p.name: where[p] for p in group}
+    for split in ("train", "val", "test"):
+        assert all(n >= 1 for n in idx.counts(split).values()), split  # still stratified
+    assert duplicate_summary(idx)["across_splits"] == 0
+
+
+def test_data_without_copies_splits_as_before(synthetic_data):
+    """The copy-aware split is the plain stratified split where no file repeats: runs made before it keep
+    their splits (and --resume its fingerprint)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = discover(synthetic_data)
+    labels = [s.label for s in idx.samples]
+    rest, test = train_test_split(np.arange(len(labels)), test_size=0.15, stratify=labels, random_state=5)
+    train, val = train_test_split(rest, test_size=0.15 / 0.85, stratify=[labels[i] for i in rest], random_state=5)
+    split = assign_splits(idx, seed=5)
+    for name, positions in (("train", train), ("val", val), ("test", test)):
+        assert {split.samples[i].path for i in positions} == {s.path for s in split.split(name)}
+
+
+def test_copies_across_splits_or_classes_are_counted_and_named(synthetic_data, tmp_path):
+    """A split the user gives is kept, but a val image that is a train image, or one file under two classes,
+    is said with an example of each."""
+    root, group = _with_copies(synthetic_data, tmp_path / "data", copies=1)
+    other = root / "Normal" / "images" / "same_as_covid.png"
+    shutil.copyfile(group[0], other)
+    rows = [{"path": str(p.relative_to(root)), "label": p.parts[len(root.parts)], "split": "train"}
+            for p in sorted(root.rglob("*.png"))]
+    for row in rows:
+        row["split"] = "val" if row["path"].endswith("copy_0.png") else "train"
+    idx = discover(_write_csv(root / "labels.csv", rows, ("path", "label", "split")))
+    summary = duplicate_summary(idx)
+    assert (summary["groups"], summary["extra_copies"]) == (1, 2)
+    assert summary["across_splits"] == 1 and summary["conflicting_labels"] == 1
+    across, conflicting = duplicate_warnings(summary)
+    assert "COVID/images/copy_0.png (val)" in across and "keep each image in one split" in across
+    assert "Normal/images/same_as_covid.png (Normal)" in conflicting and "(COVID)" in conflicting
+    assert duplicate_warnings(duplicate_summary(discover(synthetic_data))) == []
 
 
 def test_missing_folder(tmp_path):

@@ -88,3 +88,32 @@ def test_cli_split_error(tiny_checkpoint, synthetic_data, tmp_path, capsys):
     rc = evaluate.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(synthetic_data)])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_val_image_that_is_a_train_image_is_said_in_the_report(tiny_checkpoint, synthetic_data, tmp_path):
+    """Val metrics are read as 'on unseen images': a report on a split holding copies of train images says
+    how many, where the user gave the split (a generated split keeps copies together)."""
+    import csv
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    files = sorted(root.rglob("*.png"))
+    val = files[::4]
+    for i, source in enumerate(files[1:3]):  # two train images filed again, under their class, in val
+        copy = source.with_name(f"again_{i}.png")
+        shutil.copyfile(source, copy)
+        val.append(copy)
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        for p in sorted(root.rglob("*.png")):
+            w.writerow([p.relative_to(root), p.parts[len(root.parts)], "val" if p in val else "train"])
+    for split, said in (("val", True), ("train", False)):
+        out = tmp_path / split
+        assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--split", split,
+                              "--out", str(out)]) == 0
+        saved = json.loads((out / "metrics.json").read_text())
+        assert saved["copies_of_train_images"] == (2 if said else 0)
+        sentence = f"2 of these {len(val)} val images are byte-identical to images of the train split"
+        assert (sentence in (out / "report.md").read_text()) == said

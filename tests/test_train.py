@@ -255,3 +255,30 @@ def test_each_rank_draws_its_own_augmentation():
     assert len({epoch_seed(s, e, r) for s in range(3) for e in range(20) for r in range(8)}) == 3 * 20 * 8
     assert torch.equal(draw(1, 0), draw(1, 0)) and torch.equal(draw(1, 1), draw(1, 1))
     assert not torch.equal(draw(1, 0), draw(1, 1)) and not torch.equal(draw(1, 0), draw(2, 0))
+
+
+def test_a_run_says_when_its_val_split_holds_copies_of_train_images(synthetic_data, tmp_path):
+    """A split the user gave with one image filed in train and again in val: the run goes on (the split is the
+    user's) but train.log, config.json and the report say so, naming the files."""
+    import csv
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    source = sorted((root / "COVID" / "images").glob("*.png"))[1]
+    shutil.copyfile(source, source.with_name("filed_again.png"))
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split"])
+        for i, p in enumerate(sorted(root.rglob("*.png"))):
+            split = "val" if p.name == "filed_again.png" or (p != source and i % 4 == 0) else "train"
+            w.writerow([p.relative_to(root), p.parts[len(root.parts)], split])
+    out = tmp_path / "run"
+    assert train_main(["--data", str(root), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                       "--input-size", "32", "--workers", "0", "--weights", "none", "--no-progress"]) == 0
+    found = json.loads((out / "config.json").read_text())["data"]["identical_files"]
+    assert found["across_splits"] == 1 and found["conflicting_labels"] == 0
+    assert sorted(found["examples_across_splits"][0]) == ["COVID/images/filed_again.png (val)",
+                                                          f"COVID/images/{source.name} (train)"]
+    assert "1 image(s) are byte-identical files in two splits" in (out / "train.log").read_text()
+    assert "1 of these" in (out / "report" / "report.md").read_text()

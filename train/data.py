@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -200,29 +200,100 @@ def check_split_fractions(val_frac: float, test_frac: float) -> None:
                         f"0 < val, 0 <= test and val + test < 1")
 
 
+def file_digest(path: str | Path) -> str | None:
+    """sha256 of a file's bytes, or None where it cannot be read (check_images names such files)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return _digest(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, mtime_ns: int, size: int) -> str | None:
+    """Keyed by modification time and size too, so a file changed since is read again."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def first_copies(samples: Sequence[Sample]) -> list[int]:
+    """For each sample, the position of the first byte-identical file among `samples` (its own where unique)."""
+    first: dict[str, int] = {}
+    return [i if d is None else first.setdefault(d, i) for i, d in enumerate(file_digest(s.path) for s in samples)]
+
+
+def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """Groups (two or more each, in index order) of byte-identical files: one image filed twice."""
+    groups: dict[int, list[Sample]] = {}
+    for s, first in zip(samples, first_copies(samples)):
+        groups.setdefault(first, []).append(s)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def duplicate_summary(idx: DatasetIndex) -> dict[str, Any]:
+    """Byte-identical files in the data: how many groups, how many of them span two splits (a val or test
+    image the model trained on) or two classes (contradictory labels), with a few examples of each."""
+    groups = identical_files(idx.samples)
+    rel = (lambda s: str(s.path.relative_to(idx.root)) if s.path.is_relative_to(idx.root) else str(s.path))
+    across = [g for g in groups if len({s.split for s in g}) > 1]
+    conflicting = [g for g in groups if len({s.label for s in g}) > 1]
+    return {
+        "groups": len(groups), "extra_copies": sum(len(g) - 1 for g in groups),
+        "across_splits": len(across), "conflicting_labels": len(conflicting),
+        "examples_across_splits": [[f"{rel(s)} ({s.split})" for s in g] for g in across[:3]],
+        "examples_conflicting_labels": [[f"{rel(s)} ({idx.class_names[s.label]})" for s in g]
+                                        for g in conflicting[:3]],
+    }
+
+
+def duplicate_warnings(summary: dict[str, Any]) -> list[str]:
+    """What a user must hear about duplicate_summary's findings, one sentence each."""
+    lines = []
+    if summary["across_splits"]:
+        lines.append(f"{summary['across_splits']} image(s) are byte-identical files in two splits (e.g. "
+                     f"{' = '.join(summary['examples_across_splits'][0])}): val and test metrics count them as "
+                     f"unseen; keep each image in one split (a generated split does)")
+    if summary["conflicting_labels"]:
+        lines.append(f"{summary['conflicting_labels']} image(s) are byte-identical files under different classes "
+                     f"(e.g. {' = '.join(summary['examples_conflicting_labels'][0])}): contradictory labels; "
+                     f"keep the right one")
+    return lines
+
+
 def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
                   test_frac: float = 0.15) -> DatasetIndex:
     """Stratified, seeded train/val/test split where the data gives none; the assignment is recorded
-    in every checkpoint through the split fingerprint and in the run folder as splits.csv."""
+    in every checkpoint through the split fingerprint and in the run folder as splits.csv.
+
+    Byte-identical files go to one split together (each follows its first copy, which is split like any
+    image), so no val or test image is a copy of a train image. Data without copies splits as it did before."""
     if idx.has_split:
         return idx
     from sklearn.model_selection import train_test_split
 
-    labels = [s.label for s in idx.samples]
-    positions = np.arange(len(idx.samples))
+    first = first_copies(idx.samples)
+    positions = np.array(sorted(set(first)), dtype=int)
+    labels = [idx.samples[i].label for i in positions]
     check_split_fractions(val_frac, test_frac)
     try:
         if test_frac > 0:
             rest, test = train_test_split(positions, test_size=test_frac, stratify=labels, random_state=seed)
         else:  # no test part wanted: everything not in val trains
             rest, test = positions, np.array([], dtype=int)
+        label_of = dict(zip(positions.tolist(), labels))
         train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac),
-                                      stratify=[labels[i] for i in rest], random_state=seed)
+                                      stratify=[label_of[int(i)] for i in rest], random_state=seed)
     except ValueError as err:
         raise DataError(f"{idx.root}: too few images per class for a stratified split ({err}); "
                         f"add images or give a split column") from err
     names = {**{int(i): "train" for i in train}, **{int(i): "val" for i in val}, **{int(i): "test" for i in test}}
-    samples = [replace(s, split=names[i]) for i, s in enumerate(idx.samples)]
+    samples = [replace(s, split=names[first[i]]) for i, s in enumerate(idx.samples)]
     return replace(idx, samples=samples, layout=idx.layout + GENERATED_SPLIT)
 
 

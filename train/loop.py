@@ -195,9 +195,9 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
     seed_everything(cfg["seed"])
     recipe.configure_determinism(cfg["deterministic"], ctx.device)
     # rank 0 decodes the index and every rank gets its answer: ranks cannot disagree about the data
-    idx, generated = D.from_main(lambda: recipe.prepare_index(cfg, progress), ctx)
+    idx, generated, duplicates = D.from_main(lambda: recipe.prepare_index(cfg, progress), ctx)
     spec = recipe.make_spec(cfg, idx.class_names)
-    summary = recipe.data_summary(idx, generated, out_dir)
+    summary = recipe.data_summary(idx, generated, out_dir, duplicates)
     if state is not None and state["split_fingerprint"] != summary["split_fingerprint"]:
         raise TrainError(f"--resume: the data under {cfg['data']} changed since this run started (split "
                          f"fingerprint differs); start a new run with another --out")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from train.data import (DataError, DatasetIndex, assign_splits, check_images, check_split_fractions,
-                        discover)
+                        discover, duplicate_summary, duplicate_warnings)
 from train import distributed as D
 from train.distributed import DistContext, EpochSampler
 from train.errors import ToolkitError
@@ -53,9 +53,10 @@ def check_choices(cfg: dict[str, Any]) -> None:
     make_spec(cfg, DEFAULT_CLASSES)  # --input-size and --resize, by the spec's own rules
 
 
-def prepare_index(cfg: dict[str, Any], progress: bool) -> tuple[DatasetIndex, bool]:
-    """Discover, split (stratified and seeded if the data has no split) and decode-check every image.
-    Returns (index, whether the split was generated here)."""
+def prepare_index(cfg: dict[str, Any], progress: bool) -> tuple[DatasetIndex, bool, dict[str, Any]]:
+    """Discover, split (stratified and seeded if the data has no split) and decode-check every image, and look
+    for byte-identical files (warned about: a copy in two splits, or under two classes).
+    Returns (index, whether the split was generated here, duplicate_summary)."""
     idx = discover(cfg["data"], data_root=cfg.get("data_root"))
     generated = not idx.has_split
     if not generated and any(s.split is None for s in idx.samples):
@@ -68,7 +69,10 @@ def prepare_index(cfg: dict[str, Any], progress: bool) -> tuple[DatasetIndex, bo
         if empty:
             raise DataError(f"{cfg['data']}: class {empty[0]!r} has no images in the {split} split "
                             f"(counts {idx.counts(split)}); add images or change the split")
-    return idx, generated
+    duplicates = duplicate_summary(idx)
+    for line in duplicate_warnings(duplicates):
+        log.warning("%s: %s", cfg["data"], line)
+    return idx, generated, duplicates
 
 
 def make_spec(cfg: dict[str, Any], class_names: tuple[str, ...]) -> PreprocessSpec:
@@ -215,11 +219,12 @@ def make_scheduler(cfg: dict[str, Any], opt: torch.optim.Optimizer, steps_per_ep
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
 
 
-def data_summary(idx: DatasetIndex, generated: bool, out_dir: Path) -> dict[str, Any]:
+def data_summary(idx: DatasetIndex, generated: bool, out_dir: Path, duplicates: dict[str, Any]) -> dict[str, Any]:
     return {
         "root": str(idx.root), "layout": idx.layout, "class_names": list(idx.class_names),
         "counts": {s: idx.counts(s) for s in ("train", "val", "test")},
         "split_generated": generated, "splits_csv": str(out_dir / "splits.csv") if generated else None,
         "split_fingerprint": idx.fingerprint(),
         "skipped_images": [{"path": p, "error": e} for p, e in idx.skipped],
+        "identical_files": duplicates,
     }
