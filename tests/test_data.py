@@ -156,6 +156,45 @@ def test_copies_across_splits_or_classes_are_counted_and_named(synthetic_data, t
     assert duplicate_warnings(duplicate_summary(discover(synthetic_data))) == []
 
 
+def test_a_float_image_in_0_to_1_reads_as_its_8_bit_twin(tmp_path, tiny_spec):
+    """Float TIFFs hold [0, 1] (skimage's convention); PIL's convert("L") turned them black."""
+    from PIL import Image
+
+    from train.spec import load_gray_image
+
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "float.tif")
+    Image.fromarray(np.round(ramp * 255).astype(np.uint8)).save(tmp_path / "eight.png")
+    as_float = np.asarray(load_gray_image(tmp_path / "float.tif", tiny_spec), dtype=int)
+    as_eight = np.asarray(load_gray_image(tmp_path / "eight.png", tiny_spec), dtype=int)
+    assert np.abs(as_float - as_eight).max() <= 1 and as_float.max() > 200
+
+
+def test_images_that_8_bits_would_wash_out_are_named(tmp_path, caplog):
+    """12-bit data in a 16-bit PNG (DICOM converted by hand) scaled as 16-bit keeps 17 gray levels of 256, and
+    a float image above 255 is clipped white: check_images names them and says what to write instead. Full-range
+    16-bit and 8-bit images are not named."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 48 * 48).reshape(48, 48)
+    folders = {c: tmp_path / "data" / c for c in ("A", "B")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    Image.fromarray((ramp * 4095).astype(np.uint16)).save(folders["A"] / "twelve_bit.png")
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(folders["A"] / "sixteen_bit.png")
+    Image.fromarray((ramp * 4095).astype(np.float32)).save(folders["B"] / "float_4095.tif")
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(folders["B"] / "eight_bit.png")
+    with caplog.at_level("WARNING"):
+        idx = check_images(discover(tmp_path / "data"), progress=False)
+    assert len(idx.samples) == 4 and sorted(Path(p).name for p, _ in idx.washed_out) == ["float_4095.tif",
+                                                                                        "twelve_bit.png"]
+    lost = dict((Path(p).name, why) for p, why in idx.washed_out)
+    assert lost["twelve_bit.png"].startswith("16-bit image whose values stop at 4095") and "17 gray level" in lost[
+        "twelve_bit.png"]
+    assert "values up to 4095: above 255 is clipped white" in lost["float_4095.tif"]
+    assert "2 of 4 images lose most of their gray levels" in caplog.text and "(value x 16)" in caplog.text
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         discover(tmp_path / "nope")

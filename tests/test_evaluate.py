@@ -117,3 +117,22 @@ def test_a_val_image_that_is_a_train_image_is_said_in_the_report(tiny_checkpoint
         assert saved["copies_of_train_images"] == (2 if said else 0)
         sentence = f"2 of these {len(val)} val images are byte-identical to images of the train split"
         assert (sentence in (out / "report.md").read_text()) == said
+
+
+def test_an_image_washed_out_in_8_bits_is_named_in_the_report(tiny_checkpoint, synthetic_data, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    victim = sorted(root.rglob("*.png"))[5]
+    pixels = np.asarray(Image.open(victim).convert("L"), dtype=np.uint16) * 16  # 8-bit values as 12-bit data
+    Image.fromarray(pixels).save(victim)
+    out = tmp_path / "report"
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(root), "--split", "all",
+                          "--out", str(out)]) == 0
+    saved = json.loads((out / "metrics.json").read_text())["washed_out_images"]
+    assert [w["path"] for w in saved] == [str(victim)] and "12 bits or fewer" in saved[0]["lost"]
+    assert f"1 image(s) lost most of their gray levels in the conversion to 8 bits (e.g. `{victim}`" in (
+        out / "report.md").read_text()

@@ -53,6 +53,7 @@ class DatasetIndex:
     samples: list[Sample]
     layout: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    washed_out: list[tuple[str, str]] = field(default_factory=list)  # (path, what 8 bits lose): check_images
 
     @property
     def has_split(self) -> bool:
@@ -311,11 +312,13 @@ def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = Tru
     """Decode every image once before training so a bad file stops the run at the start, not hours in."""
     from tqdm import tqdm
 
-    good, bad = [], []
+    good, bad, washed_out = [], [], []
     for s in tqdm(idx.samples, desc="checking images", unit="img", disable=not progress, leave=False):
         try:
-            check_decodes(s.path)
+            lost = check_decodes(s.path)
             good.append(s)
+            if lost:
+                washed_out.append((str(s.path), lost))
         except ImageReadError as err:
             if not skip_bad:
                 raise DataError(f"{err}, or pass --skip-bad to leave such files out") from err
@@ -323,7 +326,17 @@ def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = Tru
             bad.append((str(s.path), f"{type(cause).__name__}: {cause}"))
     if bad:
         log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(p for p, _ in bad[:10]))
-    return replace(idx, samples=good, skipped=idx.skipped + bad)
+    if washed_out:
+        log.warning("%s", washed_out_warning(washed_out, len(good)))
+    return replace(idx, samples=good, skipped=idx.skipped + bad, washed_out=washed_out)
+
+
+def washed_out_warning(washed_out: Sequence[tuple[str, str]], total: int) -> str:
+    """One sentence for the images whose 8-bit conversion loses most of them, with the first as example."""
+    path, lost = washed_out[0]
+    return (f"{len(washed_out)} of {total} images lose most of their gray levels in the conversion to 8 bits (e.g. "
+            f"{path}: {lost}): the model would learn from nearly black or white pictures; write 12-bit data "
+            f"scaled to the full 16-bit range (value x 16), or 8-bit images with the window you read them with")
 
 
 class ImageDataset:

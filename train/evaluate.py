@@ -79,7 +79,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
     result = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "data": str(idx.root),
               "split": split, "spec": ckpt.spec.to_dict(), "metrics": metrics, "figures": figures,
               "history": history, "skipped_images": [p for p, _ in idx.skipped],
-              "synthetic_data": _is_synthetic(idx.root), "copies_of_train_images": seen}
+              "synthetic_data": _is_synthetic(idx.root), "copies_of_train_images": seen,
+              "washed_out_images": _washed_out(idx, samples)}
     md = render_markdown(result)
     if explain_per_class > 0:
         md += "\n" + _explanations(ckpt, idx, samples, out_dir, explain_per_class, result,
@@ -97,6 +98,12 @@ def copies_of_train_images(idx: DatasetIndex, samples) -> int:
     """How many of `samples` are byte-identical to an image of the train split: the model has seen those."""
     train = {file_digest(s.path) for s in idx.split("train")} - {None}
     return sum(1 for s in samples if file_digest(s.path) in train) if train else 0
+
+
+def _washed_out(idx: DatasetIndex, samples) -> list[dict[str, str]]:
+    """The evaluated images whose 8-bit conversion lost most of them (check_images found them)."""
+    evaluated = {str(s.path) for s in samples}
+    return [{"path": p, "lost": lost} for p, lost in idx.washed_out if p in evaluated]
 
 
 def _figures(out_dir: Path, metrics, y, probs, names, history) -> dict[str, str]:
@@ -157,6 +164,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     if "training_curves" in r["figures"]:
         lines += ["Training curves (from the checkpoint's history):", "",
                   f"![training curves]({r['figures']['training_curves']})", ""]
+    if r.get("washed_out_images"):
+        first = r["washed_out_images"][0]
+        lines += [f"{len(r['washed_out_images'])} image(s) lost most of their gray levels in the conversion to 8 "
+                  f"bits (e.g. `{first['path']}`: {first['lost']}); see the warning in the log.", ""]
     if r["skipped_images"]:
         lines += [f"Skipped {len(r['skipped_images'])} unreadable image(s): "
                   + ", ".join(f"`{p}`" for p in r["skipped_images"][:20]), ""]

@@ -227,4 +227,6 @@ def data_summary(idx: DatasetIndex, generated: bool, out_dir: Path, duplicates: 
         "split_fingerprint": idx.fingerprint(),
         "skipped_images": [{"path": p, "error": e} for p, e in idx.skipped],
         "identical_files": duplicates,
+        "washed_out_images": {"count": len(idx.washed_out),
+                              "examples": [{"path": p, "lost": lost} for p, lost in idx.washed_out[:5]]},
     }

@@ -137,10 +137,32 @@ def _decoded(path: str | Path) -> Iterator["Image.Image"]:  # noqa: F821
         raise ImageReadError(unreadable(path, err)) from err
 
 
-def check_decodes(path: str | Path) -> None:
-    """Decode without resizing: the cheap proof that a file is an image, before any work depends on it."""
-    with _decoded(path):
-        pass
+def check_decodes(path: str | Path) -> str | None:
+    """Decode without resizing: the cheap proof that a file is an image, before any work depends on it.
+    Returns what the 8-bit conversion loses where it loses most of the image (see lost_in_8_bits), else None."""
+    with _decoded(path) as img:
+        return lost_in_8_bits(img)
+
+
+def _is_16_bit(img: "Image.Image", a: np.ndarray | None = None) -> bool:  # noqa: F821
+    return img.mode.startswith("I;16") or (img.mode == "I" and (np.asarray(img) if a is None else a).max(initial=0) > 255)
+
+
+def lost_in_8_bits(img: "Image.Image") -> str | None:  # noqa: F821
+    """A 16-bit image whose values stop below 4096 (12-bit data, as DICOM converted by hand often is) keeps
+    at most 16 gray levels once scaled as 16-bit data; a float image above 255 is clipped white. Either way the
+    model would learn from (and an app would never send) a nearly black or white picture."""
+    if img.mode.startswith("I") and img.mode != "I;8":
+        a = np.asarray(img)
+        top = int(a.max(initial=0))
+        if _is_16_bit(img, a) and top < 4096:
+            return (f"16-bit image whose values stop at {top} (12 bits or fewer): scaled as 16-bit data it keeps "
+                    f"{round(top * 255 / 65535) + 1} gray level(s)")
+    if img.mode == "F":
+        top = float(np.nanmax(np.asarray(img), initial=0.0))
+        if top > 255:
+            return f"float image with values up to {top:g}: above 255 is clipped white"
+    return None
 
 
 def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
@@ -151,12 +173,18 @@ def load_gray_image(path: str | Path, spec: PreprocessSpec) -> "Image.Image":  #
 
 def to_gray8(img: "Image.Image") -> "Image.Image":  # noqa: F821
     """8-bit grayscale. 16-bit images (common for radiographs) are scaled by 255/65535: PIL's own
-    convert("L") clips them at 255, which turns most of a 16-bit X-ray white."""
-    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max(initial=0) > 255):
-        from PIL import Image
+    convert("L") clips them at 255, which turns most of a 16-bit X-ray white. Float images with every value
+    in [0, 1] (the float convention) are scaled by 255, where convert("L") turned them black; other float
+    images are read as 0-255."""
+    from PIL import Image
 
+    if _is_16_bit(img):
         a = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
         return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode L
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if a.min(initial=0.0) >= 0 and a.max(initial=0.0) <= 1.0:
+            return Image.fromarray(np.round(a * 255.0).astype(np.uint8))
     return img.convert("L")
 
 
