@@ -113,7 +113,8 @@ def _input_block(spec: PreprocessSpec, layout: str) -> dict[str, Any]:
     return {"shape": [n, h, w, c] if layout == "NHWC" else [n, c, h, w], "layout": layout, "dtype": "float32", "value_range": [0.0, 1.0],
             "colour": "RGB: the grayscale radiograph repeated in all 3 channels",
             "resize": {"method": spec.resize, "size": [spec.input_size, spec.input_size],
-                       "order": "decode -> grayscale -> resize -> repeat to 3 channels -> divide by 255"},
+                       "order": "decode (a JPEG turned upright as its EXIF orientation says) -> grayscale -> resize -> "
+                                "repeat to 3 channels -> divide by 255"},
             "normalization_inside_model": True, "contrast_stretch_inside_model": spec.contrast_stretch,
             "mean_std_inside_model": {"mean": list(spec.mean), "std": list(spec.std)},
             "app_must_pass_mean": [0.0, 0.0, 0.0], "app_must_pass_std": [1.0, 1.0, 1.0]}

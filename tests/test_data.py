@@ -195,6 +195,29 @@ def test_images_that_8_bits_would_wash_out_are_named(tmp_path, caplog):
     assert "2 of 4 images lose most of their gray levels" in caplog.text and "(value x 16)" in caplog.text
 
 
+@pytest.mark.parametrize("orientation, stored_as", [(6, "ROTATE_90"), (3, "ROTATE_180"), (8, "ROTATE_270")])
+def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation, stored_as):
+    """A phone stores a photo of a film sideways with EXIF orientation 6; viewers and the Dart image package's
+    JPEG decoder turn it upright, PIL does not. Training, verification and the TorchServe handler read it upright."""
+    from PIL import Image
+
+    from export.torchserve_handler import decode_image
+    from train.spec import PreprocessSpec, load_gray_image
+
+    spec = PreprocessSpec(input_size=48)
+    yy, xx = np.mgrid[0:96, 0:64]
+    Image.fromarray(((yy * 2 + (xx > 40) * 60) % 256).astype(np.uint8)).save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = Image.open(tmp_path / "upright.png").transpose(getattr(Image.Transpose, stored_as))
+    stored.save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    want = np.asarray(load_gray_image(tmp_path / "upright.png", spec), dtype=int)
+    got = np.asarray(load_gray_image(tmp_path / "photo.jpg", spec), dtype=int)
+    assert np.abs(got - want).max() <= 3  # JPEG at quality 95
+    served = decode_image((tmp_path / "photo.jpg").read_bytes(), spec)[0] * 255
+    assert np.abs(served - got).max() < 1e-3
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         discover(tmp_path / "nope")

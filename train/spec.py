@@ -4,7 +4,8 @@ Training stores it in every checkpoint; every export, runtime, report and the Fl
 back from there. Nothing else in the toolkit may hard-code a size, a mean or a class list.
 
 The pipeline is split in two halves so apps cannot get it wrong:
-  outside the model (decode -> grayscale -> resize -> 3 channels -> float in [0, 1]) is `load_unit_image`;
+  outside the model (decode, upright by a JPEG's EXIF orientation -> grayscale -> resize -> 3 channels -> float in
+  [0, 1]) is `load_unit_image`;
   inside the model (optional contrast stretch -> (x - mean) / std) is `train.model.Preprocess`.
 """
 
@@ -188,9 +189,23 @@ def to_gray8(img: "Image.Image") -> "Image.Image":  # noqa: F821
     return img.convert("L")
 
 
+def upright(img: "Image.Image") -> "Image.Image":  # noqa: F821
+    """A JPEG turned as its EXIF orientation says, as photo viewers show it and as the Dart `image` package's
+    JPEG decoder (4.x) returns it: a phone's photo of a film is stored sideways with orientation 6. PIL itself
+    ignores the tag. Other formats are taken as stored."""
+    from PIL import ImageOps
+
+    if img.format in ("JPEG", "MPO") and img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+EXIF_ORIENTATION = 0x0112
+
+
 def to_gray_resized(img: "Image.Image", spec: PreprocessSpec) -> "Image.Image":  # noqa: F821
-    """Grayscale then resize: the part of preprocessing that needs an image library."""
-    gray = to_gray8(img)
+    """Upright, grayscale, then resize: the part of preprocessing that needs an image library."""
+    gray = to_gray8(upright(img))
     size = (spec.input_size, spec.input_size)
     if gray.size != size:
         gray = gray.resize(size, resample=_pil_resample(spec.resize))
