@@ -15,7 +15,7 @@ from export.runners import get_runner
 from export.registry import variant
 from train.data import Sample, load_batch, seeded_subset
 from train.metrics import classification_metrics, compare_logits
-from train.spec import PreprocessSpec, load_unit_image
+from train.spec import PreprocessSpec, load_unit_image, to_gray8, upright
 
 
 
@@ -42,7 +42,8 @@ def _write_inputs(out: Path, spec: PreprocessSpec, images: list[tuple[Path, str]
         name = f"vector_{i:02d}"
         with Image.open(src) as img:
             img.load()
-            (img if img.mode in ("L", "RGB", "RGBA", "I;16") else img.convert("RGB")).save(out / f"{name}.png")
+            img = upright(img)  # the PNG keeps no EXIF orientation: store the image as the model sees it
+            (img if img.mode in ("L", "RGB", "RGBA", "I;16") else to_gray8(img)).save(out / f"{name}.png")
         x = load_unit_image(out / f"{name}.png", spec)[None]
         (out / f"{name}.bin").write_bytes(x.astype("<f4").tobytes())
         batch.append(x[0])

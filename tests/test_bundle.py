@@ -274,3 +274,25 @@ def test_a_bundle_that_cannot_fit_is_refused_before_its_models_are_scored(built,
     with pytest.raises(DiskFullError, match=f"writing the bundle {tmp_path / 'b'} needs about .* MB left"):
         bundle.write_bundle(art, tmp_path / "b", data=None)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_test_vector_holds_the_image_as_the_model_read_it(tmp_path):
+    """The vector PNG (which keeps no EXIF orientation) of a sideways-stored phone JPEG, and of a float TIFF in
+    [0, 1], reads back as the model read its source: upright, and not black."""
+    from PIL import Image
+
+    from mobile_assets.vectors import _write_inputs
+    from train.spec import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=32)
+    yy, xx = np.mgrid[0:96, 0:64]
+    upright = ((yy * 2 + (xx > 40) * 60) % 256).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif)
+    Image.fromarray(upright.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    sources = [(tmp_path / "photo.jpg", "val"), (tmp_path / "float.tif", "val")]
+    (tmp_path / "out").mkdir()
+    _, batch = _write_inputs(tmp_path / "out", spec, sources, nhwc=False)
+    for x, (src, _) in zip(batch, sources):
+        assert np.array_equal(x, load_unit_image(src, spec)), src.name
