@@ -255,10 +255,10 @@ BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "w8": 1.0, "palette6"
 
 
 def expected_size(ckpt: Checkpoint, precision: str) -> int:
-    """About how many bytes a file of this precision takes (weights at its width, plus a tenth for the graph):
-    what must be free before writing it."""
+    """About how many bytes a file of this precision takes: its weights at its width (require_free_space asks a
+    tenth more for the graph)."""
     weights = sum(t.numel() for t in ckpt.state_dict.values() if t.is_floating_point())
-    return int(weights * BYTES_PER_WEIGHT.get(precision, 4.0) * 1.1)
+    return int(weights * BYTES_PER_WEIGHT.get(precision, 4.0))
 
 
 def write_proven(ckpt: Checkpoint, out_dir: Path, name: str, *, write: Callable[[Path], dict | None],

@@ -246,8 +246,8 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     check_target(bundle_dir, force)
     source = read_source(artifacts_dir)
     models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified, runtime)
-    room = sum(size_bytes(artifacts_dir / e.path) for e in models) * 1.1 + (8 << 20)  # models, vectors, manifest
-    require_free_space(bundle_dir, int(room), f"the bundle {bundle_dir}")
+    room = sum(size_bytes(artifacts_dir / e.path) for e in models) + (8 << 20)  # models, vectors, manifest
+    require_free_space(bundle_dir, room, f"the bundle {bundle_dir}")
     spec = PreprocessSpec.from_dict(source["spec"])
     vector_images, metric_images, eval_info = bundle_images(artifacts_dir, source, data, metrics_size)
     stage = _stage(bundle_dir)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_torch_threads()
     keep_freed_memory()  # batched calibration and scoring; its latencies are batch 1, which this does not move
     # before calibrating: the ONNX fp32 and two int8 files it writes to OUT/models are 1.5x the weights
-    require_free_space(args.out, int(weight_bytes() * 1.5 * 1.1) + (8 << 20), f"the quantization report {args.out}")
+    require_free_space(args.out, int(weight_bytes() * 1.5) + (8 << 20), f"the quantization report {args.out}")
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
     legacy = LEGACY_REDUCE_RANGE.get(args.reduce_range, args.reduce_range)

@@ -126,12 +126,16 @@ def disk_full(err: BaseException, folder: Path) -> str | None:
     return f"{free / 1e6:.1f} MB left in {folder}" if out_of_space or torch_write else None
 
 
-def require_free_space(folder: str | Path, needed: int, what: str | Path) -> None:
+ROOM_MARGIN = 1.1  # room asked beyond an estimate: graphs, headers and the estimate's own error
+
+
+def require_free_space(folder: str | Path, estimate: int, what: str | Path) -> None:
     """Refuse a write that cannot fit before it starts: on a full disk torch's zip writer can throw from a
     destructor, which aborts the whole process ('terminate called ... unexpected pos', exit 134) instead of
-    raising, and leaves its partial file behind."""
+    raising, and leaves its partial file behind. `estimate` is the payload in bytes; a tenth more must be free."""
     import shutil
 
+    needed = int(estimate * ROOM_MARGIN)
     probe = nearest_existing(folder)
     free = shutil.disk_usage(probe).free
     if free < needed:

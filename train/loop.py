@@ -94,7 +94,7 @@ def checkpoint_room(resume: bool) -> int:
     epoch, which on real data takes minutes to hours, rather than at its end."""
     from train.model import weight_bytes
 
-    return int(weight_bytes() * (4 if resume else 7) * 1.1)
+    return weight_bytes() * (4 if resume else 7)
 
 
 def _log_to_file(out_dir: Path) -> logging.Handler:
