@@ -40,10 +40,19 @@ def test_foreign_formats_give_same_model(tiny_checkpoint, tiny_spec, tmp_path, x
     torch.save(state, plain)
     torch.save({"model_state_dict": {f"resnet18.{k}": v for k, v in state.items()}, "epoch": 3}, notebook)
     ref = _out(load_checkpoint(tiny_checkpoint), x32)
-    for path, fmt in ((plain, "torchvision_state_dict"), (notebook, "notebook")):
+    # torch.compile's and DDP's wrappers prefix every key (refused before: "no ResNet-18 weights found"); a
+    # Lightning module's state dict holds its network under an attribute, beside other modules' tensors
+    wrapped = {"compiled.pt": {f"_orig_mod.{k}": v for k, v in state.items()},
+               "ddp_compiled.pt": {f"module._orig_mod.{k}": v for k, v in state.items()},
+               "lightning.pt": {"state_dict": {**{f"net.{k}": v for k, v in state.items()},
+                                               "criterion.weight": torch.ones(4)}, "epoch": 3}}
+    for name, content in wrapped.items():
+        torch.save(content, tmp_path / name)
+    for path, fmt in ((plain, "torchvision_state_dict"), (notebook, "notebook"),
+                      *((tmp_path / name, "notebook") for name in wrapped)):
         ckpt = load_checkpoint(path, tiny_spec)
-        assert ckpt.source_format == fmt
-        assert torch.equal(_out(ckpt, x32), ref)
+        assert ckpt.source_format == fmt, path.name
+        assert torch.equal(_out(ckpt, x32), ref), path.name
 
 
 def test_class_count_mismatch(tiny_checkpoint, tmp_path):

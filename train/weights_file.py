@@ -3,7 +3,8 @@
 Accepted layouts:
   * the toolkit's own checkpoint (`format == FORMAT`), written by `python -m train` or `python -m train.convert`;
   * a plain torchvision ResNet-18 state dict (`conv1.weight`, ..., `fc.weight`);
-  * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`.
+  * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`;
+  * either under a wrapper's prefix (DataParallel/DDP `module.`, torch.compile `_orig_mod.`, a module attribute).
 Both `train.model` (--weights PATH) and `train.checkpoint` read files this way, so it lives below both.
 """
 
@@ -19,7 +20,7 @@ import torch
 from train.errors import ToolkitError
 
 FORMAT = "cxr-toolkit-checkpoint"
-NOTEBOOK_PREFIXES = ("resnet18.", "model.", "module.")
+STEM_KEYS = ("conv1.weight", "bn1.weight", "fc.weight")  # where a ResNet's state dict starts and ends
 
 
 class CheckpointError(ToolkitError, ValueError):
@@ -67,10 +68,18 @@ def _unpickler_reason(err: Exception) -> str:
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in NOTEBOOK_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    """The network's weights from under the prefixes wrappers put in front of them: DataParallel's and DDP's
+    `module.`, torch.compile's `_orig_mod.` (both: `module._orig_mod.`), a notebook's or a Lightning module's
+    attribute (`resnet18.`, `model.`, `net.`, ...). The prefix is whatever stands before the stem's
+    `conv1.weight` where `bn1.weight` and `fc.weight` follow it too; keys outside it (a loss's weights) are
+    left out, and the strict load after this names anything missing."""
+    if STEM_KEYS[0] in state:
+        return state
+    candidates = [k[: -len(STEM_KEYS[0])] for k in state if k.endswith("." + STEM_KEYS[0])]
+    prefixes = sorted((p for p in candidates if all(p + key in state for key in STEM_KEYS)), key=len)
+    if not prefixes:
+        return state
+    return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
 
 
 def as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
