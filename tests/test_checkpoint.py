@@ -149,3 +149,19 @@ def test_local_weights_path_and_bad_path(tiny_checkpoint, tmp_path):
     assert torch.equal(net.conv1.weight, load_checkpoint(tiny_checkpoint).state_dict["conv1.weight"])
     with pytest.raises(WeightsError, match="not 'imagenet', 'none' or an existing file"):
         init_weights(net, str(tmp_path / "missing.pt"))
+
+
+def test_a_dropout_then_linear_head_reads_as_the_linear_head(tiny_checkpoint, tiny_spec, tmp_path, x32):
+    """`fc = nn.Sequential(nn.Dropout(p), nn.Linear(512, classes))` is one Linear layer at inference (refused
+    before: 'no ResNet-18 weights found'); a head with two weighted layers is refused naming them."""
+    state = load_checkpoint(tiny_checkpoint).state_dict
+    dropout_head = {k.replace("fc.", "fc.1.", 1) if k.startswith("fc.") else k: v for k, v in state.items()}
+    torch.save(dropout_head, tmp_path / "dropout_head.pt")
+    assert torch.equal(_out(load_checkpoint(tmp_path / "dropout_head.pt", tiny_spec), x32),
+                       _out(load_checkpoint(tiny_checkpoint), x32))
+    mlp_head = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    mlp_head.update({"fc.0.weight": torch.zeros(256, 512), "fc.0.bias": torch.zeros(256),
+                     "fc.3.weight": torch.zeros(4, 256), "fc.3.bias": torch.zeros(4)})
+    torch.save(mlp_head, tmp_path / "mlp_head.pt")
+    with pytest.raises(CheckpointError, match=r"the head `fc` has 2 layers with weights \(fc.0.weight, fc.3.weight\)"):
+        load_checkpoint(tmp_path / "mlp_head.pt", tiny_spec)

@@ -92,6 +92,12 @@ def save_checkpoint(d: dict[str, Any], path: str | Path) -> Path:
 
 
 def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path) -> None:
+    head = sorted(k for k in state if k.startswith("fc.") and k.endswith(".weight"))
+    if "fc.weight" not in state and "conv1.weight" in state and head:
+        raise CheckpointError(
+            f"{path}: the head `fc` has {len(head)} layers with weights ({', '.join(head)}); the toolkit's "
+            f"ResNet-18 ends in one Linear layer, torchvision's `fc = nn.Linear(512, classes)` (a Dropout "
+            f"before it is fine). Train with that head, or export the model yourself")
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise CheckpointError(f"{path}: no ResNet-18 weights found (no conv1.weight / fc.weight keys)")
     n_out = state["fc.weight"].shape[0]

@@ -82,6 +82,21 @@ def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
     return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
 
 
+def _one_linear_head(state: dict[str, Any]) -> dict[str, Any]:
+    """`fc = nn.Sequential(nn.Dropout(p), nn.Linear(512, classes))`, the head many notebooks train, is one Linear
+    layer at inference: its `fc.<i>.weight/bias` become `fc.weight/bias`. A head with more layers holding weights
+    (an MLP, a BatchNorm) is kept as it is, and the check of the head then names its layers."""
+    if "fc.weight" in state:
+        return state
+    head = {k: v for k, v in state.items() if k.startswith("fc.")}
+    linear = [k for k, v in head.items() if k.endswith(".weight") and getattr(v, "ndim", 0) == 2]
+    if len(linear) != 1 or set(head) - {linear[0], linear[0][: -len("weight")] + "bias"}:
+        return state
+    index = linear[0][len("fc."): -len(".weight")]
+    renamed = {f"fc.{index}.weight": "fc.weight", f"fc.{index}.bias": "fc.bias"}
+    return {renamed.get(k, k): v for k, v in state.items()}
+
+
 def as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Return (state dict, source format) from any accepted layout."""
     if not isinstance(raw, dict):
@@ -90,9 +105,9 @@ def as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
         return raw["state_dict"], FORMAT
     for key in ("model_state_dict", "state_dict", "model"):
         if isinstance(raw.get(key), dict):
-            return _strip_prefix(raw[key]), "notebook"
+            return _one_linear_head(_strip_prefix(raw[key])), "notebook"
     if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        stripped = _strip_prefix(raw)
+        stripped = _one_linear_head(_strip_prefix(raw))
         return stripped, "torchvision_state_dict" if stripped is raw else "notebook"
     raise CheckpointError(
         f"{path}: not a toolkit checkpoint, a torchvision state dict, or a notebook-style "
