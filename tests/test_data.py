@@ -88,6 +88,27 @@ def test_labels_csv_in_folder(synthetic_data, tmp_path):
     assert idx.layout == "csv" and idx.has_split and idx.class_names == DEFAULT_CLASSES
 
 
+def test_a_labels_csv_saved_by_a_spreadsheet_reads_like_a_plain_one(synthetic_data, tmp_path):
+    """Excel's 'CSV UTF-8' starts with a byte-order mark (the header then read '\\ufeffpath', and the error
+    listed a 'path' column the user could see), uses ';' where the decimal mark is a comma, and keeps a
+    typed header's case and spaces; a CSV written on Windows has backslashes in its paths. Each failed before,
+    and a trailing space made 'COVID ' a fifth class."""
+    rows = _rows(synthetic_data, with_split=True)
+    plain = discover(_write_csv(tmp_path / "plain.csv", rows), data_root=synthetic_data)
+    lines = ["Path ; Label ;Split"] + [f"{r['path'].replace('/', chr(92))};{r['label']} ; {r['split']}" for r in rows]
+    (tmp_path / "excel.csv").write_bytes("\r\n".join(lines).encode("utf-8-sig") + b"\r\n\r\n")
+    excel = discover(tmp_path / "excel.csv", data_root=synthetic_data)
+    assert excel.class_names == plain.class_names == DEFAULT_CLASSES
+    assert [(s.path, s.label, s.split) for s in excel.samples] == [(s.path, s.label, s.split) for s in plain.samples]
+    assert all(s.path.is_file() for s in excel.samples)
+
+
+def test_a_labels_csv_in_another_encoding_is_named_with_the_fix(synthetic_data, tmp_path):
+    (tmp_path / "latin.csv").write_bytes("path,label\nx.png,Neumonía viral\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"latin.csv: not UTF-8 text .*save it as UTF-8 \(in Excel: 'CSV UTF-8"):
+        discover(tmp_path / "latin.csv")
+
+
 def test_generated_split_is_stratified_and_reproducible(synthetic_data):
     a = assign_splits(discover(synthetic_data), seed=3)
     b = assign_splits(discover(synthetic_data), seed=3)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -99,13 +100,37 @@ def _order_classes(found: Sequence[str], class_names: Sequence[str] | None) -> t
     return tuple(sorted(found))
 
 
+def _csv_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a labels CSV as a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's 'CSV UTF-8'),
+    ';' or tab as the delimiter (Excel where the decimal mark is a comma), header names in any case, spaces
+    around values. Column names come back lower-case, values stripped."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                        f"save it as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)')") from err
+    header = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=header.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
+    if not {"path", "label"} <= set(fields):
+        raise DataError(f"{csv_path}: needs columns 'path' and 'label' (found {sorted(set(fields))})")
+    reader.fieldnames = fields
+    return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader
+            if any((v or "").strip() for k, v in row.items() if k is not None)]
+
+
+def _csv_image_path(root: Path, written: str) -> Path:
+    """A path as the CSV gives it, relative to `root`; Windows separators work where the file is not found
+    with them (a CSV written on Windows)."""
+    path = root / written
+    if "\\" in written and not path.exists():
+        return root / written.replace("\\", "/")
+    return path
+
+
 def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not {"path", "label"} <= cols:
-            raise DataError(f"{csv_path}: needs columns 'path' and 'label' (found {sorted(cols)})")
-        rows = list(reader)
+    rows = _csv_rows(csv_path)
     if not rows:
         raise DataError(f"{csv_path}: has a header but no rows")
     classes = _order_classes(sorted({r["label"] for r in rows}), class_names)
@@ -118,7 +143,7 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
         split = (r.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             raise DataError(f"{csv_path} line {line}: split {split!r} is not one of {SPLITS}")
-        samples.append(Sample(root / r["path"], index[r["label"]], split, (r.get("source") or None)))
+        samples.append(Sample(_csv_image_path(root, r["path"]), index[r["label"]], split, (r.get("source") or None)))
     return DatasetIndex(root, classes, samples, "csv")
 
 
