@@ -239,6 +239,29 @@ def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path, orientati
     assert np.abs(served - got).max() < 1e-3
 
 
+def test_images_in_subfolders_of_a_class_are_read_and_masks_are_not(tmp_path):
+    """A class kept in one subfolder per source or batch is read as torchvision's ImageFolder reads it (before:
+    "class 'A' has no images; its folder .../A is empty"); the COVID-19 Radiography layout's masks/ beside
+    images/ stays out, and so do hidden folders."""
+    from PIL import Image
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+
+    for name in ("A/source1/0.png", "A/source2/deep/1.png", "A/.cache/2.png", "B/0.png"):
+        image(tmp_path / "plain" / name)
+    idx = discover(tmp_path / "plain")
+    assert idx.counts() == {"A": 2, "B": 1}
+    assert [s.path.relative_to(tmp_path / "plain").as_posix() for s in idx.samples] == [
+        "A/source1/0.png", "A/source2/deep/1.png", "B/0.png"]
+    for name in ("A/images/0.png", "A/images/batch2/1.png", "A/masks/0.png", "B/images/0.png", "B/masks/0.png"):
+        image(tmp_path / "covid" / name)
+    idx = discover(tmp_path / "covid")
+    assert idx.layout == "covid19-radiography" and idx.counts() == {"A": 2, "B": 1}
+    assert not any("masks" in s.path.parts for s in idx.samples)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         discover(tmp_path / "nope")

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -159,6 +160,16 @@ def _image_folder(class_folder: Path) -> Path:
     return class_folder / "images" if (class_folder / "images").is_dir() else class_folder
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file in `folder` and its subfolders (as torchvision's ImageFolder reads a class: images are often
+    kept in one subfolder per source or batch), sorted, without metadata files and folders."""
+    found = []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _is_metadata(Path(d)))
+        found += [Path(here) / f for f in files if not _is_metadata(Path(f))]
+    return sorted(found)
+
+
 def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_metadata(d))
     if not dirs:
@@ -172,8 +183,7 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
         if not folder.is_dir():
             raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
                             f"{list(classes)})")
-        files = sorted(p for p in _image_folder(folder).iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not _is_metadata(p))
+        files = [p for p in _files_under(_image_folder(folder)) if p.suffix.lower() in IMAGE_SUFFIXES]
         samples += [Sample(p, i) for p in files]
     return DatasetIndex(root, classes, samples, layout)
 
@@ -210,7 +220,7 @@ def _what_is_there(idx: DatasetIndex, name: str) -> str:
     if idx.layout not in ("covid19-radiography", "class-folders"):
         return ""
     folder = _image_folder(idx.root / name)
-    suffixes = Counter(p.suffix.lower() or "(none)" for p in folder.iterdir() if p.is_file() and not _is_metadata(p))
+    suffixes = Counter(p.suffix.lower() or "(none)" for p in _files_under(folder))
     if not suffixes:
         return f"; its folder {folder} is empty"
     found = ", ".join(f"{n} {suffix}" for suffix, n in suffixes.most_common(3))
