@@ -23,14 +23,41 @@ def run_entry(entry: ArtifactEntry, path: Path, x: np.ndarray) -> np.ndarray:
     return get_runner(entry.runtime, engine=entry.engine).load(path).run(x)
 
 
+ENLARGE = 4.5  # a scale that is not a whole number: a resize that only samples pixels shows at once
+
+
 def _vector_images(spec: PreprocessSpec, samples: Sequence[Sample] | None, n: int, tmp: Path) -> list[tuple[Path, str]]:
     if samples:
-        return [(s.path, f"{spec.class_names[s.label]} image from --data") for s in seeded_subset(samples, n)]
+        chosen = [(s.path, f"{spec.class_names[s.label]} image from --data") for s in seeded_subset(samples, n)]
+        return _with_a_resize_to_check(chosen, spec, tmp)
     from train.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp, per_class=1, size=spec.input_size * 2, seed=7, classes=spec.class_names,
                                   layout="plain")
     return [(p, "SYNTHETIC generated image (no images recorded)") for p in sorted(root.rglob("*.png"))[:n]]
+
+
+def _with_a_resize_to_check(chosen: list[tuple[Path, str]], spec: PreprocessSpec,
+                            tmp: Path) -> list[tuple[Path, str]]:
+    """Images already at the model's input size (cxr4's are 224 px) leave the app's resize unchecked, though
+    photos arrive at 1000 px and more, and resizers differ there most (a resize that samples 4 pixels is not
+    PIL's antialiasing bilinear). Then the last vector is its image enlarged (bicubic) by ENLARGE, so the
+    app's preprocessing of that PNG must shrink it as the toolkit does."""
+    from PIL import Image
+
+    def larger(path: Path) -> bool:
+        with Image.open(path) as img:
+            return min(img.size) > spec.input_size
+    if not chosen or any(larger(p) for p, _ in chosen):
+        return chosen
+    path, source = chosen[-1]
+    size = round(spec.input_size * ENLARGE)
+    with Image.open(path) as img:
+        img.load()
+        big = to_gray8(upright(img)).resize((size, size), Image.Resampling.BICUBIC)
+    big.save(tmp / "enlarged.png")
+    return [*chosen[:-1], (tmp / "enlarged.png", f"{source}, enlarged to {size} px (bicubic) so the app's resize "
+                                                 f"is checked: the images of --data are at the input size already")]
 
 
 def _write_inputs(out: Path, spec: PreprocessSpec, images: list[tuple[Path, str]],

@@ -321,3 +321,30 @@ def test_train_throughput_times_both_sides_on_the_same_train_split(synthetic_dat
     assert tt.main(args + ["--batches", "40", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: the train split has" in err and "--batches" in err and "Traceback" not in err
+
+
+def test_the_dart_resize_twins_do_what_copy_resize_does():
+    """Each twin against values worked out by hand from copyResize's source (image 4.9.2)."""
+    from benchmarks.resize_parity import dart_average, dart_linear, dart_nearest
+
+    a = np.arange(16, dtype=np.uint8).reshape(4, 4) * 10
+    assert dart_nearest(a, 2).tolist() == [[0, 20], [80, 100]]  # pixels (0,0), (0,2), (2,0), (2,2)
+    assert dart_average(a, 2).tolist() == [[25, 45], [105, 125]]  # the mean of each 2x2 block
+    assert dart_linear(a, 2).tolist() == [[0, 20], [80, 100]]  # whole-pixel positions: no blend
+    # at x * 4/3: (2, 1) blends 90, 100, 130, 140 to 119.99999999999999 in float64, which toInt() truncates
+    assert dart_linear(a, 3).tolist() == [[0, 13, 26], [53, 66, 80], [106, 119, 133]]
+    assert dart_linear(np.array([[0, 255]], dtype=np.uint8), 1).tolist() == [[0]]
+
+
+def test_resize_parity_report_puts_the_toolkits_resize_first(tiny_checkpoint, synthetic_data, tmp_path, capsys):
+    from benchmarks.resize_parity import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data), "--images", "4",
+                 "--size", "96", "--out", str(tmp_path / "r")]) == 0
+    result = json.loads((tmp_path / "r" / "resize_parity.json").read_text())
+    first, *others = result["rows"]
+    assert first["resizer"] == "toolkit (PIL bilinear)" and first["max_gray_levels"] == 0
+    assert first["top1_agreement"] == 1.0 and result["images"] == 4 and result["enlarged_to"] == 96
+    assert {r["resizer"] for r in others} >= {"Dart image: linear", "Dart image: average", "PIL area"}
+    assert max(r["max_gray_levels"] for r in others) > 0
+    assert "| Dart image: linear |" in capsys.readouterr().out

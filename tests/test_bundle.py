@@ -86,6 +86,27 @@ def test_vectors_reproduce_expected_logits_in_lite_interpreter(built, ckpt):
         torch.backends.quantized.engine = previous
 
 
+def test_a_vector_checks_the_apps_resize_when_the_data_is_at_the_input_size(built, ckpt):
+    """The data's images are at the input size (as cxr4's are), so no vector would pass through a resize and
+    an app that resizes unlike PIL's bilinear would still pass the decoding check. The last vector is then an
+    enlarged image, which a sampling resize (the Dart image package's linear) misses by far more than the
+    1/255 the guide allows, and PIL's bilinear meets exactly."""
+    from PIL import Image
+
+    from benchmarks.resize_parity import dart_linear
+
+    _, out = built
+    vectors = json.loads((out / "manifest.json").read_text())["test_vectors"]["vectors"]
+    last, size = vectors[-1], ckpt.spec.input_size
+    assert "enlarged to 144 px" in last["source"] and all("enlarged" not in v["source"] for v in vectors[:-1])
+    png = Image.open(out / last["png"])
+    assert png.size == (144, 144)
+    x = np.fromfile(out / last["input"], dtype="<f4").reshape(last["shape"])[0, 0]
+    pil = np.asarray(png.convert("L").resize((size, size), Image.Resampling.BILINEAR)) / 255.0
+    sampled = dart_linear(np.asarray(png.convert("L")), size) / 255.0
+    assert np.abs(pil - x).max() < 1e-6 and np.abs(sampled - x).max() > 5 / 255
+
+
 def test_refuses_existing_bundle_without_force(built, ckpt, tiny_checkpoint, synthetic_data, tmp_path, capsys):
     art, out = built
     with pytest.raises(bundle.BundleError, match="already holds a bundle.*--force"):
