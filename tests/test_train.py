@@ -282,3 +282,22 @@ def test_a_run_says_when_its_val_split_holds_copies_of_train_images(synthetic_da
                                                           f"COVID/images/{source.name} (train)"]
     assert "1 image(s) are byte-identical files in two splits" in (out / "train.log").read_text()
     assert "1 of these" in (out / "report" / "report.md").read_text()
+
+
+def test_a_data_folder_with_an_empty_class_is_refused_before_the_weights_are_fetched(tmp_path, monkeypatch, capsys):
+    """Offline, the ImageNet weights' error came first and the data's only after the user had fetched them;
+    the data's layout is read first now (a fraction of a second), and nothing is left behind."""
+    import shutil
+
+    import train.loop
+
+    data = make_synthetic_dataset(tmp_path / "data", per_class=2, size=32)
+    shutil.rmtree(data / "Normal")
+    (data / "Normal" / "images").mkdir(parents=True)
+
+    def fetch():
+        raise AssertionError("fetched the ImageNet weights before reading --data")
+    monkeypatch.setattr(train.loop, "fetch_imagenet_weights", fetch)
+    out = tmp_path / "run"
+    assert train_main(["--data", str(data), "--out", str(out), "--weights", "imagenet"]) == 2
+    assert "class 'Normal' has no images" in capsys.readouterr().err and not out.exists()

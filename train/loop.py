@@ -21,7 +21,7 @@ from train import distributed as D
 from train import recipe
 from train.atomic import check_writable_dir, require_free_space, write_json
 from train.checkpoint import make_checkpoint_dict, save_checkpoint
-from train.data import check_data_path
+from train.data import discover
 from train.metrics import classification_metrics, predict_logits
 from train.model import fetch_imagenet_weights
 from train.recipe import TrainError
@@ -61,7 +61,7 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
         recipe.check_choices({**cfg, "workers": workers})
         if data is not None:
-            check_data_path(data)
+            discover(data, data_root=data_root)  # its layout, classes and CSV: a fraction of a second
         if weights == "imagenet":
             fetch_imagenet_weights()  # offline, the error comes now, not after the images are checked
     ctx = D.init(device, timeout_s=dist_timeout)
