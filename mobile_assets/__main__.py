@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out")
     p.add_argument("--model-name", help="model name in manifest.json (default cxr-resnet18-<N>class)")
     p.add_argument("--model-version", help="model version in manifest.json (default: checkpoint sha256 prefix)")
+    p.add_argument("--check", type=Path, metavar="DIR",
+                   help="check a bundle where it was copied (e.g. your app's assets/cxr/): manifest, every file's "
+                        "sha256, and every model on its test vectors in its runtime here; writes nothing")
     return p
 
 
@@ -40,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.check is not None:
+        from mobile_assets.check import check, render
+
+        result = check(a.check)
+        print(render(result))
+        return 0 if result["ok"] else 1
     check_sizes(metrics_size=a.metrics_size, test_vectors=a.test_vectors)
     write_bundle(a.artifacts, a.out, data=a.data, force=a.force, test_vectors=a.test_vectors,
                  model_name=a.model_name, model_version=a.model_version, metrics_size=a.metrics_size,

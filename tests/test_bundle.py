@@ -317,3 +317,44 @@ def test_a_test_vector_holds_the_image_as_the_model_read_it(tmp_path):
     _, batch = _write_inputs(tmp_path / "out", spec, sources, nhwc=False)
     for x, (src, _) in zip(batch, sources):
         assert np.array_equal(x, load_unit_image(src, spec)), src.name
+
+
+def test_check_replays_a_copied_bundle_and_names_what_is_wrong(built, tmp_path, capsys):
+    """`python -m mobile_assets --check DIR` on the folder an app ships: every model agrees with its expected
+    logits in its runtime here; a file cut short (a git LFS pointer), a missing file or manifest is named with
+    what to do; a model that no longer gives the promised logits fails the check."""
+    from mobile_assets.__main__ import main as bundle_main
+    from train.atomic import sha256_file
+
+    _, out = built
+    app = _copy_bundle(out, tmp_path / "assets" / "cxr")
+    (app / "model_old.ptl").write_bytes(b"stale")
+    assert bundle_main(["--check", str(app)]) == 0
+    said = capsys.readouterr().out
+    assert "manifest.json valid" in said and "not in manifest.json (left from another bundle?): model_old.ptl" in said
+    assert said.count(" agrees ") == 2 and "model_int8.ptl" in said and "pytorch-lite (qnnpack)" in said
+
+    manifest = json.loads((app / "manifest.json").read_text())
+    expected_file = app / manifest["test_vectors"]["expected_logits"]
+    expected = json.loads(expected_file.read_text())
+    for name in expected["logits"]["model.ptl"]:
+        expected["logits"]["model.ptl"][name][0] += 0.5
+    expected_file.write_text(json.dumps(expected))
+    for f in manifest["files"]:
+        if app / f["path"] == expected_file:
+            f["sha256"], f["size_bytes"] = sha256_file(expected_file), expected_file.stat().st_size
+    (app / "manifest.json").write_text(json.dumps(manifest))
+    assert bundle_main(["--check", str(app)]) == 1
+    assert "model.ptl" in (line := next(l for l in capsys.readouterr().out.splitlines() if "model.ptl " in l))
+    assert " differs " in line and "max|dlogit| 5.00e-01" in line
+
+    (app / "model_int8.ptl").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 11\n")
+    assert bundle_main(["--check", str(app)]) == 2
+    err = capsys.readouterr().err
+    assert "model_int8.ptl: its sha256 differs from manifest.json" in err and "git LFS pointer" in err
+    (app / "labels.txt").unlink()
+    assert bundle_main(["--check", str(app)]) == 2
+    assert "labels.txt: listed in manifest.json but missing; copy the whole bundle folder" in capsys.readouterr().err
+    (app / "manifest.json").unlink()
+    assert bundle_main(["--check", str(app)]) == 2
+    assert "no manifest.json, so no complete bundle" in capsys.readouterr().err
