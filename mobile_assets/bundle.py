@@ -181,19 +181,6 @@ def commit(stage: Path, bundle_dir: Path) -> None:
     os.replace(stage / "manifest.json", marker)
 
 
-def check_bundle(bundle_dir: str | Path) -> dict[str, Any]:
-    """Re-read a bundle: schema-valid manifest and every listed file present with its sha256."""
-    import json
-
-    bundle_dir = Path(bundle_dir)
-    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
-    validate_manifest(manifest)
-    for f in manifest["files"]:
-        if sha256_file(bundle_dir / f["path"]) != f["sha256"]:
-            raise BundleError(f"{bundle_dir / f['path']}: sha256 differs from manifest.json")
-    return manifest
-
-
 def _samples(records: Sequence[dict[str, Any]], artifacts_dir: Path) -> list[Sample]:
     samples = [Sample(Path(r["path"]), int(r["label"])) for r in records]
     missing = [str(s.path) for s in samples if not s.path.is_file()]

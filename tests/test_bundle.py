@@ -14,6 +14,7 @@ import mobile_assets.bundle as bundle
 from export.lite.__main__ import main
 from export.runners import get_runner
 from mobile_assets import SCHEMA_PATH, ManifestValidationError, validate_manifest
+from mobile_assets.check import check_bundle
 from train.spec import load_unit_image
 
 
@@ -35,7 +36,7 @@ def _copy_bundle(src, dest):
 
 def test_manifest_validates_and_says_what_apps_need(built, ckpt):
     _, out = built
-    m = bundle.check_bundle(out)  # schema + every file's sha256
+    m = check_bundle(out)  # schema + every file's sha256
     assert m["classes"] == list(ckpt.spec.class_names)
     assert m["input"]["shape"] == [1, 3, 32, 32] and m["input"]["normalization_inside_model"] is True
     assert m["input"]["value_range"] == [0.0, 1.0] and "softmax" in m["outputs"]["postprocess"]
@@ -127,7 +128,7 @@ def test_force_replaces_generated_files_only(built, ckpt, tmp_path):
     for source in ("__init__.py", "manifest.schema.json", "notes.txt"):
         assert (target / source).read_text() == f"source file {source}\n"
     assert not (target / "model.pte").exists() and not (target / "model_int8.ptl").exists()
-    m = bundle.check_bundle(target)
+    m = check_bundle(target)
     assert [x["file"] for x in m["models"]] == ["model.ptl"]
     assert "float" in m["evaluation"] and "int8" not in m["evaluation"]  # scored on the data artifacts.json records
     assert len(list((target / "test_vectors").glob("*.bin"))) == 1
@@ -147,7 +148,7 @@ def test_failure_before_commit_keeps_old_bundle(built, ckpt, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="simulated"):
         bundle.write_bundle(art, target, force=True)
     assert (target / "manifest.json").read_bytes() == before
-    bundle.check_bundle(target)
+    check_bundle(target)
     assert not [p for p in tmp_path.rglob("*") if ".partial" in p.name]
 
 
@@ -200,7 +201,7 @@ def test_python_m_mobile_assets_builds_the_bundle_from_artifacts_json_alone(buil
 
     art, out = built
     assert bundle_main(["--artifacts", str(art), "--out", str(tmp_path / "b"), "--metrics-size", "12"]) == 0
-    m, ref = bundle.check_bundle(tmp_path / "b"), json.loads((out / "manifest.json").read_text())
+    m, ref = check_bundle(tmp_path / "b"), json.loads((out / "manifest.json").read_text())
     assert [x["sha256"] for x in m["models"]] == [x["sha256"] for x in ref["models"]]
     assert [x["app_runtime"] for x in m["models"]] == ["pytorch_lite", "pytorch_lite"]
     assert m["evaluation"]["float"] == ref["evaluation"]["float"]
@@ -224,7 +225,7 @@ def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
     assert row.status == "verified"
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "tfl"), "--runtime", "tflite_flutter",
                         "--test-vectors", "1"]) == 0
-    m = bundle.check_bundle(tmp_path / "tfl")
+    m = check_bundle(tmp_path / "tfl")
     assert [x["file"] for x in m["models"]] == ["model.tflite"] and m["runtime"]["app_runtimes"] == ["tflite_flutter"]
     assert m["input"]["layout"] == "NHWC" and m["input"]["shape"] == [1, 32, 32, 3]
     vec = m["test_vectors"]["vectors"][0]
@@ -233,7 +234,7 @@ def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
     logits = get_runner("litert").load(tmp_path / "tfl" / "model.tflite").run(x.transpose(0, 3, 1, 2))
     assert np.abs(logits[0] - expected["model.tflite"][vec["name"]]).max() <= 1e-4
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "all"), "--test-vectors", "1"]) == 0
-    files = [x["file"] for x in bundle.check_bundle(tmp_path / "all")["models"]]
+    files = [x["file"] for x in check_bundle(tmp_path / "all")["models"]]
     assert files == ["model.ptl", "model_int8.ptl", "model.tflite"]
     for name, models in (("tfl", ["model.tflite"]), ("all", files)):  # the README's pubspec.yaml ships them
         assert {*models, "labels.txt", "manifest.json"} <= _pubspec_assets(tmp_path / name)
@@ -270,7 +271,7 @@ def test_a_flutter_onnxruntime_bundle(built, ckpt, tmp_path):
     assert [r.status for r in rows] == ["verified", "verified"]
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "ort"), "--runtime",
                         "flutter_onnxruntime", "--test-vectors", "1"]) == 0
-    m = bundle.check_bundle(tmp_path / "ort")
+    m = check_bundle(tmp_path / "ort")
     (model,) = m["models"]
     assert model["file"] == "model_mobile.onnx" and model["app_runtime"] == "flutter_onnxruntime"
     assert model["batch"] == "1" and model["mobile_usability"]["nnapi"]["should_perform_well"] == "YES"
