@@ -51,6 +51,12 @@ def format_for(path: Path) -> Format:
             raise InspectError(f"{path}: a PyTorch checkpoint or state dict (torch.save), not an exported model; "
                                f"export it first: python -m export --checkpoint {path} --out artifacts/")
         return FORMATS["torchscript"]
+    if path.is_dir() and (path / "manifest.json").is_file():
+        raise InspectError(f"{path}: a Flutter bundle; check it with python -m mobile_assets --check {path}, or "
+                           f"inspect its model files")
+    if path.is_dir() and (path / "artifacts.json").is_file():
+        raise InspectError(f"{path}: an export folder; inspect its model files, e.g. python -m export.inspect "
+                           f"{path}/*.ptl")
     raise InspectError(f"{path}: unknown kind of file; inspect reads {', '.join(sorted({*SUFFIXES, '.pt'}))}")
 
 

@@ -67,3 +67,14 @@ def test_a_checkpoint_is_told_apart_from_torchscript(tiny_checkpoint, ckpt, tmp_
     torch.jit.script(ckpt.build_deploy_model()).save(str(scripted))
     assert inspect_main([str(scripted)]) == 0
     assert "full TorchScript" in capsys.readouterr().out
+
+
+def test_a_bundle_or_export_folder_is_told_what_reads_it(onnx_dir, tmp_path, capsys):
+    """A folder was 'unknown kind of file'; the two the toolkit writes are named with the command for each."""
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    assert inspect_main([str(tmp_path / "bundle")]) == 2
+    assert f"a Flutter bundle; check it with python -m mobile_assets --check {tmp_path / 'bundle'}" in (
+        capsys.readouterr().err)
+    assert inspect_main([str(onnx_dir)]) == 2
+    assert "an export folder; inspect its model files" in capsys.readouterr().err
