@@ -262,6 +262,45 @@ def test_images_in_subfolders_of_a_class_are_read_and_masks_are_not(tmp_path):
     assert not any("masks" in s.path.parts for s in idx.samples)
 
 
+def test_split_folders_give_each_image_its_split(tmp_path):
+    """`<split>/<Class>/` is how many data sets come (Kaggle's chest_xray: train/ val/ test/ with NORMAL/ and
+    PNEUMONIA/): each image's split is its top folder, whatever the split folder's name and case. A model that
+    read train/ val/ test/ as three classes would learn to tell the splits apart."""
+    from PIL import Image
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+
+    root = tmp_path / "chest_xray"
+    for name in ("train/NORMAL/a.jpeg", "train/NORMAL/b.jpeg", "train/PNEUMONIA/c.jpeg", "Validation/NORMAL/d.jpeg",
+                 "Validation/PNEUMONIA/e.jpeg", "test/PNEUMONIA/images/f.png", "test/NORMAL/g.png"):
+        image(root / name)
+    idx = discover(root)
+    assert idx.layout == "split-folders" and idx.class_names == ("NORMAL", "PNEUMONIA") and idx.has_split
+    assert {split: idx.counts(split) for split in ("train", "val", "test")} == {
+        "train": {"NORMAL": 2, "PNEUMONIA": 1}, "val": {"NORMAL": 1, "PNEUMONIA": 1},
+        "test": {"NORMAL": 1, "PNEUMONIA": 1}}
+    (root / "COVID").mkdir()
+    with pytest.raises(DataError, match=r"named as splits and \['COVID'\] are not"):
+        discover(root)
+    (root / "COVID").rmdir()
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match=r"Validation/ and val/ are both the val split|val/ and Validation/ are both"):
+        discover(root)
+
+
+def test_a_csv_split_column_takes_the_names_data_sets_use(synthetic_data, tmp_path):
+    rows = _rows(synthetic_data, with_split=True)
+    for i, row in enumerate(rows):
+        row["split"] = {"val": ["Validation", "valid", "VAL"][i % 3], "train": ["Train", "training"][i % 2]}[row["split"]]
+    idx = discover(_write_csv(tmp_path / "named.csv", rows), data_root=synthetic_data)
+    assert len(idx.split("val")) == 12 and len(idx.split("train")) == 36
+    rows[0]["split"] = "holdout"
+    with pytest.raises(DataError, match=r"split 'holdout' is not one of \('train', 'val', 'test'\) \(or training, "):
+        discover(_write_csv(tmp_path / "bad.csv", rows), data_root=synthetic_data)
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         discover(tmp_path / "nope")

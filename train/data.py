@@ -4,7 +4,8 @@ Layouts read (first match wins):
   * a CSV file `path,label[,split][,source]` with paths relative to the CSV's folder (or --data-root);
   * a folder holding `labels.csv` in that form (cxr4 ships one, with split and source);
   * the COVID-19 Radiography Database layout `<Class>/images/<file>` (class names may contain spaces);
-  * a plain `<Class>/<file>` folder.
+  * a plain `<Class>/<file>` folder (images in its subfolders too);
+  * either inside split folders, `<split>/<Class>/...` (train, val, test; also valid, validation, dev, ...).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")
+# the names data sets give their splits (Kaggle's chest_xray: train/val/test; others valid, validation, dev),
+# in a CSV's split column or as the top folders of <split>/<Class>/ (any case)
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}
 GENERATED_SPLIT = "+generated-split"  # appended to DatasetIndex.layout where assign_splits made the split
 # Written by train.synthetic into every dataset it generates: images under it are never called real.
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -141,9 +146,11 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
         if r["label"] not in index:
             raise DataError(f"{csv_path} line {line}: unknown label {r['label']!r}; "
                             f"known classes are {list(classes)}")
-        split = (r.get("split") or "").strip() or None
-        if split is not None and split not in SPLITS:
-            raise DataError(f"{csv_path} line {line}: split {split!r} is not one of {SPLITS}")
+        written = (r.get("split") or "").strip() or None
+        split = None if written is None else SPLIT_NAMES.get(written.lower())
+        if written is not None and split is None:
+            raise DataError(f"{csv_path} line {line}: split {written!r} is not one of {SPLITS} (or "
+                            f"{', '.join(k for k in SPLIT_NAMES if k not in SPLITS)})")
         samples.append(Sample(_csv_image_path(root, r["path"]), index[r["label"]], split, (r.get("source") or None)))
     return DatasetIndex(root, classes, samples, "csv")
 
@@ -170,8 +177,44 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _split_folders(root: Path, dirs: Sequence[Path]) -> dict[str, Path] | None:
+    """{split: folder} where every top folder is named as a split (`train/ val/ test/`, each holding
+    `<Class>/`), None where none is; a mix of split and class folders is an error, since either reading of it
+    would be wrong."""
+    named = {d: SPLIT_NAMES.get(d.name.lower()) for d in dirs}
+    if not any(named.values()):
+        return None
+    others = [d.name for d, split in named.items() if split is None]
+    if others:
+        raise DataError(f"{root}: folders {[d.name for d, s in named.items() if s]} are named as splits and "
+                        f"{others} are not; use <split>/<Class>/ or <Class>/ folders throughout, or a labels.csv")
+    splits: dict[str, Path] = {}
+    for d, split in named.items():
+        if split in splits:
+            raise DataError(f"{root}: {splits[split].name}/ and {d.name}/ are both the {split} split; merge them")
+        splits[split] = d
+    return splits
+
+
+def _read_split_folders(root: Path, splits: dict[str, Path], class_names: Sequence[str] | None) -> DatasetIndex:
+    """`<split>/<Class>/<file>` (or `<split>/<Class>/images/<file>`): each image's split is its top folder."""
+    found = {split: sorted(d.name for d in folder.iterdir() if d.is_dir() and not _is_metadata(d))
+             for split, folder in splits.items()}
+    classes = _order_classes(sorted({c for names in found.values() for c in names}), class_names)
+    samples = []
+    for split, folder in sorted(splits.items(), key=lambda kv: SPLITS.index(kv[0])):
+        for i, name in enumerate(classes):
+            if (folder / name).is_dir():
+                files = _files_under(_image_folder(folder / name))
+                samples += [Sample(p, i, split) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return DatasetIndex(root, classes, samples, "split-folders")
+
+
 def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
     dirs = sorted(d for d in root.iterdir() if d.is_dir() and not _is_metadata(d))
+    splits = _split_folders(root, dirs)
+    if splits:
+        return _read_split_folders(root, splits, class_names)
     if not dirs:
         raise DataError(f"{root}: no class folders found; expected <Class>/images/<file>, "
                         f"<Class>/<file> or a labels.csv")
