@@ -123,6 +123,14 @@ def print_entries(rows: Sequence[ArtifactEntry], file: Any = None) -> None:
     reasons = sorted({e.status_reason for e in rows if e.status == "exported" and e.status_reason})
     for reason in reasons:
         print(f"note: 'exported', not 'verified': {reason}", file=file)
+    counts = [e.verification["n_images"] for e in rows if e.status == "verified" and e.verification.get("n_images")]
+    if counts and min(counts) < FEW_IMAGES:
+        print(f"note: verified on only {min(counts)} real images (all the val split offers, or --eval-size): one "
+              f"changed top class moves agreement by 1/{min(counts)}; a val split of {FEW_IMAGES}+ images makes "
+              f"'verified' say more", file=file)
+
+
+FEW_IMAGES = 50  # below this many verification images, a top-1 agreement is a coarse figure
 
 
 def setup_logging() -> None:

@@ -266,3 +266,21 @@ def test_a_file_that_cannot_fit_is_refused_before_its_writer_runs(tmp_path, ckpt
     write_proven(ckpt, tmp_path, "ptl_int8", write=ran.append, prove=lambda p: {})
     assert len(ran) == 1  # an int8 file needs a quarter of the room
 
+
+
+def test_a_verification_on_few_images_is_said_to_be_coarse():
+    """Kaggle's chest_xray holds 16 val images: 'verified' with top-1 agreement 1.000 on them says little, and
+    the table now says so; 100 images (the default --eval-size) need no note."""
+    import io
+
+    from export.cli import print_entries
+    from export.manifest import ArtifactEntry
+
+    def row(n: int) -> ArtifactEntry:
+        return ArtifactEntry(name="onnx_fp32", format="onnx", precision="fp32", runtime="onnxruntime",
+                             path="model.onnx", status="verified", size_bytes=1,
+                             verification={"n_images": n, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0})
+    for n, noted in ((16, True), (100, False)):
+        out = io.StringIO()
+        print_entries([row(n)], file=out)
+        assert (f"note: verified on only {n} real images" in out.getvalue()) == noted
