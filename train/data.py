@@ -106,6 +106,11 @@ def _order_classes(found: Sequence[str], class_names: Sequence[str] | None) -> t
     return tuple(sorted(found))
 
 
+def split_named(name: str) -> str | None:
+    """The split a data set's name for it means ('Validation' -> 'val'), None for a name that is no split."""
+    return SPLIT_NAMES.get(name.lower())
+
+
 def _csv_rows(csv_path: Path) -> list[dict[str, str]]:
     """The rows of a labels CSV as a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's 'CSV UTF-8'),
     ';' or tab as the delimiter (Excel where the decimal mark is a comma), header names in any case, spaces
@@ -146,8 +151,8 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
         if r["label"] not in index:
             raise DataError(f"{csv_path} line {line}: unknown label {r['label']!r}; "
                             f"known classes are {list(classes)}")
-        written = (r.get("split") or "").strip() or None
-        split = None if written is None else SPLIT_NAMES.get(written.lower())
+        written = r.get("split") or None
+        split = None if written is None else split_named(written)
         if written is not None and split is None:
             raise DataError(f"{csv_path} line {line}: split {written!r} is not one of {SPLITS} (or "
                             f"{', '.join(k for k in SPLIT_NAMES if k not in SPLITS)})")
@@ -177,11 +182,16 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _class_images(class_folder: Path) -> list[Path]:
+    """The images of one class folder, its subfolders included, sorted."""
+    return [p for p in _files_under(_image_folder(class_folder)) if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def _split_folders(root: Path, dirs: Sequence[Path]) -> dict[str, Path] | None:
     """{split: folder} where every top folder is named as a split (`train/ val/ test/`, each holding
     `<Class>/`), None where none is; a mix of split and class folders is an error, since either reading of it
     would be wrong."""
-    named = {d: SPLIT_NAMES.get(d.name.lower()) for d in dirs}
+    named = {d: split_named(d.name) for d in dirs}
     if not any(named.values()):
         return None
     others = [d.name for d, split in named.items() if split is None]
@@ -205,8 +215,7 @@ def _read_split_folders(root: Path, splits: dict[str, Path], class_names: Sequen
     for split, folder in sorted(splits.items(), key=lambda kv: SPLITS.index(kv[0])):
         for i, name in enumerate(classes):
             if (folder / name).is_dir():
-                files = _files_under(_image_folder(folder / name))
-                samples += [Sample(p, i, split) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+                samples += [Sample(p, i, split) for p in _class_images(folder / name)]
     return DatasetIndex(root, classes, samples, "split-folders")
 
 
@@ -226,8 +235,7 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
         if not folder.is_dir():
             raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
                             f"{list(classes)})")
-        files = [p for p in _files_under(_image_folder(folder)) if p.suffix.lower() in IMAGE_SUFFIXES]
-        samples += [Sample(p, i) for p in files]
+        samples += [Sample(p, i) for p in _class_images(folder)]
     return DatasetIndex(root, classes, samples, layout)
 
 
