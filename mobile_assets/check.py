@@ -20,6 +20,7 @@ from export.runners import get_runner
 from mobile_assets import validate_manifest
 from mobile_assets.bundle import BundleError
 from train.atomic import sha256_file
+from train.metrics import compare_logits
 
 INT8_ATOL = 1e-3  # an int8 file on the engine it was bundled with; other CPUs' int8 kernels may differ more
 
@@ -76,6 +77,7 @@ def replay_test_vectors(bundle_dir: Path, manifest: dict[str, Any]) -> list[dict
     where this machine lacks its runtime."""
     expected = json.loads((bundle_dir / manifest["test_vectors"]["expected_logits"]).read_text(encoding="utf-8"))
     names = [v["name"] for v in manifest["test_vectors"]["vectors"]]
+    inputs = _vector_inputs(bundle_dir, manifest)
     rows = []
     for m in manifest["models"]:
         row = {"file": m["file"], "runtime": m["runtime"], "engine": m.get("quantized_engine"),
@@ -86,13 +88,12 @@ def replay_test_vectors(bundle_dir: Path, manifest: dict[str, Any]) -> list[dict
             continue
         try:
             runner = get_runner(m["runtime"], engine=m.get("quantized_engine")).load(bundle_dir / m["file"])
-            got = np.concatenate([runner.run(x) for x in _vector_inputs(bundle_dir, manifest)])
+            got = np.concatenate([runner.run(x) for x in inputs])
         except Exception as err:  # no runtime here (CoreML off macOS), or a file its runtime refuses
             rows.append({**row, "result": "not run here", "why": f"{type(err).__name__}: {str(err).strip()[:200]}"})
             continue
-        ref = np.array([want[n] for n in names], dtype=np.float64)
-        diff = float(np.abs(got - ref).max())
-        same_top = bool((got.argmax(1) == ref.argmax(1)).all())
+        compared = compare_logits(np.array([want[n] for n in names], dtype=np.float64), got)
+        diff, same_top = compared["max_abs_logit_diff"], compared["top1_agreement"] == 1.0
         int8 = m["precision"] == "int8"
         tolerance = INT8_ATOL if int8 else FLOAT_ATOL
         result = ("agrees" if diff <= tolerance and same_top else
