@@ -9,9 +9,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from benchmarks.report import write_md_and_json
 from export.manifest import ManifestError, entries, read_source
 from export.registry import variant
-from train.atomic import check_writable_dir, write_json, write_text
+from train.atomic import check_writable_dir
 from train.errors import ToolkitError
 
 
@@ -78,7 +79,5 @@ def profile_cli(prog: str, doc: str, default_out: str, run: Callable[..., dict[s
     if a.runs < 1:
         raise ProfileError(f"--runs must be at least 1, got {a.runs}")
     result = run(a.artifacts, a.runs, a.threads or None)
-    write_json(a.out / "profile.json", result)
-    write_text(a.out / "profile.md", render(result))
-    print(f"wrote {a.out / 'profile.md'} and profile.json")
+    write_md_and_json(a.out, "profile", result, render(result))
     return 0

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.run import BenchmarkError
     from export.manifest import manifest_path
-    from train.atomic import check_writable_dir, write_json, write_text
+    from benchmarks.report import write_md_and_json
+    from train.atomic import check_writable_dir
 
     a = build_parser().parse_args(argv)
     check_writable_dir(a.out)
@@ -109,10 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise BenchmarkError(f"--artifacts {a.artifacts}: no {manifest_path(a.artifacts).name} there; run "
                              f"`python -m export --checkpoint CKPT --out {a.artifacts}` first")
     result = measure(a.artifacts, a.checkpoint, a.rounds, a.warmup)
-    write_json(a.out / "ratios.json", result)
-    write_text(a.out / "ratios.md", markdown(result))
     print(markdown(result))
-    print(f"wrote {a.out / 'ratios.md'} and ratios.json")
+    write_md_and_json(a.out, "ratios", result, markdown(result))
     return 0
 
 

@@ -199,6 +199,13 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> None:
     plt.close(fig)
 
 
+def write_md_and_json(out_dir: Path, stem: str, result: dict[str, Any], md: str) -> None:
+    """A small command's report: <stem>.md and <stem>.json in out_dir, and a line saying where."""
+    write_json(out_dir / f"{stem}.json", result)
+    write_text(out_dir / f"{stem}.md", md)
+    print(f"wrote {out_dir / (stem + '.md')} and {stem}.json")
+
+
 def write_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Summarize in place, then write the four files; returns their paths."""
     summarize(result, BASELINE)

@@ -76,6 +76,7 @@ def measure(checkpoint: Path, data: Path, images: int, size: int) -> dict[str, A
 
     from train.checkpoint import load_checkpoint
     from train.data import images_origin, labelled_splits, seeded_subset
+    from train.metrics import compare_logits
     from train.spec import to_gray8, upright
 
     ckpt = load_checkpoint(checkpoint)
@@ -99,10 +100,11 @@ def measure(checkpoint: Path, data: Path, images: int, size: int) -> dict[str, A
     rows = []
     for name in funcs:
         diff = np.abs(np.stack(shrunk[name]).astype(int) - np.stack(shrunk[reference]).astype(int))
+        compared = compare_logits(logits[reference], logits[name])
         rows.append({"resizer": name, "max_gray_levels": int(diff.max()), "mean_gray_levels": float(diff.mean()),
-                     "top1_agreement": float((logits[name].argmax(1) == logits[reference].argmax(1)).mean()),
+                     "top1_agreement": compared["top1_agreement"],
                      "accuracy": float((logits[name].argmax(1) == labels).mean()),
-                     "max_abs_logit_change": float(np.abs(logits[name] - logits[reference]).max())})
+                     "max_abs_logit_change": compared["max_abs_logit_diff"]})
     return {"checkpoint": str(checkpoint), "data": str(data), "images": len(samples),
             "images_origin": images_origin(samples), "enlarged_to": size, "input_size": n, "rows": rows}
 
@@ -133,17 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.run import BenchmarkError
-    from train.atomic import check_writable_dir, write_json, write_text
+    from benchmarks.report import write_md_and_json
+    from train.atomic import check_writable_dir
 
     a = build_parser().parse_args(argv)
     check_writable_dir(a.out)
     if a.images < 1 or a.size < 1:
         raise BenchmarkError(f"--images and --size must be at least 1 (got {a.images}, {a.size})")
     result = measure(a.checkpoint, a.data, a.images, a.size)
-    write_json(a.out / "resize_parity.json", result)
-    write_text(a.out / "resize_parity.md", markdown(result))
     print(markdown(result))
-    print(f"wrote {a.out / 'resize_parity.md'} and resize_parity.json")
+    write_md_and_json(a.out, "resize_parity", result, markdown(result))
     return 0
 
 
