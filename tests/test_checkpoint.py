@@ -165,3 +165,69 @@ def test_a_dropout_then_linear_head_reads_as_the_linear_head(tiny_checkpoint, ti
     torch.save(mlp_head, tmp_path / "mlp_head.pt")
     with pytest.raises(CheckpointError, match=r"the head `fc` has 2 layers with weights \(fc.0.weight, fc.3.weight\)"):
         load_checkpoint(tmp_path / "mlp_head.pt", tiny_spec)
+
+
+def test_a_network_trained_on_one_gray_channel_exports_as_the_same_function(tmp_path, x32):
+    """`conv1 = nn.Conv2d(1, 64, ...)`, how many X-ray notebooks train: every export failed with torch's 'size
+    mismatch for conv1.weight' per format. With the one mean/std its training used it is the same function on the
+    three gray channels the toolkit feeds; with per-channel values stated it is refused naming the fix."""
+    torch.manual_seed(0)
+    gray_net = build_network(num_classes=4)
+    gray_net.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    gray_net.eval()
+    path = tmp_path / "gray.pt"
+    torch.save(gray_net.state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, PreprocessSpec(input_size=32))  # ImageNet's per-channel mean/std
+    assert str(path) in str(err.value) and "conv1 reads 1 channel" in str(err.value)
+    assert "python -m train.convert" in str(err.value) and "--mean" in str(err.value)
+
+    out = tmp_path / "converted" / "best.pt"
+    assert convert.main(["--weights", str(path), "--out", str(out), "--size", "32",
+                         "--mean", "0.5", "--std", "0.25"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.spec.mean == (0.5,) * 3 and ckpt.spec.std == (0.25,) * 3
+    gray = x32[:, :1]
+    with torch.no_grad():
+        want = gray_net((gray - 0.5) / 0.25)
+        got = ckpt.build_deploy_model()(gray.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    net = build_network(num_classes=4)  # fine-tuning from it starts from the same stem
+    init_weights(net, str(path))
+    torch.testing.assert_close(net.conv1.weight.sum(1), gray_net.conv1.weight[:, 0])
+
+
+def test_convert_takes_one_or_three_values_for_mean_and_std(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert.main(["--weights", str(tiny_checkpoint), "--out", str(tmp_path / "x.pt"), "--mean", "0.5", "0.4"])
+    assert "--mean takes 3 values (one per RGB channel) or 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_exported_models_and_torchscript_archives_are_refused_with_what_to_pass(tmp_path):
+    """A TorchScript file (torch.jit.save) gave torch's own advice to load it with weights_only=False, cut off
+    mid-word; an exported model was 'not a file torch.save wrote (Unsupported operand 8)'."""
+    scripted = tmp_path / "model_scripted.pt"
+    torch.jit.save(torch.jit.script(build_network(num_classes=4).eval()), scripted)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(scripted)
+    msg = str(err.value)
+    assert str(scripted) in msg and "TorchScript archive" in msg and "torch.save(model.state_dict()" in msg
+    assert "weights_only` set to `False" not in msg
+    for name, kind in (("model.onnx", "an ONNX model"), ("model.tflite", "a LiteRT model"),
+                       ("model.pte", "an ExecuTorch program")):
+        (tmp_path / name).write_bytes(b"\x08\x07not weights")
+        with pytest.raises(CheckpointError, match=f"is {kind}, an exported model, not weights"):
+            load_checkpoint(tmp_path / name)
+    (tmp_path / "model.mlpackage").mkdir()
+    with pytest.raises(CheckpointError, match="a CoreML package, an exported model"):
+        load_checkpoint(tmp_path / "model.mlpackage")
+
+
+def test_safetensors_weights_are_read(tiny_checkpoint, tiny_spec, tmp_path, x32):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = load_checkpoint(tiny_checkpoint).state_dict
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert torch.equal(_out(load_checkpoint(path, tiny_spec), x32), _out(load_checkpoint(tiny_checkpoint), x32))

@@ -18,7 +18,7 @@ import torch
 from train.atomic import atomic_path, sha256_file
 from train.model import DeployModel, WeightsError, build_network
 from train.spec import PreprocessSpec, SpecError
-from train.weights_file import FORMAT, CheckpointError, as_state_dict, read_raw
+from train.weights_file import FORMAT, CheckpointError, as_state_dict, read_raw, widen_gray_stem
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,23 @@ def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path
         )
 
 
+def _gray_stem_as_rgb(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path) -> dict[str, torch.Tensor]:
+    """A network trained on one gray channel computes the same function in the toolkit's 3-channel form only
+    when the three channels are normalized alike, with the one mean and std its training used."""
+    widened = widen_gray_stem(state)
+    if widened is not state:
+        if len(set(spec.mean)) != 1 or len(set(spec.std)) != 1:
+            raise CheckpointError(
+                f"{path}: conv1 reads 1 channel, so this network was trained on gray images normalized with one "
+                f"mean and one std, and the preprocessing stated for it has one per RGB channel "
+                f"(mean {list(spec.mean)}, std {list(spec.std)}). Convert it once with the values its training "
+                f"used, e.g. `python -m train.convert --weights {path} --out runs/imported/best.pt --mean 0.5 "
+                f"--std 0.5`, and pass that checkpoint")
+        log.info("%s: conv1 reads 1 gray channel; it reads the 3 identical gray channels the toolkit feeds "
+                 "with its weights split in three (the same function)", path)
+    return widened
+
+
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
     """NaN or inf weights (a diverged run, a corrupt file) would make every export fail deep inside a
     library; name the tensor instead."""
@@ -141,6 +158,7 @@ def load_checkpoint(path: str | Path, spec: PreprocessSpec | None = None) -> Che
     spec = spec or PreprocessSpec()
     _check_head(state, spec, path)
     _check_finite(state, path)
+    state = _gray_stem_as_rgb(state, spec, path)
     log.info("%s: %s weights; using the stated preprocessing: %s", path, source, spec.describe())
     return Checkpoint(path, state, spec, "resnet18", {}, {}, {}, source, sha256_file(path))
 

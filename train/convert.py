@@ -5,6 +5,8 @@
 
 Foreign weights carry no preprocessing, so you state it here (defaults: the cxr4 recipe, ImageNet
 mean/std, 224 px, grayscale to 3 channels); it travels with the checkpoint to every later stage.
+A network trained on one gray channel (conv1 with 1 input channel) takes one `--mean M --std S`, the values
+its training normalized with; it becomes the same function on the three gray channels the toolkit feeds.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"class names in the model's output order (default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--size", type=int, default=224, help="input side in pixels the weights expect (default 224)")
     p.add_argument("--resize", choices=RESIZE_METHODS, default="bilinear", help="resize method (default bilinear)")
-    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="RGB mean (default ImageNet)")
-    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="RGB std (default ImageNet)")
+    p.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN),
+                   help="RGB mean, 3 values, or 1 for all three (a network trained on gray images; default ImageNet)")
+    p.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD),
+                   help="RGB std, 3 values, or 1 for all three (default ImageNet)")
     p.add_argument("--contrast-stretch", action="store_true", help="per-image min-max stretch before normalizing")
     a = p.parse_args(argv)
+    for flag in ("mean", "std"):
+        if len(getattr(a, flag)) not in (1, 3):
+            p.error(f"--{flag} takes 3 values (one per RGB channel) or 1 (the same for all three)")
+        setattr(a, flag, getattr(a, flag) * (3 // len(getattr(a, flag))))
     check_writable_file(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from train.checkpoint import CheckpointError

@@ -4,7 +4,8 @@ Accepted layouts:
   * the toolkit's own checkpoint (`format == FORMAT`), written by `python -m train` or `python -m train.convert`;
   * a plain torchvision ResNet-18 state dict (`conv1.weight`, ..., `fc.weight`);
   * the seeds' notebook style `{'model_state_dict': {'resnet18.conv1.weight': ...}}`;
-  * either under a wrapper's prefix (DataParallel/DDP `module.`, torch.compile `_orig_mod.`, a module attribute).
+  * either under a wrapper's prefix (DataParallel/DDP `module.`, torch.compile `_orig_mod.`, a module attribute);
+  * a network trained on one gray channel (`conv1` with 1 input channel), widened by `widen_gray_stem`.
 Both `train.model` (--weights PATH) and `train.checkpoint` read files this way, so it lives below both.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +35,52 @@ def read_raw(path: str | Path) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass --checkpoint with a .pt file "
                               f"written by `python -m train` or a ResNet-18 state dict")
+    exported = EXPORTED_MODELS.get(path.suffix.lower())
+    if exported:
+        raise CheckpointError(f"{path} is {exported}, an exported model, not weights: pass the .pt weights it was "
+                              f"exported from (`python -m export.inspect {path}` names the checkpoint of a file "
+                              f"this toolkit exported)")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; pass the .pt file inside it")
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is a TorchScript archive (torch.jit.save), which holds the "
+            f"model's code as well as its weights, and the toolkit reads weights only. Save the weights where "
+            f"the model is defined, torch.save(model.state_dict(), 'weights.pt'), or, from a file you trust, "
+            f"torch.save(torch.jit.load('{path}').state_dict(), 'weights.pt'), and pass that file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:
+        raise _unreadable(path, err) from err
+
+
+EXPORTED_MODELS = {".onnx": "an ONNX model", ".ort": "an ONNX Runtime Mobile model", ".tflite": "a LiteRT model",
+                   ".pte": "an ExecuTorch program", ".ptl": "a TorchScript Lite model",
+                   ".mlpackage": "a CoreML package", ".mlmodel": "a CoreML model", ".mar": "a TorchServe archive"}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save writes a zip like torch.save's, with the model's code beside its tensors."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith(("/constants.pkl", "/bytecode.pkl")) or "/code/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    """Why torch.load refused a file, without the advice torch gives around it."""
+    if isinstance(err, pickle.UnpicklingError):
         reason = _unpickler_reason(err)
         if "GLOBAL" in reason:  # e.g. torch.save(model): pickled Python objects
-            raise CheckpointError(
+            return CheckpointError(
                 f"cannot read checkpoint {path}: it holds pickled Python objects ({reason[:200]}), and the "
                 f"toolkit loads weights only (torch.load with weights_only=True). Save the weights instead, "
-                f"torch.save(model.state_dict(), PATH), and pass that file."
-            ) from err
-        raise CheckpointError(f"cannot read checkpoint {path}: not a file torch.save wrote ({reason[:200]}). "
-                              f"{_EXPECTED}") from err
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:300]}. {_EXPECTED}") from err
+                f"torch.save(model.state_dict(), PATH), and pass that file.")
+        return CheckpointError(f"cannot read checkpoint {path}: not a file torch.save wrote ({reason[:200]}). "
+                               f"{_EXPECTED}")
+    return CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:300]}. {_EXPECTED}")
 
 
 _EXPECTED = ("It must be a file saved with torch.save holding only tensors and plain data "
@@ -95,6 +126,17 @@ def _one_linear_head(state: dict[str, Any]) -> dict[str, Any]:
     index = linear[0][len("fc."): -len(".weight")]
     renamed = {f"fc.{index}.weight": "fc.weight", f"fc.{index}.bias": "fc.bias"}
     return {renamed.get(k, k): v for k, v in state.items()}
+
+
+def widen_gray_stem(state: dict[str, Any]) -> dict[str, Any]:
+    """A ResNet-18 trained on one gray channel (`conv1 = nn.Conv2d(1, 64, ...)`, common for X-rays) as the
+    toolkit's 3-channel one: its conv1 weights split in three over the three identical gray channels the
+    toolkit feeds. The same function wherever the three channels are normalized alike (`train.checkpoint`
+    checks that for an export); a fair start for fine-tuning otherwise. Other state dicts come back as they are."""
+    w = state.get(STEM_KEYS[0])
+    if not isinstance(w, torch.Tensor) or w.ndim != 4 or w.shape[1] != 1:
+        return state
+    return {**state, STEM_KEYS[0]: (w / 3).expand(-1, 3, -1, -1).contiguous()}
 
 
 def as_state_dict(raw: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
