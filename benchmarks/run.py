@@ -126,7 +126,10 @@ def plan_rows(artifacts_dir: Path, checkpoint: Path, ckpt: Checkpoint,
 
 
 def run_worker(job: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    """One fresh interpreter per artifact; a crash or timeout is a result with ok=False."""
+    """One fresh interpreter per artifact; a crash or timeout is a result with ok=False. The worker runs in the
+    toolkit's folder, so that a folder of the user's named like one of its packages (`export/`) cannot stand in
+    for it: every path it is handed is made absolute here, or a relative `--artifacts` would point elsewhere."""
+    job = {**job, **{key: str(Path(job[key]).resolve()) for key in ("path", "images", "logits_out") if job.get(key)}}
     job_file = work / f"{job['id']}.job.json"
     out_file = work / f"{job['id']}.result.json"
     job_file.write_text(json.dumps(job), encoding="utf-8")

@@ -114,6 +114,22 @@ def test_a_runtime_that_gains_nothing_from_threads_is_scored_in_shards(artifacts
     np.testing.assert_allclose(np.load(tmp_path / "all.npy"), expected, atol=1e-5)  # shards joined in image order
 
 
+def test_relative_paths_from_a_folder_outside_the_repo(artifacts, tiny_checkpoint, synthetic_data, tmp_path,
+                                                       monkeypatch):
+    """The workers run in the toolkit's folder: a relative --artifacts from anywhere else (the README's pipeline
+    with `--out "demo run"` in a user's folder) failed every row with 'File doesn't exist'."""
+    here = tmp_path / "my runs"
+    shutil.copytree(artifacts, here / "artifacts")
+    shutil.copy(tiny_checkpoint, here / "best.pt")
+    monkeypatch.chdir(here)
+    result = run_benchmarks(Path("artifacts"), Path("best.pt"), synthetic_data, out_dir=Path("bench"),
+                            only=["onnx_fp32", "ptl_fp32"], **FAST)
+    rows = _rows(result)
+    assert {name: rows[name]["status"] for name in (BASELINE, "onnx_fp32", "ptl_fp32")} == \
+        {BASELINE: "baseline", "onnx_fp32": "verified", "ptl_fp32": "verified"}, rows
+    assert rows["onnx_fp32"]["top1_agreement"] == 1.0 and (here / "bench" / "report.md").is_file()
+
+
 def test_report_files_written(happy):
     out = {k: Path(v) for k, v in happy["outputs"].items()}
     md = out["md"].read_text()
