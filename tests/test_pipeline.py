@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import pipeline
-from benchmarks.pipeline import PipelineError, main, run_pipeline
+from benchmarks.pipeline import PartlyFailed, PipelineError, main, run_pipeline
 
 
 def _fake_stages(monkeypatch, calls: list[str]) -> None:
@@ -46,6 +46,27 @@ def test_failed_stage_is_reported_and_dependants_skipped(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
     assert saved["stages"] == summary["stages"]
     assert "| export | failed |" in (tmp_path / "demo" / "pipeline.md").read_text()
+
+
+def test_a_stage_that_partly_failed_is_not_ok_and_its_dependants_still_run(tmp_path, monkeypatch):
+    """Every benchmark row failed (the workers could not find a relative --artifacts) and the pipeline still
+    said 'all stages ok'. A stage whose items partly failed now says so, and the run is not ok."""
+    calls: list[str] = []
+
+    def ok(name):
+        return lambda ctx: calls.append(name) or f"{name} done"
+
+    def partly(ctx):
+        calls.append("export")
+        raise PartlyFailed("18 artifacts written; failed: litert_int8 (converter exploded)")
+
+    monkeypatch.setattr(pipeline, "STAGES", [("data", ok("data"), ()), ("export", partly, ("data",)),
+                                             ("benchmark", ok("benchmark"), ("export",))])
+    summary = run_pipeline(tmp_path / "demo", progress=False)
+    assert calls == ["data", "export", "benchmark"] and not summary["ok"]
+    assert [s["status"] for s in summary["stages"]] == ["ok", "partly failed", "ok"]
+    md = (tmp_path / "demo" / "pipeline.md").read_text()
+    assert "NOT EVERY STAGE RAN OK" in md and "| export | partly failed |" in md and "litert_int8" in md
 
 
 def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
