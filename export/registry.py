@@ -164,8 +164,21 @@ def format_of(name: str) -> Format:
 
 def get_format(name: str, flag: str = "--formats") -> Format:
     if name not in FORMATS:
-        raise RegistryError(f"{flag} {name}: unknown format; choose from {', '.join(FORMATS)}")
+        meant = _format_meant(name)
+        hint = (f"did you mean {meant.name} (it writes {', '.join(v.file for v in meant.variants)})? "
+                if meant else "")
+        raise RegistryError(f"{flag} {name}: unknown format; {hint}choose from {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+def _format_meant(name: str) -> Format | None:
+    """The format a user most likely meant by a file type, runtime or app package ('tflite', 'pte', 'torchserve',
+    'ONNX'), named in the error rather than guessed silently."""
+    key = name.strip().lower().lstrip(".")
+    for f in FORMATS.values():
+        if key == f.name or any(key in (v.file.rsplit(".", 1)[-1], v.runtime, v.bundle) for v in f.variants):
+            return f
+    return None
 
 
 def bundle_variants(runtime: str | None = None) -> dict[str, Variant]:

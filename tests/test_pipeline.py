@@ -86,7 +86,9 @@ def test_bad_settings_name_the_flag(tmp_path, capsys):
     with pytest.raises(PipelineError, match="--input-size"):
         run_pipeline(tmp_path / "x", input_size=8, progress=False)
     assert main(["--out", str(tmp_path / "y"), "--formats", "onnx,tflite", "--quiet"]) == 2
-    assert "--formats tflite: unknown format; choose from onnx" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the file type a user types names the format that writes it
+    assert "--formats tflite: unknown format; did you mean litert (it writes model.tflite, model_int8.tflite)? " \
+           "choose from onnx" in err
     assert not (tmp_path / "y").exists()
 
 
