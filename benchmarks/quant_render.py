@@ -47,12 +47,41 @@ def _targets(rep: dict[str, Any]) -> list[str]:
             continue
         m = v["metrics"]
         worst = max(0.0, *(-d["recall_change_points"] for d in m["per_class"].values()))
-        rows.append(f"| {name} | {ok(m['top1_agreement'] >= t['min_top1_agreement'])} | "
+        lo = m.get("top1_agreement_ci95", [None])[0]
+        rows.append(f"| {name} | {ok(m['top1_agreement'] >= t['min_top1_agreement'])}"
+                    f"{f' (95% CI from {100 * lo:.2f}%)' if lo is not None else ''} | "
                     f"{ok(-m['accuracy_change_points'] <= t['max_accuracy_drop_points'])} | "
                     f"{ok(worst <= t['max_class_recall_drop_points'])} (worst {worst:.2f}) | "
                     f"{ok(v['size_ratio'] <= t['max_size_ratio'])} | "
                     f"{_speedup_cell(v, t['min_speedup'])} |")
     return rows
+
+
+def _how_sure(rep: dict[str, Any]) -> list[str]:
+    """Each int8 variant's agreement and accuracy change as the sample they come from allows: an exact 95%
+    interval of the agreement, and the accuracy change as the paired images it is made of (McNemar)."""
+    n = rep["data"]["n_images"]
+    target = rep["targets"]["min_top1_agreement"]
+    rows = ["| variant | top-1 agreement (95% CI) | float right, now wrong | float wrong, now right | "
+            "McNemar p |", "|---|---|---|---|---|"]
+    for name, v in rep["variants"].items():
+        m = v["metrics"]
+        if v.get("precision", "int8") == "fp32" or "top1_agreement_ci95" not in m:
+            continue
+        lo, hi = m["top1_agreement_ci95"]
+        pc = m["accuracy_change_paired"]
+        rows.append(f"| {name} | {100 * m['top1_agreement']:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}) | "
+                    f"{pc['float_right_now_wrong']} | {pc['float_wrong_now_right']} | {pc['mcnemar_p']:.2f} |")
+    from train.metrics import agreement_interval
+
+    clearing = [k for k in range(min(n, 50) + 1) if agreement_interval(n - k, n)[0] >= target]
+    reach = (f"An interval whose lower end clears {100 * target:.1f}% needs at most {max(clearing)} flipped "
+             f"image(s) here" if clearing else
+             f"No interval can clear {100 * target:.1f}% on {n} images, even with no flip")
+    return rows + ["", f"On {n} images one flip is {100 / max(n, 1):.2f} points of agreement. {reach}; a larger "
+                   f"val split (or all of it, where --max-images cut it) narrows every interval. An accuracy "
+                   f"change is the difference of the two paired counts; a McNemar p well above 0.05 means these "
+                   f"images cannot tell the two models' accuracy apart."]
 
 
 def _speedup_cell(v: dict[str, Any], target: float) -> str:
@@ -164,6 +193,7 @@ def _markdown(rep: dict[str, Any]) -> str:
         "shrinks; ONNX Runtime's dynamic mode also quantizes every Conv (ConvInteger). Static variants "
         "quantize weights and activations of every conv/linear.", "",
         "## Targets (static int8)", "", *_targets(rep), "",
+        "## How sure these figures are", "", *_how_sure(rep), "",
         "## Per-class recall (R) and precision (P), % (change in points)", "", *_per_class(rep), "",
         "## Flip matrices (rows: float prediction, columns: int8 prediction)", "", *_flips(rep),
         "## Latency, every timed row", "", "| model | engine setting | median ms | p90 ms | speedup vs float |",

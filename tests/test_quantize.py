@@ -68,6 +68,33 @@ def test_figures_match_the_saved_logits(report):
         assert m["mean_abs_logit_error"] == pytest.approx(np.abs(logits - ref).mean(), rel=1e-4, abs=1e-7)
         assert v["latency"]["median_ms"] > 0 and v["speedup_vs_float"] > 0
     assert rep["variants"]["float"]["metrics"]["flipped_images"] == 0
+    for name, v in rep["variants"].items():  # the paired counts are the accuracy change, image by image
+        m, logits = v["metrics"], saved[name]
+        pc = m["accuracy_change_paired"]
+        assert pc["float_wrong_now_right"] - pc["float_right_now_wrong"] == \
+            (logits.argmax(1) == labels).sum() - (ref.argmax(1) == labels).sum()
+        lo, hi = m["top1_agreement_ci95"]
+        assert lo <= m["top1_agreement"] <= hi
+    assert "## How sure these figures are" in (out / "report.md").read_text()
+
+
+def test_agreement_interval_and_paired_change_match_their_definitions():
+    """Clopper-Pearson bounds are beta quantiles (all-agree: (alpha/2)^(1/n)); McNemar's exact p for 5 images
+    lost and 1 gained is 2 * P(X <= 1 | 6, 1/2) = 2 * 7/64."""
+    from scipy.stats import beta
+
+    from train.metrics import agreement_interval, paired_change
+
+    lo, hi = agreement_interval(818, 819)
+    assert lo == pytest.approx(beta.ppf(0.025, 818, 2)) and hi == pytest.approx(beta.ppf(0.975, 819, 1))
+    assert agreement_interval(819, 819) == pytest.approx((0.025 ** (1 / 819), 1.0))
+    labels = np.zeros(10, dtype=int)
+    ref = np.zeros((10, 2)); ref[:6, 0] = 1; ref[6:, 1] = 1      # right on images 0-5
+    cand = np.zeros((10, 2)); cand[:1, 0] = 1; cand[1:, 1] = 1   # right on image 0 only ...
+    cand[6, 0], cand[6, 1] = 1, 0                               # ... and on image 6
+    assert paired_change(labels, ref, cand) == {"float_right_now_wrong": 5, "float_wrong_now_right": 1,
+                                                "mcnemar_p": pytest.approx(2 * 7 / 64)}
+    assert paired_change(labels, ref, ref)["mcnemar_p"] == 1.0
 
 
 def test_what_dynamic_modes_touched_is_read_from_the_models(report):
