@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.metrics import compare_logits
+from train.metrics import agreement_interval, compare_logits
 
 
 class _CountingSink(io.RawIOBase):
@@ -63,6 +63,9 @@ def score_rows(rows: list[dict[str, Any]], logits: dict[str, np.ndarray], labels
         if ref is not None:
             cmp = compare_logits(ref, out)
             row["top1_agreement"], row["max_abs_logit_diff"] = cmp["top1_agreement"], cmp["max_abs_logit_diff"]
+            agreed = int((ref.argmax(1) == out.argmax(1)).sum())
+            row["top1_agreement_ci95"] = list(agreement_interval(agreed, len(ref)))
+            row["n_images"] = int(len(ref))
         if class_error:
             row.update(status="failed", reason=class_error)
             continue

@@ -83,10 +83,10 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
     agree = 100 * rec["min_top1_agreement"]
     rule = f"verified on real images, within {drop} pts of float accuracy and >= {agree:.1f}% top-1 agreement"
     lines.append(f"- **Phones**: `{ph['name']}` — {ph['size_mb']:.1f} MB, {ph['p50_ms_1t']:.2f} ms/img at 1 thread, "
-                 f"accuracy {ph['accuracy_change']:+.2f} pts (smallest mobile-runtime artifact {rule})"
+                 f"accuracy {ph['accuracy_change']:+.2f} pts{_agreement_s(ph)} (smallest mobile-runtime artifact {rule})"
                  if ph else f"- **Phones**: no measured mobile artifact is {rule}")
     lines.append(f"- **Servers**: `{sv['name']}` — {sv['throughput_ips']:.1f} images/s, accuracy "
-                 f"{sv['accuracy_change']:+.2f} pts (highest throughput {rule})"
+                 f"{sv['accuracy_change']:+.2f} pts{_agreement_s(sv)} (highest throughput {rule})"
                  if sv else f"- **Servers**: no measured artifact is {rule}")
     for name, why in (rec.get("excluded") or {}).items():
         lines.append(f"- Not recommended: `{name}`: {why}")
@@ -98,6 +98,15 @@ def decision_lines(result: dict[str, Any]) -> list[str]:
     if result.get("compute"):
         lines.append(compute_line(result["compute"]))
     return lines
+
+
+def _agreement_s(pick: dict[str, Any]) -> str:
+    """The pick's agreement with the interval its image count allows (exact 95%, train.metrics)."""
+    ci = pick.get("top1_agreement_ci95")
+    if pick.get("top1_agreement") is None or not ci:
+        return ""
+    return (f", top-1 agreement {100 * pick['top1_agreement']:.2f}% (95% CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f} "
+            f"on {pick['n_images']} images)")
 
 
 def compute_line(c: dict[str, Any]) -> str:

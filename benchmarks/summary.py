@@ -49,6 +49,10 @@ def usable(row: dict[str, Any], max_drop: float) -> bool:
     return bool(row.get("measured") and row.get("status") != "failed" and why_not_usable(row, max_drop) is None)
 
 
+def _agreement(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("top1_agreement", "top1_agreement_ci95", "n_images")}
+
+
 def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dict[str, Any]:
     """Phone: the smallest mobile-runtime artifact within the drop (ties within 5% of that size go to the
     fastest at 1 thread). Server: the highest batch throughput within the drop."""
@@ -64,11 +68,11 @@ def recommend(rows: list[dict[str, Any]], max_drop: float, baseline: str) -> dic
         near = [r for r in mobile if r["size_bytes"] <= smallest * 1.05]
         pick = min(near, key=lambda r: p50(r) or float("inf"))
         out["phone"] = {"name": pick["name"], "size_mb": pick["size_bytes"] / 1e6, "p50_ms_1t": p50(pick),
-                        "accuracy_change": pick["accuracy_change"], "top1_agreement": pick.get("top1_agreement")}
+                        "accuracy_change": pick["accuracy_change"], **_agreement(pick)}
     if ok:
         pick = max(ok, key=lambda r: r.get("throughput_ips") or 0)
         out["server"] = {"name": pick["name"], "throughput_ips": pick.get("throughput_ips"),
-                         "accuracy_change": pick["accuracy_change"], "top1_agreement": pick.get("top1_agreement")}
+                         "accuracy_change": pick["accuracy_change"], **_agreement(pick)}
     return out
 
 

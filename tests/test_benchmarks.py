@@ -140,7 +140,11 @@ def test_report_files_written(happy):
     assert data["machine"]["logical_cores"] >= 1 and data["settings"]["runs"] == 3
     assert [r["name"] for r in csv.DictReader(out["csv"].open())] == [r["name"] for r in happy["rows"]]
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
-    assert data["recommendations"]["phone"]["name"] in ("ptl_fp32", "onnx_fp32")
+    phone = data["recommendations"]["phone"]
+    assert phone["name"] in ("ptl_fp32", "onnx_fp32")
+    n = phone["n_images"]  # the pick's agreement in the interval its image count allows: all n agree here
+    assert phone["top1_agreement"] == 1.0 and phone["top1_agreement_ci95"] == pytest.approx([0.025 ** (1 / n), 1.0])
+    assert f"(95% CI {100 * 0.025 ** (1 / n):.2f}-100.00 on {n} images)" in md
     assert {t["result"] for t in data["targets"]} <= {"PASS", "FAIL", "N/A"}
     ratio = next(r for r in data["runtime_ratios"] if r["artifact"] == "ptl_fp32")
     assert ratio["against"] == "onnx_fp32" and "## Runtime ratios" in md and "| ptl_fp32 | onnx_fp32 |" in md
