@@ -109,6 +109,34 @@ def test_a_labels_csv_in_another_encoding_is_named_with_the_fix(synthetic_data, 
         discover(tmp_path / "latin.csv")
 
 
+def test_an_archive_passed_as_data_says_how_to_unpack_it_and_the_command_works(synthetic_data, tmp_path):
+    """Collections come as a zip (Kaggle) or a tarball: '--data X.zip' said 'a file must be a CSV'."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    zipped = tmp_path / "my downloads" / "COVID-19_Radiography_Dataset.zip"
+    zipped.parent.mkdir()
+    with zipfile.ZipFile(zipped, "w") as z:
+        for f in sorted(synthetic_data.rglob("*.png")):
+            z.write(f, f.relative_to(synthetic_data.parent))
+    with pytest.raises(DataError, match=r"COVID-19_Radiography_Dataset.zip: an archive; unpack it first") as err:
+        discover(zipped)
+    command = str(err.value).split("`")[1]  # run as written (its paths hold a space), with this Python
+    assert command.startswith("python -m zipfile -e ")
+    subprocess.run(sys.executable + command[len("python"):], shell=True, check=True)
+    unpacked = zipped.parent / "data" / synthetic_data.name
+    assert discover(unpacked).counts() == discover(synthetic_data).counts()  # the folder in it reads as the data
+    with tarfile.open(tmp_path / "cxr.tar.gz", "w:gz") as t:
+        t.add(synthetic_data, arcname="cxr")
+    with pytest.raises(DataError, match=r"cxr.tar.gz: an archive; unpack it first \(`mkdir -p .* && tar -xf "):
+        discover(tmp_path / "cxr.tar.gz")
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match="a file must be a CSV"):
+        discover(tmp_path / "notes.txt")
+
+
 def test_generated_split_is_stratified_and_reproducible(synthetic_data):
     a = assign_splits(discover(synthetic_data), seed=3)
     b = assign_splits(discover(synthetic_data), seed=3)

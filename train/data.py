@@ -253,6 +253,10 @@ def discover(data: str | Path, class_names: Sequence[str] | None = None,
     data = check_data_path(data)
     if data.is_file():
         if data.suffix.lower() != ".csv":
+            unpack = _unpack_command(data)
+            if unpack:  # how Kaggle and most collections come
+                raise DataError(f"--data {data}: an archive; unpack it first (`{unpack}`) and pass the folder in it "
+                                f"that holds the class folders")
             raise DataError(f"--data {data}: a file must be a CSV with path,label[,split] columns")
         idx = _read_csv(data, Path(data_root) if data_root else data.parent, class_names)
     elif (data / "labels.csv").is_file():
@@ -264,6 +268,23 @@ def discover(data: str | Path, class_names: Sequence[str] | None = None,
         raise DataError(f"{data}: class {empty[0]!r} has no images" + (f" (also empty: {empty[1:]})" if
                         empty[1:] else "") + _what_is_there(idx, empty[0]) + "; every class needs images")
     return idx
+
+
+def _unpack_command(path: Path) -> str | None:
+    """The command that unpacks a zip or tar archive next to itself; None for any other file."""
+    import shlex
+    import tarfile
+    import zipfile
+
+    src, dest = shlex.quote(str(path)), shlex.quote(str(path.parent / "data"))
+    try:
+        if zipfile.is_zipfile(path):
+            return f"python -m zipfile -e {src} {dest}"
+        if tarfile.is_tarfile(path):
+            return f"mkdir -p {dest} && tar -xf {src} -C {dest}"
+    except OSError:
+        pass
+    return None
 
 
 def _what_is_there(idx: DatasetIndex, name: str) -> str:
