@@ -205,6 +205,94 @@ def test_copies_across_splits_or_classes_are_counted_and_named(synthetic_data, t
     assert duplicate_warnings(duplicate_summary(discover(synthetic_data))) == []
 
 
+def _retouched(original: Path, dest: Path) -> list[Path]:
+    """The radiograph at `original` as collections re-file it: enlarged 2x and brightened by 8% (PNG), and
+    enlarged 3x (bicubic) and saved as JPEG quality 80. Not byte-identical: only its picture is the same."""
+    from PIL import Image
+
+    gray = Image.open(original).convert("L")
+    w, h = gray.size
+    made = [dest / f"{original.stem}_retouched.png", dest / f"{original.stem}_reencoded.jpg"]
+    gray.resize((2 * w, 2 * h), Image.BICUBIC).point(lambda v: min(255, int(v * 1.08))).save(made[0])
+    gray.resize((3 * w, 3 * h), Image.BICUBIC).save(made[1], quality=80)
+    return made
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_generated_split_keeps_lookalikes_of_one_radiograph_in_one_split(synthetic_data, tmp_path, seed):
+    """A radiograph re-encoded, resized or brightened is one picture in three files: a split that only knew
+    byte-identical copies put them in two splits at every seed here."""
+    from train.data import copy_groups, lookalikes
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    images = root / "COVID" / "images"
+    originals = sorted(images.glob("*.png"))[0], sorted(images.glob("*.png"))[3]
+    groups = [[original, *_retouched(original, images)] for original in originals]  # two pictures, 3 files each
+    idx = discover(root)
+    pairs = lookalikes(idx.samples)
+    found = {frozenset((idx.samples[i].path, idx.samples[j].path)) for i, j, _ in pairs}
+    assert found == {frozenset((a, b)) for g in groups for a in g for b in g if a != b}, pairs
+    assert max(d for _, _, d in pairs) <= 20
+    split = assign_splits(idx, seed=seed)
+    where = {s.path: s.split for s in split.samples}
+    for group in groups:
+        assert len({where[p] for p in group}) == 1, {p.name: where[p] for p in group}
+    for name in ("train", "val", "test"):
+        assert all(n >= 1 for n in split.counts(name).values()), name
+    assert len(set(copy_groups(idx.samples))) == len(idx.samples) - 4
+    assert duplicate_summary(split)["lookalike"]["across_splits"] == 0
+
+
+def test_lookalikes_across_splits_or_classes_are_counted_and_named(synthetic_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    original = sorted((root / "COVID" / "images").glob("*.png"))[0]
+    in_val, unused = _retouched(original, root / "COVID" / "images")
+    unused.unlink()
+    unused, in_normal = _retouched(original, root / "Normal" / "images")
+    unused.unlink()
+    rows = [{"path": str(p.relative_to(root)), "label": p.parts[len(root.parts)],
+             "split": "val" if p == in_val else "train"} for p in sorted(root.rglob("*.*")) if p.suffix != ".csv"]
+    summary = duplicate_summary(discover(_write_csv(root / "labels.csv", rows)))
+    assert (summary["groups"], summary["lookalike"]["groups"], summary["lookalike"]["extra_copies"]) == (0, 1, 2)
+    across, conflicting = duplicate_warnings(summary)
+    assert "look like an image of another split" in across and f"{in_val.name} (val)" in across
+    assert f"{in_normal.name} (Normal)" in conflicting and "(COVID)" in conflicting
+
+
+def test_lookalike_pairs_count_differing_bits_and_groups_chain():
+    from train.lookalike import group_representatives, lookalike_pairs
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, 32, dtype=np.uint8)
+    flipped = base.copy()
+    flipped[:2] ^= 0xFF  # 16 bits differ
+    far = base ^ 0xFF  # 256 bits differ
+    hashes = [base.tobytes(), None, flipped.tobytes(), far.tobytes()]
+    assert lookalike_pairs(hashes) == [(0, 2, 16)]
+    assert lookalike_pairs(hashes, max_bits=15) == []
+    assert group_representatives(5, [(3, 4), (1, 3)]) == [0, 1, 2, 1, 1]
+
+
+@pytest.mark.shared
+def test_real_radiographs_retouched_are_found_and_cxr4_has_no_other_lookalikes(shared_data, tmp_path):
+    """On cxr4 (whose card says near-duplicates were removed) no two radiographs are look-alikes; a real
+    radiograph enlarged, brightened or saved as JPEG again is found."""
+    from train.data import lookalikes
+
+    idx = discover(shared_data)
+    assert lookalikes(idx.samples) == []
+    picked = idx.split("val")[::200]
+    for s in picked:
+        _retouched(s.path, tmp_path)
+    copies = discover(_write_csv(tmp_path / "labels.csv", [
+        {"path": str(p), "label": idx.class_names[s.label], "split": "val"}
+        for s in picked for p in (s.path, *sorted(tmp_path.glob(f"{s.path.stem}_*")))]))
+    found = lookalikes(copies.samples)
+    assert len(found) == 3 * len(picked), found
+
+
 def test_a_float_image_in_0_to_1_reads_as_its_8_bit_twin(tmp_path, tiny_spec):
     """Float TIFFs hold [0, 1] (skimage's convention); PIL's convert("L") turned them black."""
     from PIL import Image

@@ -100,14 +100,20 @@ def test_a_val_image_that_is_a_train_image_is_said_in_the_report(tiny_checkpoint
     shutil.copytree(synthetic_data, root)
     files = sorted(root.rglob("*.png"))
     val = files[::4]
+    from PIL import Image
+
     for i, source in enumerate(files[1:3]):  # two train images filed again, under their class, in val
         copy = source.with_name(f"again_{i}.png")
         shutil.copyfile(source, copy)
         val.append(copy)
+    source = files[5]  # and one enlarged and saved as JPEG: the same radiograph, not the same bytes
+    gray = Image.open(source).convert("L")
+    gray.resize((3 * gray.width, 3 * gray.height), Image.BICUBIC).save(source.with_name("enlarged.jpg"), quality=80)
+    val.append(source.with_name("enlarged.jpg"))
     with open(root / "labels.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "split"])
-        for p in sorted(root.rglob("*.png")):
+        for p in sorted([*root.rglob("*.png"), *root.rglob("*.jpg")]):
             w.writerow([p.relative_to(root), p.parts[len(root.parts)], "val" if p in val else "train"])
     for split, said in (("val", True), ("train", False)):
         out = tmp_path / split
@@ -115,8 +121,10 @@ def test_a_val_image_that_is_a_train_image_is_said_in_the_report(tiny_checkpoint
                               "--out", str(out)]) == 0
         saved = json.loads((out / "metrics.json").read_text())
         assert saved["copies_of_train_images"] == (2 if said else 0)
-        sentence = f"2 of these {len(val)} val images are byte-identical to images of the train split"
-        assert (sentence in (out / "report.md").read_text()) == said
+        assert saved["lookalikes_of_train_images"] == (1 if said else 0)
+        md = (out / "report.md").read_text()
+        assert (f"2 of these {len(val)} val images are byte-identical to images of the train split" in md) == said
+        assert (f"1 of these {len(val)} val images look like images of the train split" in md) == said
 
 
 def test_an_image_washed_out_in_8_bits_is_named_in_the_report(tiny_checkpoint, synthetic_data, tmp_path):

@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from train.errors import ToolkitError
-from train.spec import DEFAULT_CLASSES, ImageReadError, PreprocessSpec, check_decodes, load_unit_image
+from train.lookalike import LOOKALIKE_BITS, group_representatives, look_hash, lookalike_pairs
+from train.spec import (DEFAULT_CLASSES, ImageReadError, PreprocessSpec, check_and_look, check_decodes,
+                        load_unit_image, unreadable)
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +338,46 @@ def first_copies(samples: Sequence[Sample]) -> list[int]:
     return [i if d is None else first.setdefault(d, i) for i, d in enumerate(file_digest(s.path) for s in samples)]
 
 
+def checked_image(path: str | Path) -> tuple[str | None, bytes]:
+    """(what 8 bits lose, perceptual hash) of an image, from one decode, cached while the file is unchanged;
+    an unreadable file raises ImageReadError naming it."""
+    try:
+        st = Path(path).stat()
+    except OSError as err:
+        raise ImageReadError(unreadable(path, err)) from err
+    return _checked(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(path: str, mtime_ns: int, size: int) -> tuple[str | None, bytes]:
+    return check_and_look(path, look_hash)
+
+
+def _look_or_none(path: Path) -> bytes | None:
+    try:
+        return checked_image(path)[1]
+    except (OSError, ImageReadError):  # check_images names such files
+        return None
+
+
+def lookalikes(samples: Sequence[Sample], progress: bool = False) -> list[tuple[int, int, int]]:
+    """Pairs (i, j, differing bits) of samples that are one radiograph in two files (train.lookalike), not
+    byte-identical ones, which first_copies finds."""
+    from tqdm import tqdm
+
+    looks = [_look_or_none(s.path) for s in tqdm(samples, desc="hashing images", unit="img", disable=not progress,
+                                                 leave=False)]
+    digests = [file_digest(s.path) for s in samples]
+    return [(i, j, d) for i, j, d in lookalike_pairs(looks) if digests[i] is None or digests[i] != digests[j]]
+
+
+def copy_groups(samples: Sequence[Sample], progress: bool = False) -> list[int]:
+    """For each sample, the first position of its group: byte-identical files and look-alikes together."""
+    first = first_copies(samples)
+    links = [(i, first[i]) for i in range(len(samples)) if first[i] != i]
+    return group_representatives(len(samples), links + [(i, j) for i, j, _ in lookalikes(samples, progress)])
+
+
 def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
     """Groups (two or more each, in index order) of byte-identical files: one image filed twice."""
     groups: dict[int, list[Sample]] = {}
@@ -344,20 +386,31 @@ def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def duplicate_summary(idx: DatasetIndex) -> dict[str, Any]:
+def duplicate_summary(idx: DatasetIndex, progress: bool = False) -> dict[str, Any]:
     """Byte-identical files in the data: how many groups, how many of them span two splits (a val or test
-    image the model trained on) or two classes (contradictory labels), with a few examples of each."""
-    groups = identical_files(idx.samples)
+    image the model trained on) or two classes (contradictory labels), with a few examples of each; and the
+    same for look-alikes (one radiograph re-encoded, resized or re-contrasted: train.lookalike), under
+    `lookalike`."""
     rel = (lambda s: str(s.path.relative_to(idx.root)) if s.path.is_relative_to(idx.root) else str(s.path))
-    across = [g for g in groups if len({s.split for s in g}) > 1]
-    conflicting = [g for g in groups if len({s.label for s in g}) > 1]
-    return {
-        "groups": len(groups), "extra_copies": sum(len(g) - 1 for g in groups),
-        "across_splits": len(across), "conflicting_labels": len(conflicting),
-        "examples_across_splits": [[f"{rel(s)} ({s.split})" for s in g] for g in across[:3]],
-        "examples_conflicting_labels": [[f"{rel(s)} ({idx.class_names[s.label]})" for s in g]
-                                        for g in conflicting[:3]],
-    }
+
+    def summary(groups: list[list[Sample]]) -> dict[str, Any]:
+        across = [g for g in groups if len({s.split for s in g}) > 1]
+        conflicting = [g for g in groups if len({s.label for s in g}) > 1]
+        return {
+            "groups": len(groups), "extra_copies": sum(len(g) - 1 for g in groups),
+            "across_splits": len(across), "conflicting_labels": len(conflicting),
+            "examples_across_splits": [[f"{rel(s)} ({s.split})" for s in g] for g in across[:3]],
+            "examples_conflicting_labels": [[f"{rel(s)} ({idx.class_names[s.label]})" for s in g]
+                                            for g in conflicting[:3]],
+        }
+
+    pairs = lookalikes(idx.samples, progress)
+    linked = group_representatives(len(idx.samples), [(i, j) for i, j, _ in pairs])
+    by_first: dict[int, list[Sample]] = {}
+    for s, first in zip(idx.samples, linked):
+        by_first.setdefault(first, []).append(s)
+    return {**summary(identical_files(idx.samples)),
+            "lookalike": {**summary([g for g in by_first.values() if len(g) > 1]), "max_bits": LOOKALIKE_BITS}}
 
 
 def duplicate_warnings(summary: dict[str, Any]) -> list[str]:
@@ -371,21 +424,32 @@ def duplicate_warnings(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{summary['conflicting_labels']} image(s) are byte-identical files under different classes "
                      f"(e.g. {' = '.join(summary['examples_conflicting_labels'][0])}): contradictory labels; "
                      f"keep the right one")
+    look = summary.get("lookalike") or {}
+    if look.get("across_splits"):
+        lines.append(f"{look['across_splits']} image(s) look like an image of another split (the same radiograph "
+                     f"re-encoded, resized or re-contrasted: perceptual hashes within {look['max_bits']} of 256 bits; "
+                     f"e.g. {' ~ '.join(look['examples_across_splits'][0])}): val and test metrics count them as "
+                     f"unseen; keep each radiograph in one split (a generated split does)")
+    if look.get("conflicting_labels"):
+        lines.append(f"{look['conflicting_labels']} image(s) look like an image of another class (e.g. "
+                     f"{' ~ '.join(look['examples_conflicting_labels'][0])}): one radiograph with two labels; "
+                     f"keep the right one")
     return lines
 
 
 def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
-                  test_frac: float = 0.15) -> DatasetIndex:
+                  test_frac: float = 0.15, progress: bool = False) -> DatasetIndex:
     """Stratified, seeded train/val/test split where the data gives none; the assignment is recorded
     in every checkpoint through the split fingerprint and in the run folder as splits.csv.
 
-    Byte-identical files go to one split together (each follows its first copy, which is split like any
-    image), so no val or test image is a copy of a train image. Data without copies splits as it did before."""
+    Byte-identical files and look-alikes (train.lookalike) go to one split together (each follows the first of
+    its group, which is split like any image), so no val or test image is a copy of a train image. Data without
+    either splits as it did before."""
     if idx.has_split:
         return idx
     from sklearn.model_selection import train_test_split
 
-    first = first_copies(idx.samples)
+    first = copy_groups(idx.samples, progress)
     positions = np.array(sorted(set(first)), dtype=int)
     labels = [idx.samples[i].label for i in positions]
     check_split_fractions(val_frac, test_frac)
@@ -422,7 +486,7 @@ def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = Tru
     good, bad, washed_out = [], [], []
     for s in tqdm(idx.samples, desc="checking images", unit="img", disable=not progress, leave=False):
         try:
-            lost = check_decodes(s.path)
+            lost = checked_image(s.path)[0]  # the perceptual hash comes from this decode too (copy_groups)
             good.append(s)
             if lost:
                 washed_out.append((str(s.path), lost))

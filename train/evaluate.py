@@ -14,7 +14,8 @@ from typing import Any
 from dataclasses import replace
 
 from train.atomic import check_writable_dir
-from train.data import DataError, DatasetIndex, check_images, discover, file_digest
+from train.data import DataError, DatasetIndex, check_images, discover, file_digest, lookalikes
+from train.lookalike import LOOKALIKE_BITS
 from train.errors import cli_errors
 from train.cpu import fit_torch_threads
 from train.memory import keep_freed_memory
@@ -63,6 +64,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
     if seen:
         log.warning("%d of the %d %s images are byte-identical to train images: these metrics overstate how the "
                     "model does on unseen images", seen, len(samples), split)
+    alike = lookalikes_of_train_images(idx, samples, progress) if split in ("val", "test") else 0
+    if alike:
+        log.warning("%d of the %d %s images look like train images (one radiograph re-encoded, resized or "
+                    "re-contrasted): these metrics overstate how the model does on unseen images",
+                    alike, len(samples), split)
     if not isinstance(data, DatasetIndex):  # an index from training was checked already
         idx = check_images(replace(idx, samples=samples), skip_bad=skip_bad, progress=progress)
         samples = idx.samples
@@ -80,6 +86,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
               "split": split, "spec": ckpt.spec.to_dict(), "metrics": metrics, "figures": figures,
               "history": history, "skipped_images": [p for p, _ in idx.skipped],
               "synthetic_data": _is_synthetic(idx.root), "copies_of_train_images": seen,
+              "lookalikes_of_train_images": alike,
               "washed_out_images": _washed_out(idx, samples)}
     md = render_markdown(result)
     if explain_per_class > 0:
@@ -92,6 +99,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
     log.info("wrote %s (accuracy %.4f, macro-F1 %.4f)", out_dir / "report.md", metrics["accuracy"],
              metrics["macro_f1"])
     return result
+
+
+def lookalikes_of_train_images(idx: DatasetIndex, samples, progress: bool = False) -> int:
+    """How many of `samples` look like an image of the train split without being a byte-identical copy
+    (train.lookalike): the model has seen that radiograph."""
+    train = idx.split("train")
+    pairs = lookalikes([*samples, *train], progress)
+    return len({i for i, j, _ in pairs if i < len(samples) <= j})
 
 
 def copies_of_train_images(idx: DatasetIndex, samples) -> int:
@@ -144,6 +159,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"> {r['copies_of_train_images']} of these {m['n']} {r['split']} images are byte-identical to "
                   f"images of the train split: the model trained on them, so these metrics overstate how it does on "
                   f"unseen images. Keep each image in one split.", ""]
+    if r.get("lookalikes_of_train_images"):
+        lines += [f"> {r['lookalikes_of_train_images']} of these {m['n']} {r['split']} images look like images of "
+                  f"the train split (the same radiograph re-encoded, resized or re-contrasted; perceptual hashes "
+                  f"within {LOOKALIKE_BITS} of 256 bits): the model trained on them, so these metrics overstate how "
+                  f"it does on unseen images. Keep each radiograph in one split.", ""]
     lines += [f"- checkpoint: `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`)",
               f"- data: `{r['data']}`, split `{r['split']}`, {m['n']} images",
               f"- preprocessing: input {r['spec']['input_size']} px, resize {r['spec']['resize']}, "

@@ -54,15 +54,16 @@ def check_choices(cfg: dict[str, Any]) -> None:
 
 
 def prepare_index(cfg: dict[str, Any], progress: bool) -> tuple[DatasetIndex, bool, dict[str, Any]]:
-    """Discover, split (stratified and seeded if the data has no split) and decode-check every image, and look
-    for byte-identical files (warned about: a copy in two splits, or under two classes).
+    """Discover, split (stratified and seeded if the data has no split), decode-check every image, and look
+    for byte-identical files and look-alikes (warned about: a copy in two splits, or under two classes).
     Returns (index, whether the split was generated here, duplicate_summary)."""
     idx = discover(cfg["data"], data_root=cfg.get("data_root"))
     generated = not idx.has_split
     if not generated and any(s.split is None for s in idx.samples):
         raise DataError(f"{cfg['data']}: some rows have a split and some do not; fill the split column "
                         f"for every row or leave it empty everywhere")
-    idx = assign_splits(idx, seed=cfg["seed"], val_frac=cfg["val_frac"], test_frac=cfg["test_frac"])
+    idx = assign_splits(idx, seed=cfg["seed"], val_frac=cfg["val_frac"], test_frac=cfg["test_frac"],
+                        progress=progress)  # its decodes and hashes are cached for check_images
     idx = check_images(idx, skip_bad=cfg["skip_bad"], progress=progress)
     for split in ("train", "val"):
         empty = [c for c, n in idx.counts(split).items() if n == 0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -143,6 +143,12 @@ def check_decodes(path: str | Path) -> str | None:
     Returns what the 8-bit conversion loses where it loses most of the image (see lost_in_8_bits), else None."""
     with _decoded(path) as img:
         return lost_in_8_bits(img)
+
+
+def check_and_look(path: str | Path, look: Callable[["Image.Image"], bytes]) -> tuple[str | None, bytes]:  # noqa: F821
+    """check_decodes, and `look` of the image as the model reads it (upright, 8-bit gray), from one decode."""
+    with _decoded(path) as img:
+        return lost_in_8_bits(img), look(to_gray8(upright(img)))
 
 
 def _is_16_bit(img: "Image.Image", a: np.ndarray | None = None) -> bool:  # noqa: F821
