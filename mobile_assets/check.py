@@ -48,12 +48,28 @@ def check_files(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
             raise BundleError(f"{path}: listed in manifest.json but missing; copy the whole bundle folder")
         if sha256_file(path) != f["sha256"]:
             size = path.stat().st_size
+            if _crlf_converted(path, f["sha256"]):
+                raise BundleError(
+                    f"{path}: its line endings were turned into CRLF after bundling (git's core.autocrlf on "
+                    f"Windows, or an editor), so an app reads every label with a trailing '\\r'. Tell git the "
+                    f"bundle's files are not text, a line `{bundle_dir.as_posix()}/** -text` in .gitattributes, "
+                    f"and copy the bundle again")
             raise BundleError(f"{path}: its sha256 differs from manifest.json ({size} bytes, the manifest says "
                               f"{f['size_bytes']}): changed or cut short after bundling (a git LFS pointer is a few "
                               f"hundred bytes); copy it again from the bundle")
     listed = {f["path"] for f in manifest["files"]} | {"manifest.json"}
     return sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
                   if p.is_file() and p.relative_to(bundle_dir).as_posix() not in listed)
+
+
+def _crlf_converted(path: Path, sha256: str) -> bool:
+    """Whether the file is the bundled one with each LF turned into CRLF (only small text files are tried)."""
+    import hashlib
+
+    if path.stat().st_size > 1 << 24:
+        return False
+    data = path.read_bytes()
+    return b"\r\n" in data and hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest() == sha256
 
 
 def check_bundle(bundle_dir: str | Path) -> dict[str, Any]:

@@ -353,6 +353,12 @@ def test_check_replays_a_copied_bundle_and_names_what_is_wrong(built, tmp_path, 
     assert bundle_main(["--check", str(app)]) == 2
     err = capsys.readouterr().err
     assert "model_int8.ptl: its sha256 differs from manifest.json" in err and "git LFS pointer" in err
+    shutil.copyfile(out / "model_int8.ptl", app / "model_int8.ptl")
+    labels = (app / "labels.txt").read_bytes()  # git's core.autocrlf on Windows turns LF into CRLF
+    (app / "labels.txt").write_bytes(labels.replace(b"\n", b"\r\n"))
+    assert bundle_main(["--check", str(app)]) == 2
+    err = capsys.readouterr().err
+    assert "labels.txt: its line endings were turned into CRLF" in err and "** -text` in .gitattributes" in err
     (app / "labels.txt").unlink()
     assert bundle_main(["--check", str(app)]) == 2
     assert "labels.txt: listed in manifest.json but missing; copy the whole bundle folder" in capsys.readouterr().err
