@@ -261,6 +261,52 @@ def test_lookalikes_across_splits_or_classes_are_counted_and_named(synthetic_dat
     assert f"{in_normal.name} (Normal)" in conflicting and "(COVID)" in conflicting
 
 
+def _with_patients(synthetic_data: Path, dest: Path, split=None) -> Path:
+    """A labels CSV as NIH ChestX-ray14 names patients ('Patient ID'): two images per patient, one class each."""
+    files = sorted(synthetic_data.rglob("*.png"))
+    rows = [{"path": str(p), "label": p.parts[len(synthetic_data.parts)],
+             "Patient ID": f"{p.parts[len(synthetic_data.parts)][:3]}-{i // 2}", "split": split(i) if split else ""}
+            for i, p in enumerate(files)]
+    return _write_csv(dest, rows, ("path", "label", "Patient ID", "split"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_generated_split_keeps_each_patients_images_in_one_split(synthetic_data, tmp_path, seed):
+    """A patient's radiographs (follow-ups, two views) are one patient: an image split put the same patient in
+    train and val at every seed, and val then scored patients the model had trained on."""
+    from train.data import write_splits_csv
+
+    idx = discover(_with_patients(synthetic_data, tmp_path / "labels.csv"))
+    assert len({s.patient for s in idx.samples}) == 24 and idx.samples[0].patient == "COV-0"
+    split = assign_splits(idx, seed=seed)
+    by_patient: dict[str, set] = {}
+    for s in split.samples:
+        by_patient.setdefault(s.patient, set()).add(s.split)
+    assert all(len(where) == 1 for where in by_patient.values()), by_patient
+    for name in ("train", "val", "test"):
+        assert all(n >= 1 for n in split.counts(name).values()), name
+    assert duplicate_summary(split)["patients"] == {"patients": 24, "across_splits": 0, "examples_across_splits": []}
+    write_splits_csv(split, tmp_path / "splits.csv")  # the run's split keeps the patients for later checks
+    again = discover(tmp_path / "splits.csv")
+    assert [(s.patient, s.split) for s in again.samples] == [(s.patient, s.split) for s in split.samples]
+
+
+def test_a_given_split_with_a_patient_in_two_splits_is_named(synthetic_data, tmp_path, tiny_checkpoint):
+    from train import evaluate
+
+    csv_path = _with_patients(synthetic_data, tmp_path / "labels.csv", split=lambda i: "val" if i % 4 == 0 else "train")
+    summary = duplicate_summary(discover(csv_path))
+    assert summary["patients"]["across_splits"] == 12
+    warning = next(w for w in duplicate_warnings(summary) if "patients" in w)
+    assert warning.startswith("12 of 24 patients have images in two splits (patient COV-0: ")
+    out = tmp_path / "report"
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--data", str(csv_path), "--split", "val",
+                          "--out", str(out)]) == 0
+    n_val = sum(1 for s in discover(csv_path).samples if s.split == "val")
+    assert f"{n_val} of these {n_val} val images are of patients who also have images in the train split" in \
+        (out / "report.md").read_text()
+
+
 def test_lookalike_pairs_count_differing_bits_and_groups_chain():
     from train.lookalike import group_representatives, lookalike_pairs
 

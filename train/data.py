@@ -36,6 +36,8 @@ SPLITS = ("train", "val", "test")
 # in a CSV's split column or as the top folders of <split>/<Class>/ (any case)
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
+# a labels CSV's column naming the patient (NIH ChestX-ray14 'Patient ID', RSNA 'patientId', MIMIC 'subject_id')
+PATIENT_COLUMNS = ("patient", "patient_id", "patient id", "patientid", "subject_id", "subject")
 GENERATED_SPLIT = "+generated-split"  # appended to DatasetIndex.layout where assign_splits made the split
 # Written by train.synthetic into every dataset it generates: images under it are never called real.
 SYNTHETIC_MARKER = "SYNTHETIC"
@@ -51,6 +53,7 @@ class Sample:
     label: int
     split: str | None = None
     source: str | None = None
+    patient: str | None = None  # from a CSV's patient column: a patient's images stay in one generated split
 
 
 @dataclass
@@ -158,7 +161,9 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
         if written is not None and split is None:
             raise DataError(f"{csv_path} line {line}: split {written!r} is not one of {SPLITS} (or "
                             f"{', '.join(k for k in SPLIT_NAMES if k not in SPLITS)})")
-        samples.append(Sample(_csv_image_path(root, r["path"]), index[r["label"]], split, (r.get("source") or None)))
+        patient = next((r[c] for c in PATIENT_COLUMNS if r.get(c)), None)
+        samples.append(Sample(_csv_image_path(root, r["path"]), index[r["label"]], split, (r.get("source") or None),
+                              patient))
     return DatasetIndex(root, classes, samples, "csv")
 
 
@@ -371,11 +376,36 @@ def lookalikes(samples: Sequence[Sample], progress: bool = False) -> list[tuple[
     return [(i, j, d) for i, j, d in lookalike_pairs(looks) if digests[i] is None or digests[i] != digests[j]]
 
 
+def same_patient(samples: Sequence[Sample]) -> list[tuple[int, int]]:
+    """Links from each sample to the first sample of its patient (where the data names patients)."""
+    first: dict[str, int] = {}
+    links = []
+    for i, s in enumerate(samples):
+        if s.patient is not None and first.setdefault(s.patient, i) != i:
+            links.append((i, first[s.patient]))
+    return links
+
+
 def copy_groups(samples: Sequence[Sample], progress: bool = False) -> list[int]:
-    """For each sample, the first position of its group: byte-identical files and look-alikes together."""
+    """For each sample, the first position of its group: byte-identical files, look-alikes and one patient's
+    images together."""
     first = first_copies(samples)
-    links = [(i, first[i]) for i in range(len(samples)) if first[i] != i]
+    links = [(i, first[i]) for i in range(len(samples)) if first[i] != i] + same_patient(samples)
     return group_representatives(len(samples), links + [(i, j) for i, j, _ in lookalikes(samples, progress)])
+
+
+def patients_across_splits(samples: Sequence[Sample], root: Path) -> dict[str, Any]:
+    """Patients (named by the data) with images in two splits: a val or test image of a patient the model trained
+    on. Counts and a few examples."""
+    by_patient: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.patient is not None:
+            by_patient.setdefault(s.patient, []).append(s)
+    across = [(p, g) for p, g in by_patient.items() if len({s.split for s in g}) > 1]
+    rel = (lambda s: str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path))
+    return {"patients": len(by_patient), "across_splits": len(across),
+            "examples_across_splits": [[f"patient {p}: " + ", ".join(f"{rel(s)} ({s.split})" for s in g[:3])]
+                                       for p, g in across[:3]]}
 
 
 def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
@@ -410,7 +440,8 @@ def duplicate_summary(idx: DatasetIndex, progress: bool = False) -> dict[str, An
     for s, first in zip(idx.samples, linked):
         by_first.setdefault(first, []).append(s)
     return {**summary(identical_files(idx.samples)),
-            "lookalike": {**summary([g for g in by_first.values() if len(g) > 1]), "max_bits": LOOKALIKE_BITS}}
+            "lookalike": {**summary([g for g in by_first.values() if len(g) > 1]), "max_bits": LOOKALIKE_BITS},
+            "patients": patients_across_splits(idx.samples, idx.root)}
 
 
 def duplicate_warnings(summary: dict[str, Any]) -> list[str]:
@@ -424,6 +455,11 @@ def duplicate_warnings(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{summary['conflicting_labels']} image(s) are byte-identical files under different classes "
                      f"(e.g. {' = '.join(summary['examples_conflicting_labels'][0])}): contradictory labels; "
                      f"keep the right one")
+    patients = summary.get("patients") or {}
+    if patients.get("across_splits"):
+        lines.append(f"{patients['across_splits']} of {patients['patients']} patients have images in two splits "
+                     f"({patients['examples_across_splits'][0][0]}): val and test metrics count a patient the model "
+                     f"trained on as unseen; keep each patient in one split (a generated split does)")
     look = summary.get("lookalike") or {}
     if look.get("across_splits"):
         lines.append(f"{look['across_splits']} image(s) look like an image of another split (the same radiograph "
@@ -442,9 +478,10 @@ def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
     """Stratified, seeded train/val/test split where the data gives none; the assignment is recorded
     in every checkpoint through the split fingerprint and in the run folder as splits.csv.
 
-    Byte-identical files and look-alikes (train.lookalike) go to one split together (each follows the first of
-    its group, which is split like any image), so no val or test image is a copy of a train image. Data without
-    either splits as it did before."""
+    Byte-identical files, look-alikes (train.lookalike) and the images of one patient (where a CSV names
+    patients) go to one split together (each follows the first of its group, which is split like any image), so
+    no val or test image is a copy of a train image or of a patient trained on. Data without any of these splits
+    as it did before."""
     if idx.has_split:
         return idx
     from sklearn.model_selection import train_test_split
@@ -474,9 +511,10 @@ def write_splits_csv(idx: DatasetIndex, dest: Path) -> None:
 
     with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "split"])
+        patients = any(s.patient is not None for s in idx.samples)  # kept, so evaluations can check them
+        w.writerow(["path", "label", "split", *(["patient"] if patients else [])])
         for s in idx.samples:
-            w.writerow([s.path, idx.class_names[s.label], s.split])
+            w.writerow([s.path, idx.class_names[s.label], s.split, *([s.patient or ""] if patients else [])])
 
 
 def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = True) -> DatasetIndex:

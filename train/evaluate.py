@@ -65,6 +65,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
         log.warning("%d of the %d %s images are byte-identical to train images: these metrics overstate how the "
                     "model does on unseen images", seen, len(samples), split)
     alike = lookalikes_of_train_images(idx, samples, progress) if split in ("val", "test") else 0
+    trained_patients = {s.patient for s in idx.split("train") if s.patient is not None}
+    of_patients = sum(s.patient in trained_patients for s in samples) if split in ("val", "test") else 0
+    if of_patients:
+        log.warning("%d of the %d %s images are of patients with train images: these metrics overstate how the "
+                    "model does on unseen patients", of_patients, len(samples), split)
     if alike:
         log.warning("%d of the %d %s images look like train images (one radiograph re-encoded, resized or "
                     "re-contrasted): these metrics overstate how the model does on unseen images",
@@ -86,7 +91,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
               "split": split, "spec": ckpt.spec.to_dict(), "metrics": metrics, "figures": figures,
               "history": history, "skipped_images": [p for p, _ in idx.skipped],
               "synthetic_data": _is_synthetic(idx.root), "copies_of_train_images": seen,
-              "lookalikes_of_train_images": alike,
+              "lookalikes_of_train_images": alike, "images_of_train_patients": of_patients,
               "washed_out_images": _washed_out(idx, samples)}
     md = render_markdown(result)
     if explain_per_class > 0:
@@ -164,6 +169,11 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"the train split (the same radiograph re-encoded, resized or re-contrasted; perceptual hashes "
                   f"within {LOOKALIKE_BITS} of 256 bits): the model trained on them, so these metrics overstate how "
                   f"it does on unseen images. Keep each radiograph in one split.", ""]
+    if r.get("images_of_train_patients"):
+        lines += [f"> {r['images_of_train_patients']} of these {m['n']} {r['split']} images are of patients who also "
+                  f"have images in the train split: these metrics overstate how the model does on unseen patients. "
+                  f"Keep each patient in one split (a split the toolkit generates does, from the CSV's patient "
+                  f"column).", ""]
     lines += [f"- checkpoint: `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`)",
               f"- data: `{r['data']}`, split `{r['split']}`, {m['n']} images",
               f"- preprocessing: input {r['spec']['input_size']} px, resize {r['spec']['resize']}, "
