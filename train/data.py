@@ -402,10 +402,13 @@ def patients_across_splits(samples: Sequence[Sample], root: Path) -> dict[str, A
         if s.patient is not None:
             by_patient.setdefault(s.patient, []).append(s)
     across = [(p, g) for p, g in by_patient.items() if len({s.split for s in g}) > 1]
-    rel = (lambda s: str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path))
-    return {"patients": len(by_patient), "across_splits": len(across),
-            "examples_across_splits": [[f"patient {p}: " + ", ".join(f"{rel(s)} ({s.split})" for s in g[:3])]
-                                       for p, g in across[:3]]}
+    examples = [[f"patient {p}: " + ", ".join(f"{_shown(s, root)} ({s.split})" for s in g[:3])] for p, g in across[:3]]
+    return {"patients": len(by_patient), "across_splits": len(across), "examples_across_splits": examples}
+
+
+def _shown(s: Sample, root: Path) -> str:
+    """A sample's path as a message shows it: relative to the data's root where it lies inside."""
+    return str(s.path.relative_to(root)) if s.path.is_relative_to(root) else str(s.path)
 
 
 def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
@@ -420,8 +423,10 @@ def duplicate_summary(idx: DatasetIndex, progress: bool = False) -> dict[str, An
     """Byte-identical files in the data: how many groups, how many of them span two splits (a val or test
     image the model trained on) or two classes (contradictory labels), with a few examples of each; and the
     same for look-alikes (one radiograph re-encoded, resized or re-contrasted: train.lookalike), under
-    `lookalike`."""
-    rel = (lambda s: str(s.path.relative_to(idx.root)) if s.path.is_relative_to(idx.root) else str(s.path))
+    `lookalike`; and patients with images in two splits, under `patients`."""
+
+    def rel(s: Sample) -> str:
+        return _shown(s, idx.root)
 
     def summary(groups: list[list[Sample]]) -> dict[str, Any]:
         across = [g for g in groups if len({s.split for s in g}) > 1]
