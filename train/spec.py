@@ -145,7 +145,8 @@ def check_decodes(path: str | Path) -> str | None:
         return lost_in_8_bits(img)
 
 
-def check_and_look(path: str | Path, look: Callable[["Image.Image"], bytes]) -> tuple[str | None, bytes]:  # noqa: F821
+def check_and_look(path: str | Path,
+                   look: Callable[["Image.Image"], bytes]) -> tuple[str | None, bytes]:  # noqa: F821
     """check_decodes, and `look` of the image as the model reads it (upright, 8-bit gray), from one decode."""
     with _decoded(path) as img:
         return lost_in_8_bits(img), look(to_gray8(upright(img)))
