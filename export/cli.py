@@ -124,6 +124,16 @@ def print_entries(rows: Sequence[ArtifactEntry], file: Any = None) -> None:
     for reason in reasons:
         print(f"note: 'exported', not 'verified': {reason}", file=file)
     counts = [e.verification["n_images"] for e in rows if e.status == "verified" and e.verification.get("n_images")]
+    checked = [e for e in rows if e.status == "verified" and e.verification.get("n_images")
+               and e.verification.get("top1_agreement") is not None]
+    if checked:  # what the lowest agreement says about images like these, at this many images
+        from train.metrics import agreement_interval
+
+        low = min(checked, key=lambda e: e.verification["top1_agreement"])
+        n, agree = int(low.verification["n_images"]), float(low.verification["top1_agreement"])
+        lo, hi = agreement_interval(round(agree * n), n)
+        print(f"note: the lowest top-1 agreement, {agree:.3f} ({low.name}) on {n} real images, has the exact 95% "
+              f"interval {lo:.3f}-{hi:.3f} on images like them", file=file)
     if counts and min(counts) < FEW_IMAGES:
         print(f"note: verified on only {min(counts)} real images (all the val split offers, or --eval-size): one "
               f"changed top class moves agreement by 1/{min(counts)}; a val split of {FEW_IMAGES}+ images makes "

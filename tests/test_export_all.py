@@ -280,7 +280,10 @@ def test_a_verification_on_few_images_is_said_to_be_coarse():
         return ArtifactEntry(name="onnx_fp32", format="onnx", precision="fp32", runtime="onnxruntime",
                              path="model.onnx", status="verified", size_bytes=1,
                              verification={"n_images": n, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0})
-    for n, noted in ((16, True), (100, False)):
+    for n, noted, lowest in ((16, True, 0.025 ** (1 / 16)), (100, False, 0.025 ** (1 / 100))):
         out = io.StringIO()
         print_entries([row(n)], file=out)
         assert (f"note: verified on only {n} real images" in out.getvalue()) == noted
+        # every table says what its lowest agreement means at that many images: all n agree -> (alpha/2)^(1/n)
+        assert (f"note: the lowest top-1 agreement, 1.000 (onnx_fp32) on {n} real images, has the exact 95% "
+                f"interval {lowest:.3f}-1.000 on images like them") in out.getvalue()
