@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from train.atomic import atomic_path, write_json, write_text
+from train.metrics import agreement_interval
 
 MB = 1e6
 
@@ -72,16 +73,22 @@ def _how_sure(rep: dict[str, Any]) -> list[str]:
         pc = m["accuracy_change_paired"]
         rows.append(f"| {name} | {100 * m['top1_agreement']:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}) | "
                     f"{pc['float_right_now_wrong']} | {pc['float_wrong_now_right']} | {pc['mcnemar_p']:.2f} |")
-    from train.metrics import agreement_interval
-
-    clearing = [k for k in range(min(n, 50) + 1) if agreement_interval(n - k, n)[0] >= target]
-    reach = (f"An interval whose lower end clears {100 * target:.1f}% needs at most {max(clearing)} flipped "
-             f"image(s) here" if clearing else
-             f"No interval can clear {100 * target:.1f}% on {n} images, even with no flip")
+    most = _most_flips_clearing(n, target)
+    reach = (f"An interval whose lower end clears {100 * target:.1f}% needs at most {most} flipped image(s) here"
+             if most is not None else f"No interval can clear {100 * target:.1f}% on {n} images, even with no flip")
     return rows + ["", f"On {n} images one flip is {100 / max(n, 1):.2f} points of agreement. {reach}; a larger "
                    f"val split (or all of it, where --max-images cut it) narrows every interval. An accuracy "
                    f"change is the difference of the two paired counts; a McNemar p well above 0.05 means these "
                    f"images cannot tell the two models' accuracy apart."]
+
+
+def _most_flips_clearing(n: int, target: float) -> int | None:
+    """The most flipped images out of n whose agreement interval still lies above `target` (None: not even 0);
+    fewer flips only raise the interval, so the first count that fails ends the search."""
+    flips = 0
+    while flips <= n and agreement_interval(n - flips, n)[0] >= target:
+        flips += 1
+    return flips - 1 if flips else None
 
 
 def _speedup_cell(v: dict[str, Any], target: float) -> str:

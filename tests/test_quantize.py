@@ -95,6 +95,11 @@ def test_agreement_interval_and_paired_change_match_their_definitions():
     assert paired_change(labels, ref, cand) == {"float_right_now_wrong": 5, "float_wrong_now_right": 1,
                                                 "mcnemar_p": pytest.approx(2 * 7 / 64)}
     assert paired_change(labels, ref, ref)["mcnemar_p"] == 1.0
+    from benchmarks.quant_render import _most_flips_clearing  # what the report says a val split can show
+
+    assert _most_flips_clearing(819, 0.995) == 0 and _most_flips_clearing(100, 0.995) is None
+    most = _most_flips_clearing(5000, 0.995)
+    assert agreement_interval(5000 - most, 5000)[0] >= 0.995 > agreement_interval(5000 - most - 1, 5000)[0]
 
 
 def test_what_dynamic_modes_touched_is_read_from_the_models(report):
