@@ -23,7 +23,7 @@ from quantize.onnx_rt import CALIB_METHODS
 from quantize.targets import TARGETS
 from quantize.torch_ao import QuantizationError
 from quantize.variants import load_calibration
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, training_split
 from train.cpu import cpu_description
 from train.data import DataError, images_origin, labelled_splits, seeded_subset
 from train.errors import ToolkitError
@@ -241,7 +241,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
 
     _check_args(calib_method, engines, reduce_range, latency_runs)
     ckpt = load_checkpoint(checkpoint)
-    index, split_note = _split_index(data, ckpt.spec.class_names, seed)
+    index, split_note = _split_index(training_split(ckpt, data), ckpt.spec.class_names, seed)
     torch.set_num_threads(threads)
     eval_samples, images, labels, split_total = _eval_images(index, split, max_images, seed, ckpt.spec, progress)
     calib_samples, calib = load_calibration(index, calib_size, ckpt.spec, seed=seed, progress=progress)

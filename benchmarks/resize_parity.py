@@ -74,13 +74,13 @@ def measure(checkpoint: Path, data: Path, images: int, size: int) -> dict[str, A
     from PIL import Image
     from tqdm import tqdm
 
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint, training_split
     from train.data import images_origin, labelled_splits, seeded_subset
     from train.metrics import compare_logits
     from train.spec import to_gray8, upright
 
     ckpt = load_checkpoint(checkpoint)
-    index = labelled_splits(data, ckpt.spec.class_names)
+    index = labelled_splits(training_split(ckpt, data), ckpt.spec.class_names)
     samples = seeded_subset(index.split("val") or index.split("test"), images, seed=1)
     funcs, n = resizers(ckpt.spec.resize), ckpt.spec.input_size
     shrunk: dict[str, list[np.ndarray]] = {name: [] for name in funcs}

@@ -44,8 +44,10 @@ def load_eval_set(ckpt: Checkpoint, data: str | Path, split: str, max_images: in
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Images (float32 [0,1]) and labels in the model's class order; info['class_error'] is set (and the
     labels are empty) when the data's classes differ from the model's."""
+    from train.checkpoint import training_split
     from train.data import discover, labelled_splits, load_batch, seeded_subset
 
+    data = training_split(ckpt, data)
     model_classes = tuple(ckpt.spec.class_names)
     found = discover(data).class_names
     info: dict[str, Any] = {"data": str(data), "split": split, "data_classes": list(found),

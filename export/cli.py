@@ -16,7 +16,7 @@ from export.pipeline import source_record
 from quantize.torch_ao import X86_ISA_CHOICES
 from train.atomic import check_writable_dir
 from train.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from train.checkpoint import Checkpoint
+from train.checkpoint import Checkpoint, training_split
 from train.data import DataError, Sample, verification_sets
 from train.cpu import fit_torch_threads
 from train.memory import keep_freed_memory
@@ -77,15 +77,16 @@ def training_data_of(ckpt: Checkpoint) -> Path | None:
 
 
 def resolve_data(data: Path | None, ckpt: Checkpoint, static_int8: bool, what: str, alternatives: str) -> Path | None:
-    """--data, else the training data the checkpoint records (and say so); static int8 with neither stops
-    before anything is written."""
+    """--data, else the training data the checkpoint records (and say so); either way the split training made
+    where it is the data the checkpoint was trained on (train.checkpoint.training_split). Static int8 with
+    neither stops before anything is written."""
     if data is None:
         data = training_data_of(ckpt)
         if data is not None:
             log.info("no --data: calibrating and verifying on the training data %s recorded in %s", data, ckpt.path)
         elif static_int8:
             require_calibration(None, f"{what} from {ckpt.path}", alternatives)
-    return data
+    return None if data is None else training_split(ckpt, data)
 
 
 def check_sizes(**sizes: int | None) -> None:

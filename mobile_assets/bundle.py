@@ -201,12 +201,25 @@ def bundle_images(artifacts_dir: Path, source: dict[str, Any], data: Path | None
     data = data or (Path(source["data"]) if source.get("data") and Path(source["data"]).exists() else None)
     if data is None:
         return vectors, vectors or None, {"data": "the verification images in artifacts.json", "split": "val"}
+    data = _split_as_trained(source, data)
     idx = labelled_splits(data, spec.class_names)
     val = idx.split("val") or idx.split("test")
     if not val:
         raise DataError(f"--data {data}: no val or test images to score the bundled models on")
     metrics = val if metrics_size is None else seeded_subset(val, metrics_size, seed=1)
     return vectors or seeded_subset(val, 32, seed=1), metrics, {"data": str(data), "split": "val"}
+
+
+def _split_as_trained(source: dict[str, Any], data: Path) -> Path:
+    """`data` split as training split it, where it is the data the exported checkpoint was trained on (its run's
+    splits.csv: train.checkpoint.training_split) and that checkpoint is still where it was exported from."""
+    from train.checkpoint import load_checkpoint, training_split
+
+    path = Path(source.get("checkpoint") or "")
+    if not path.is_file():
+        return data
+    ckpt = load_checkpoint(path)
+    return training_split(ckpt, data) if ckpt.sha256 == source.get("checkpoint_sha256") else data
 
 
 def _reference_model(source: dict[str, Any]) -> Any:

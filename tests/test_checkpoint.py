@@ -3,6 +3,7 @@ and the ImageNet weights path (never touching the network)."""
 
 from __future__ import annotations
 
+import shutil
 import urllib.error
 
 import pytest
@@ -231,3 +232,39 @@ def test_safetensors_weights_are_read(tiny_checkpoint, tiny_spec, tmp_path, x32)
     path = tmp_path / "model.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     assert torch.equal(_out(load_checkpoint(path, tiny_spec), x32), _out(load_checkpoint(tiny_checkpoint), x32))
+
+
+def test_the_training_data_is_split_as_training_split_it(tiny_checkpoint, synthetic_data, tmp_path, caplog):
+    """A run trained with --seed 3 on a folder without a split: `--data FOLDER` made the split again with seed 0,
+    so the export verified on images the model trained on and calibrated int8 on val images. The run's
+    splits.csv is the split now, wherever a command splits the data the checkpoint was trained on."""
+    import logging
+
+    from benchmarks.run import load_eval_set
+    from export.cli import resolve_data
+    from train.data import assign_splits, discover, verification_sets, write_splits_csv
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"data": str(synthetic_data), "seed": 3, "val_frac": 0.15, "test_frac": 0.15}
+    save_checkpoint(make_checkpoint_dict(ckpt.state_dict, ckpt.spec, train_config=config), run / "best.pt")
+    trained_split = assign_splits(discover(synthetic_data), seed=3)
+    write_splits_csv(trained_split, run / "splits.csv")
+    where = {s.path: s.split for s in trained_split.samples}
+    run_ckpt = load_checkpoint(run / "best.pt")
+
+    data = resolve_data(synthetic_data, run_ckpt, True, "static int8", "")
+    assert data == run / "splits.csv"
+    verify, calib = verification_sets(data, ckpt.spec.class_names, 300, 100)
+    assert {where[s.path] for s in verify} == {"val"} and {where[s.path] for s in calib} == {"train"}
+    images, labels, _ = load_eval_set(run_ckpt, synthetic_data, "val", None)  # the benchmark scores the same val
+    assert len(labels) == len(trained_split.split("val"))
+
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_data, other)
+    assert resolve_data(other, run_ckpt, True, "static int8", "") == other  # other data: split as it is
+    (run / "splits.csv").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert resolve_data(synthetic_data, run_ckpt, True, "static int8", "") == synthetic_data
+    assert "the run's splits.csv is gone" in caplog.text and "seed 3" in caplog.text

@@ -174,6 +174,37 @@ def convert_to_toolkit(src: str | Path, dest: str | Path, spec: PreprocessSpec |
     return save_checkpoint(d, dest)
 
 
+def training_split(ckpt: Checkpoint, data: str | Path) -> Path:
+    """What to split `data` by: where `data` is the very data this checkpoint was trained on and names no split of
+    its own, the run's splits.csv, the exact split training made (with its --seed, --val-frac and --test-frac).
+    A split made again here with the defaults would put images the model trained on among the val images that
+    verify and score it, and val images among the calibration images. Any other data is split as it is."""
+    data = Path(data)
+    trained = (ckpt.meta.get("train_config") or {}).get("data")
+    if ckpt.source_format != FORMAT or not trained or ckpt.path is None:
+        return data
+    try:
+        same = data.resolve() == Path(trained).resolve()
+    except OSError:
+        return data
+    if not same:
+        return data
+    from train.data import discover
+
+    if discover(data).has_split:
+        return data
+    splits = Path(ckpt.path).parent / "splits.csv"
+    if splits.is_file():
+        log.info("%s is the data %s was trained on and names no split: using the split training made, %s",
+                 data, ckpt.path, splits)
+        return splits
+    log.warning("%s is the data %s was trained on, but the run's splits.csv is gone: its split is made again "
+                "with seed 0 and the default fractions, which match training's only if it used them too (its "
+                "config: seed %s, val %s, test %s)", data, ckpt.path, *(
+                    (ckpt.meta.get("train_config") or {}).get(k) for k in ("seed", "val_frac", "test_frac")))
+    return data
+
+
 def find_latest_checkpoint(runs_dir: str | Path = "runs") -> Path | None:
     """The newest `best.pt` (else `last.pt`) that training wrote under `runs_dir`."""
     runs_dir = Path(runs_dir)

@@ -144,7 +144,7 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
     """The standalone explanation report: ROC curves, heatmaps, shortcut audit and, when `int8` is
     given, its float-vs-int8 section. Writes explain.json and explain.md under `out_dir`."""
     from train.atomic import write_json, write_text
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint, training_split
     from train.data import DataError, labelled_splits
 
     if per_class < 1:
@@ -153,7 +153,7 @@ def run_explain(checkpoint: str | Path, data: str | Path, *, split: str = "val",
         int8.check()  # fail before minutes of work, not after
     out_dir = Path(out_dir)
     ckpt = load_checkpoint(checkpoint)
-    index = labelled_splits(data, class_names=ckpt.spec.class_names)
+    index = labelled_splits(training_split(ckpt, data), class_names=ckpt.spec.class_names)
     if index.split_generated:
         log.warning("%s names no split; using the toolkit's seeded split (seed 0)", data)
     samples = index.require_split(split)
