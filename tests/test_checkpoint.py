@@ -260,6 +260,11 @@ def test_the_training_data_is_split_as_training_split_it(tiny_checkpoint, synthe
     assert {where[s.path] for s in verify} == {"val"} and {where[s.path] for s in calib} == {"train"}
     images, labels, _ = load_eval_set(run_ckpt, synthetic_data, "val", None)  # the benchmark scores the same val
     assert len(labels) == len(trained_split.split("val"))
+    from train.evaluate import evaluate_checkpoint  # and the evaluation, which refused a folder without a split
+
+    report = evaluate_checkpoint(run / "best.pt", synthetic_data, split="test", out_dir=tmp_path / "eval",
+                                 progress=False)
+    assert report["metrics"]["n"] == len(trained_split.split("test"))
 
     other = tmp_path / "other"
     shutil.copytree(synthetic_data, other)

@@ -50,12 +50,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
                         progress: bool = True, data_root: str | Path | None = None,
                         skip_bad: bool = False) -> dict[str, Any]:
     """Predict every image of `split`, compute the metrics and write report.md, metrics.json and PNGs."""
-    from train.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint, training_split
     from train.distributed import resolve_device
     from train.metrics import classification_metrics, predict_logits, softmax
 
     ckpt = load_checkpoint(checkpoint)
     names = ckpt.spec.class_names
+    if not isinstance(data, DatasetIndex):  # the data it was trained on: by the split training made
+        data = training_split(ckpt, data) if data_root is None else data
     idx = data if isinstance(data, DatasetIndex) else discover(data, class_names=names, data_root=data_root)
     if tuple(idx.class_names) != tuple(names):
         raise DataError(f"data classes {list(idx.class_names)} differ from the checkpoint's {list(names)}")
