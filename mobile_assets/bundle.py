@@ -213,24 +213,27 @@ def bundle_images(artifacts_dir: Path, source: dict[str, Any], data: Path | None
 def _split_as_trained(source: dict[str, Any], data: Path) -> Path:
     """`data` split as training split it, where it is the data the exported checkpoint was trained on (its run's
     splits.csv: train.checkpoint.training_split) and that checkpoint is still where it was exported from."""
-    from train.checkpoint import load_checkpoint, training_split
+    from train.checkpoint import training_split
 
-    path = Path(source.get("checkpoint") or "")
-    if not path.is_file():
-        return data
-    ckpt = load_checkpoint(path)
-    return training_split(ckpt, data) if ckpt.sha256 == source.get("checkpoint_sha256") else data
+    ckpt = _source_checkpoint(source)
+    return data if ckpt is None else training_split(ckpt, data)
 
 
-def _reference_model(source: dict[str, Any]) -> Any:
-    """The float PyTorch model, when its checkpoint is still where it was exported from (for the reference logits)."""
+def _source_checkpoint(source: dict[str, Any]) -> Any:
+    """The checkpoint the artifacts were exported from, when it is still where it was and unchanged; else None."""
     from train.checkpoint import load_checkpoint
 
     path = Path(source.get("checkpoint") or "")
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
-    return ckpt.build_deploy_model() if ckpt.sha256 == source.get("checkpoint_sha256") else None
+    return ckpt if ckpt.sha256 == source.get("checkpoint_sha256") else None
+
+
+def _reference_model(source: dict[str, Any]) -> Any:
+    """The float PyTorch model, when its checkpoint is still where it was exported from (for the reference logits)."""
+    ckpt = _source_checkpoint(source)
+    return None if ckpt is None else ckpt.build_deploy_model()
 
 
 def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Path | None = None,

@@ -180,7 +180,8 @@ def training_split(ckpt: Checkpoint, data: str | Path) -> Path:
     A split made again here with the defaults would put images the model trained on among the val images that
     verify and score it, and val images among the calibration images. Any other data is split as it is."""
     data = Path(data)
-    trained = (ckpt.meta.get("train_config") or {}).get("data")
+    config = ckpt.meta.get("train_config") or {}
+    trained = config.get("data")
     if ckpt.source_format != FORMAT or not trained or ckpt.path is None:
         return data
     try:
@@ -200,8 +201,8 @@ def training_split(ckpt: Checkpoint, data: str | Path) -> Path:
         return splits
     log.warning("%s is the data %s was trained on, but the run's splits.csv is gone: its split is made again "
                 "with seed 0 and the default fractions, which match training's only if it used them too (its "
-                "config: seed %s, val %s, test %s)", data, ckpt.path, *(
-                    (ckpt.meta.get("train_config") or {}).get(k) for k in ("seed", "val_frac", "test_frac")))
+                "config: seed %s, val %s, test %s)", data, ckpt.path,
+                config.get("seed"), config.get("val_frac"), config.get("test_frac"))
     return data
 
 

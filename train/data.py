@@ -413,8 +413,13 @@ def _shown(s: Sample, root: Path) -> str:
 
 def identical_files(samples: Sequence[Sample]) -> list[list[Sample]]:
     """Groups (two or more each, in index order) of byte-identical files: one image filed twice."""
+    return _groups_of(samples, first_copies(samples))
+
+
+def _groups_of(samples: Sequence[Sample], firsts: Sequence[int]) -> list[list[Sample]]:
+    """The groups of two or more samples that share a first position (first_copies, group_representatives)."""
     groups: dict[int, list[Sample]] = {}
-    for s, first in zip(samples, first_copies(samples)):
+    for s, first in zip(samples, firsts):
         groups.setdefault(first, []).append(s)
     return [g for g in groups.values() if len(g) > 1]
 
@@ -441,11 +446,8 @@ def duplicate_summary(idx: DatasetIndex, progress: bool = False) -> dict[str, An
 
     pairs = lookalikes(idx.samples, progress)
     linked = group_representatives(len(idx.samples), [(i, j) for i, j, _ in pairs])
-    by_first: dict[int, list[Sample]] = {}
-    for s, first in zip(idx.samples, linked):
-        by_first.setdefault(first, []).append(s)
     return {**summary(identical_files(idx.samples)),
-            "lookalike": {**summary([g for g in by_first.values() if len(g) > 1]), "max_bits": LOOKALIKE_BITS},
+            "lookalike": {**summary(_groups_of(idx.samples, linked)), "max_bits": LOOKALIKE_BITS},
             "patients": patients_across_splits(idx.samples, idx.root)}
 
 

@@ -126,10 +126,10 @@ def load_imagenet_backbone(net: nn.Module) -> None:
 
 def load_local_weights(net: nn.Module, path: str | Path) -> None:
     """Initialise from a local state dict or toolkit checkpoint; a head of another size is re-initialised."""
-    state = read_state_dict(path)
-    if widen_gray_stem(state) is not state:
+    read = read_state_dict(path)
+    state = widen_gray_stem(read)
+    if state is not read:
         log.info("%s: conv1 reads 1 gray channel; starting from its weights split over the 3 gray channels", path)
-        state = widen_gray_stem(state)
     own = net.state_dict()
     head_mismatch = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
     for k in head_mismatch:
