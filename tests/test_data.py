@@ -321,6 +321,34 @@ def test_lookalike_pairs_count_differing_bits_and_groups_chain():
     assert group_representatives(5, [(3, 4), (1, 3)]) == [0, 1, 2, 1, 1]
 
 
+
+def test_lookalike_pairs_are_every_close_pair_across_blocks_and_between_two_sets(monkeypatch):
+    """The pairs equal a count of differing bits over every pair, with blocks much smaller than the set (the
+    block and triangle bookkeeping) and between two sets (val against train)."""
+    import train.lookalike as la
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (60, 32), dtype=np.uint8)
+    near = base[rng.integers(0, 60, 90)].copy()
+    for row in near:  # 0 to 30 flipped bits: some within 20, some beyond
+        for bit in rng.choice(256, rng.integers(0, 31), replace=False):
+            row[bit // 8] ^= 1 << (bit % 8)
+    hashes: list = [h.tobytes() for h in np.concatenate([base, near])]
+    hashes[7] = None
+    as_bits = {i: np.unpackbits(np.frombuffer(h, np.uint8)) for i, h in enumerate(hashes) if h is not None}
+
+    def brute(rows, cols, triangle):
+        return [(i, j, int((as_bits[i] != as_bits[j]).sum())) for i in rows for j in cols
+                if i in as_bits and j in as_bits and (not triangle or i < j)
+                and (as_bits[i] != as_bits[j]).sum() <= la.LOOKALIKE_BITS]
+
+    monkeypatch.setattr(la, "BLOCK_CELLS", 7 * len(hashes))  # blocks of 7 rows
+    la._close_pairs.cache_clear()
+    expected = brute(range(150), range(150), True)
+    assert len(expected) > 20 and la.lookalike_pairs(hashes) == expected
+    between = la.lookalike_pairs(hashes[:60], against=hashes[60:])
+    assert between and between == [(i, j - 60, d) for i, j, d in brute(range(60), range(60, 150), False)]
+
 @pytest.mark.shared
 def test_real_radiographs_retouched_are_found_and_cxr4_has_no_other_lookalikes(shared_data, tmp_path):
     """On cxr4 (whose card says near-duplicates were removed) no two radiographs are look-alikes; a real

@@ -365,15 +365,23 @@ def _look_or_none(path: Path) -> bytes | None:
         return None
 
 
-def lookalikes(samples: Sequence[Sample], progress: bool = False) -> list[tuple[int, int, int]]:
+def lookalikes(samples: Sequence[Sample], progress: bool = False,
+               against: Sequence[Sample] | None = None) -> list[tuple[int, int, int]]:
     """Pairs (i, j, differing bits) of samples that are one radiograph in two files (train.lookalike), not
-    byte-identical ones, which first_copies finds."""
+    byte-identical ones, which first_copies finds; with `against`, pairs of samples[i] and against[j]."""
     from tqdm import tqdm
 
-    looks = [_look_or_none(s.path) for s in tqdm(samples, desc="hashing images", unit="img", disable=not progress,
+    everything = [*samples, *(against or [])]
+    looks = [_look_or_none(s.path) for s in tqdm(everything, desc="hashing images", unit="img", disable=not progress,
                                                  leave=False)]
-    digests = [file_digest(s.path) for s in samples]
-    return [(i, j, d) for i, j, d in lookalike_pairs(looks) if digests[i] is None or digests[i] != digests[j]]
+    digests = [file_digest(s.path) for s in everything]
+    n = len(samples)
+    if against is None:
+        pairs = lookalike_pairs(looks)
+    else:  # positions in `everything` while the digests are compared, then in `against`
+        pairs = [(i, n + j, d) for i, j, d in lookalike_pairs(looks[:n], against=looks[n:])]
+    kept = [(i, j, d) for i, j, d in pairs if digests[i] is None or digests[i] != digests[j]]
+    return kept if against is None else [(i, j - n, d) for i, j, d in kept]
 
 
 def same_patient(samples: Sequence[Sample]) -> list[tuple[int, int]]:

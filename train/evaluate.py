@@ -112,8 +112,7 @@ def lookalikes_of_train_images(idx: DatasetIndex, samples, progress: bool = Fals
     """How many of `samples` look like an image of the train split without being a byte-identical copy
     (train.lookalike): the model has seen that radiograph."""
     train = idx.split("train")
-    pairs = lookalikes([*samples, *train], progress)
-    return len({i for i, j, _ in pairs if i < len(samples) <= j})
+    return len({i for i, _, _ in lookalikes(samples, progress, against=train)})
 
 
 def copies_of_train_images(idx: DatasetIndex, samples) -> int:
