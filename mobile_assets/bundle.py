@@ -31,6 +31,8 @@ from train.spec import PreprocessSpec
 log = logging.getLogger(__name__)
 
 BUNDLE_SCHEMA_VERSION = 1
+PLAY_BASE_MODULE_BYTES = 200_000_000  # Google Play's limit on an app's base module (compressed download)
+DEFLATED_MODEL_RATIO = 0.93  # float ResNet-18 files deflate to 0.93 of their size (int8 ones to 0.86-0.90)
 FIXED = ("labels.txt", "test_vectors", "README.md", "manifest.json")
 NOTICE = RESEARCH_NOTICE  # the same notice every model file carries inside (export.metadata)
 
@@ -181,6 +183,33 @@ def commit(stage: Path, bundle_dir: Path) -> None:
     os.replace(stage / "manifest.json", marker)
 
 
+def runtime_sizes(models: Sequence[ArtifactEntry], artifacts_dir: Path) -> dict[str, int]:
+    """Bytes of model files per Flutter runtime package, in bundle order."""
+    sizes: dict[str, int] = {}
+    for e in models:
+        runtime = variant(e.name).bundle
+        sizes[runtime] = sizes.get(runtime, 0) + size_bytes(artifacts_dir / e.path)
+    return sizes
+
+
+def size_advice(sizes: dict[str, int]) -> str | None:
+    """An app loads one runtime's files: a bundle of several ships the others as dead weight, and with every
+    runtime the models alone come near what Google Play accepts in an app."""
+    if len(sizes) < 2:
+        return None
+    total = sum(sizes.values())
+    each = ", ".join(f"{r} {b / 1e6:.0f} MB" for r, b in sizes.items())
+    advice = (f"this bundle holds the model files of {len(sizes)} Flutter runtimes ({total / 1e6:.0f} MB); an app "
+              f"loads one ({each}): bundle only yours with --runtime NAME")
+    downloaded = total * DEFLATED_MODEL_RATIO
+    if downloaded > 0.75 * PLAY_BASE_MODULE_BYTES:
+        share = ", more than" if downloaded > PLAY_BASE_MODULE_BYTES else " of"
+        advice += (f". Compressed for download they still come to about {downloaded / 1e6:.0f} MB{share} the "
+                   f"{PLAY_BASE_MODULE_BYTES / 1e6:.0f} MB Google Play accepts in an app's base module, before the "
+                   f"app and the Flutter engine")
+    return advice
+
+
 def _samples(records: Sequence[dict[str, Any]], artifacts_dir: Path) -> list[Sample]:
     samples = [Sample(Path(r["path"]), int(r["label"])) for r in records]
     missing = [str(s.path) for s in samples if not s.path.is_file()]
@@ -272,4 +301,7 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote the Flutter bundle to %s (%d models)", bundle_dir, len(models))
+    advice = size_advice(runtime_sizes(models, artifacts_dir))
+    if advice:
+        log.warning("%s", advice)
     return bundle_dir

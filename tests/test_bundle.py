@@ -209,7 +209,7 @@ def test_python_m_mobile_assets_builds_the_bundle_from_artifacts_json_alone(buil
     assert "--force" in capsys.readouterr().err
 
 
-def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
+def test_a_bundle_per_app_runtime(built, ckpt, tmp_path, caplog):
     """--runtime picks the files one Flutter plugin loads; NHWC models get NHWC test vectors and input shape."""
     pytest.importorskip("litert_torch")
     from export.litert import export_litert
@@ -233,11 +233,28 @@ def test_a_bundle_per_app_runtime(built, ckpt, tmp_path):
     expected = json.loads((tmp_path / "tfl" / "test_vectors" / "expected_logits.json").read_text())["logits"]
     logits = get_runner("litert").load(tmp_path / "tfl" / "model.tflite").run(x.transpose(0, 3, 1, 2))
     assert np.abs(logits[0] - expected["model.tflite"][vec["name"]]).max() <= 1e-4
+    assert "Flutter runtimes" not in caplog.text  # one runtime: nothing to say
     assert bundle_main(["--artifacts", str(art2), "--out", str(tmp_path / "all"), "--test-vectors", "1"]) == 0
     files = [x["file"] for x in check_bundle(tmp_path / "all")["models"]]
     assert files == ["model.ptl", "model_int8.ptl", "model.tflite"]
+    assert "model files of 2 Flutter runtimes" in caplog.text and "--runtime NAME" in caplog.text
     for name, models in (("tfl", ["model.tflite"]), ("all", files)):  # the README's pubspec.yaml ships them
         assert {*models, "labels.txt", "manifest.json"} <= _pubspec_assets(tmp_path / name)
+
+
+def test_a_bundle_of_every_runtime_says_an_app_loads_one_and_when_it_outgrows_google_play():
+    """Every runtime's float and int8 ResNet-18 (the sizes the reference weights export to) make 210 MB of
+    models, more than Google Play takes in an app's base module; one runtime's files are a quarter of it."""
+    mb = 1_000_000
+    every = {"pytorch_lite": 53 * mb, "executorch_flutter": 53 * mb, "tflite_flutter": 52 * mb,
+             "flutter_onnxruntime": 52 * mb}
+    advice = bundle.size_advice(every)
+    assert advice.startswith("this bundle holds the model files of 4 Flutter runtimes (210 MB)")
+    assert "tflite_flutter 52 MB" in advice and "--runtime NAME" in advice
+    assert "about 195 MB of the 200 MB Google Play accepts" in advice
+    assert "about 208 MB, more than the 200 MB" in bundle.size_advice({**every, "tflite_flutter": 66 * mb})
+    assert "Google Play" not in bundle.size_advice({"pytorch_lite": 53 * mb, "tflite_flutter": 52 * mb})
+    assert bundle.size_advice({"tflite_flutter": 52 * mb}) is None
 
 
 def _pubspec_assets(bundle_dir, folder="assets/cxr/"):
