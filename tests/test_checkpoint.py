@@ -160,6 +160,13 @@ def test_a_dropout_then_linear_head_reads_as_the_linear_head(tiny_checkpoint, ti
     torch.save(dropout_head, tmp_path / "dropout_head.pt")
     assert torch.equal(_out(load_checkpoint(tmp_path / "dropout_head.pt", tiny_spec), x32),
                        _out(load_checkpoint(tiny_checkpoint), x32))
+    # ... saved from DataParallel, or as a notebook's attribute (refused before: the prefix was found by fc.weight)
+    torch.save({f"module.{k}": v for k, v in dropout_head.items()}, tmp_path / "dp_dropout_head.pt")
+    torch.save({"model_state_dict": {f"resnet18.{k}": v for k, v in dropout_head.items()}},
+               tmp_path / "notebook_dropout_head.pt")
+    for name in ("dp_dropout_head.pt", "notebook_dropout_head.pt"):
+        assert torch.equal(_out(load_checkpoint(tmp_path / name, tiny_spec), x32),
+                           _out(load_checkpoint(tiny_checkpoint), x32))
     mlp_head = {k: v for k, v in state.items() if not k.startswith("fc.")}
     mlp_head.update({"fc.0.weight": torch.zeros(256, 512), "fc.0.bias": torch.zeros(256),
                      "fc.3.weight": torch.zeros(4, 256), "fc.3.bias": torch.zeros(4)})

@@ -22,7 +22,7 @@ import torch
 from train.errors import ToolkitError
 
 FORMAT = "cxr-toolkit-checkpoint"
-STEM_KEYS = ("conv1.weight", "bn1.weight", "fc.weight")  # where a ResNet's state dict starts and ends
+STEM_KEYS = ("conv1.weight", "bn1.weight")  # where a ResNet's state dict starts; its head is under "fc."
 
 
 class CheckpointError(ToolkitError, ValueError):
@@ -102,12 +102,13 @@ def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
     """The network's weights from under the prefixes wrappers put in front of them: DataParallel's and DDP's
     `module.`, torch.compile's `_orig_mod.` (both: `module._orig_mod.`), a notebook's or a Lightning module's
     attribute (`resnet18.`, `model.`, `net.`, ...). The prefix is whatever stands before the stem's
-    `conv1.weight` where `bn1.weight` and `fc.weight` follow it too; keys outside it (a loss's weights) are
-    left out, and the strict load after this names anything missing."""
+    `conv1.weight` where `bn1.weight` and a head under `fc.` (one Linear, or a Sequential) follow it too; keys
+    outside it (a loss's weights) are left out, and the strict load after this names anything missing."""
     if STEM_KEYS[0] in state:
         return state
     candidates = [k[: -len(STEM_KEYS[0])] for k in state if k.endswith("." + STEM_KEYS[0])]
-    prefixes = sorted((p for p in candidates if all(p + key in state for key in STEM_KEYS)), key=len)
+    prefixes = sorted((p for p in candidates if all(p + key in state for key in STEM_KEYS)
+                       and any(k.startswith(p + "fc.") for k in state)), key=len)
     if not prefixes:
         return state
     return {k[len(prefixes[0]):]: v for k, v in state.items() if k.startswith(prefixes[0])}
