@@ -517,6 +517,29 @@ def test_unknown_csv_label_named(synthetic_data, tmp_path):
         discover(csv_path, class_names=DEFAULT_CLASSES, data_root=synthetic_data)
 
 
+
+def test_csv_rows_without_a_label_or_path_are_named_not_made_a_class(synthetic_data, tmp_path):
+    """A spreadsheet with images not labelled yet: the blank labels became a class named '' that the model
+    learned as a fifth output. Line numbers count the CSV's empty rows too."""
+    rows = _rows(synthetic_data, True)
+    for r in rows[3:6]:
+        r["label"] = ""
+    csv_path = _write_csv(tmp_path / "list.csv", rows)
+    with pytest.raises(DataError, match=r"list.csv line 5 \(and 2 more rows\): no label; give every row a label, "
+                                        r"or leave unlabelled images out of the CSV"):
+        discover(csv_path, data_root=synthetic_data)
+    rows = _rows(synthetic_data, True)
+    rows[2]["path"] = ""
+    text = _write_csv(tmp_path / "paths.csv", rows).read_text().splitlines()
+    (tmp_path / "paths.csv").write_text("\n".join([text[0], "", *text[1:]]) + "\n")  # an empty line 2
+    with pytest.raises(DataError, match=r"paths.csv line 5: no path"):
+        discover(tmp_path / "paths.csv", data_root=synthetic_data)
+    rows[2]["path"], rows[4]["label"] = _rows(synthetic_data, True)[2]["path"], "Tuberculosis"
+    text = _write_csv(tmp_path / "labels.csv", rows).read_text().splitlines()
+    (tmp_path / "labels.csv").write_text("\n".join([text[0], "", *text[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"line 7: unknown label 'Tuberculosis'"):
+        discover(tmp_path / "labels.csv", class_names=DEFAULT_CLASSES, data_root=synthetic_data)
+
 def _corrupt(root: Path) -> tuple[Path, Path]:
     """One garbage file and one truncated PNG (a real image cut in half)."""
     garbage = root / "COVID" / "images" / "synthetic-garbage.png"

@@ -116,10 +116,10 @@ def split_named(name: str) -> str | None:
     return SPLIT_NAMES.get(name.lower())
 
 
-def _csv_rows(csv_path: Path) -> list[dict[str, str]]:
+def _csv_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     """The rows of a labels CSV as a spreadsheet saves it too: a UTF-8 byte-order mark (Excel's 'CSV UTF-8'),
     ';' or tab as the delimiter (Excel where the decimal mark is a comma), header names in any case, spaces
-    around values. Column names come back lower-case, values stripped."""
+    around values, empty rows. Each with its line number; column names come back lower-case, values stripped."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -132,8 +132,12 @@ def _csv_rows(csv_path: Path) -> list[dict[str, str]]:
     if not {"path", "label"} <= set(fields):
         raise DataError(f"{csv_path}: needs columns 'path' and 'label' (found {sorted(set(fields))})")
     reader.fieldnames = fields
-    return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader
-            if any((v or "").strip() for k, v in row.items() if k is not None)]
+    rows = []
+    for row in reader:
+        values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        if any(values.values()):
+            rows.append((reader.line_num, values))
+    return rows
 
 
 def _csv_image_path(root: Path, written: str) -> Path:
@@ -149,10 +153,16 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
     rows = _csv_rows(csv_path)
     if not rows:
         raise DataError(f"{csv_path}: has a header but no rows")
-    classes = _order_classes(sorted({r["label"] for r in rows}), class_names)
+    for column in ("path", "label"):
+        blank = [line for line, r in rows if not r[column]]
+        if blank:
+            more = f" (and {len(blank) - 1} more rows)" if len(blank) > 1 else ""
+            raise DataError(f"{csv_path} line {blank[0]}{more}: no {column}; give every row a {column}, or leave "
+                            f"{'unlabelled images' if column == 'label' else 'such rows'} out of the CSV")
+    classes = _order_classes(sorted({r["label"] for _, r in rows}), class_names)
     index = {c: i for i, c in enumerate(classes)}
     samples = []
-    for line, r in enumerate(rows, start=2):
+    for line, r in rows:
         if r["label"] not in index:
             raise DataError(f"{csv_path} line {line}: unknown label {r['label']!r}; "
                             f"known classes are {list(classes)}")
