@@ -76,8 +76,46 @@ def test_report_files_and_accuracy(tiny_checkpoint, synthetic_data, tmp_path, mo
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["confusion_matrix"] == r["metrics"]["confusion_matrix"]
     md = (out / "report.md").read_text()
-    assert "not clinical evidence" in md and "SYNTHETIC" in md and "Viral Pneumonia" in md
+    assert "not clinical evidence" in md and "Viral Pneumonia" in md
+    assert "SYNTHETIC" not in md  # these images are not marked as the toolkit's own: a user's data
     assert "## Explanations" not in md  # only with --explain N
+
+
+def test_a_run_evaluated_on_its_own_folder_keeps_the_synthetic_banner_and_names_the_data(
+        tiny_checkpoint, marked_synthetic_data, tmp_path):
+    """The demo's data has no split: the run's splits.csv splits it, and the report said the run folder was the
+    data and lost the SYNTHETIC banner (read from the run folder's missing README)."""
+    from train.checkpoint import make_checkpoint_dict, save_checkpoint
+    from train.data import assign_splits, write_splits_csv
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(make_checkpoint_dict(ckpt.state_dict, ckpt.spec, train_config={"data": str(marked_synthetic_data)}),
+                    run / "best.pt")
+    write_splits_csv(assign_splits(discover(marked_synthetic_data)), run / "splits.csv")
+    r = evaluate.evaluate_checkpoint(run / "best.pt", marked_synthetic_data, split="val", out_dir=tmp_path / "r",
+                                     progress=False)
+    assert r["synthetic_data"] and r["data"] == str(marked_synthetic_data)
+    assert r["split_file"] == str(run / "splits.csv")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "are SYNTHETIC" in md and f"as training split it: `{run / 'splits.csv'}`" in md
+
+
+def test_class_folders_the_model_lacks_are_said_to_be_left_out(tiny_checkpoint, synthetic_data, tmp_path):
+    """A model without a class the folder has (a 4-class model on data with a fifth folder): its images cannot be
+    scored and were left out without a word; a CSV with that label is refused."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data, root)
+    (root / "Tuberculosis" / "images").mkdir(parents=True)
+    for f in sorted((root / "Normal" / "images").iterdir())[:3]:
+        shutil.copyfile(f, root / "Tuberculosis" / "images" / f.name)
+    r = evaluate.evaluate_checkpoint(tiny_checkpoint, root, split="all", out_dir=tmp_path / "r", progress=False)
+    assert r["metrics"]["n"] == 48 and r["unknown_classes"] == {"Tuberculosis": 3}
+    assert "Left out: class folder(s) `Tuberculosis` (3 images), not classes of this model" in \
+        (tmp_path / "r" / "report.md").read_text()
 
 
 def test_cli_split_error(tiny_checkpoint, synthetic_data, tmp_path, capsys):

@@ -66,6 +66,7 @@ class DatasetIndex:
     layout: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     washed_out: list[tuple[str, str]] = field(default_factory=list)  # (path, what 8 bits lose): check_images
+    unknown_classes: dict[str, int] = field(default_factory=dict)  # class folders not of the model: images left out
 
     @property
     def has_split(self) -> bool:
@@ -233,7 +234,8 @@ def _read_split_folders(root: Path, splits: dict[str, Path], class_names: Sequen
         for i, name in enumerate(classes):
             if (folder / name).is_dir():
                 samples += [Sample(p, i, split) for p in _class_images(folder / name)]
-    return DatasetIndex(root, classes, samples, "split-folders")
+    unknown = _unknown_classes([folder / n for split, folder in splits.items() for n in found[split]], classes)
+    return DatasetIndex(root, classes, samples, "split-folders", unknown_classes=unknown)
 
 
 def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex:
@@ -253,7 +255,22 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> DatasetIndex
             raise DataError(f"{root}: class folder {name!r} is missing (the model's classes are "
                             f"{list(classes)})")
         samples += [Sample(p, i) for p in _class_images(folder)]
-    return DatasetIndex(root, classes, samples, layout)
+    return DatasetIndex(root, classes, samples, layout, unknown_classes=_unknown_classes(dirs, classes))
+
+
+def _unknown_classes(folders: Sequence[Path], classes: Sequence[str]) -> dict[str, int]:
+    """Class folders with images whose class the model (a checkpoint's class names) does not have: their images
+    are left out, and said to be (a 3-class model on the 4-class COVID-19 Radiography Database, say)."""
+    unknown: dict[str, int] = {}
+    for folder in folders:
+        if folder.name not in classes:
+            count = len(_class_images(folder))
+            if count:
+                unknown[folder.name] = unknown.get(folder.name, 0) + count
+    if unknown:
+        log.warning("left out %s: not classes of the model, whose classes are %s",
+                    ", ".join(f"class folder {n!r} ({k} images)" for n, k in unknown.items()), list(classes))
+    return unknown
 
 
 def check_data_path(data: str | Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 from dataclasses import replace
 
 from train.atomic import check_writable_dir
-from train.data import DataError, DatasetIndex, check_images, discover, file_digest, lookalikes
+from train.data import DataError, DatasetIndex, check_images, discover, file_digest, images_origin, lookalikes
 from train.lookalike import LOOKALIKE_BITS
 from train.errors import cli_errors
 from train.cpu import fit_torch_threads
@@ -56,8 +56,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
 
     ckpt = load_checkpoint(checkpoint)
     names = ckpt.spec.class_names
+    given = data.root if isinstance(data, DatasetIndex) else Path(data)
     if not isinstance(data, DatasetIndex):  # the data it was trained on: by the split training made
         data = training_split(ckpt, data) if data_root is None else data
+    split_file = None if isinstance(data, DatasetIndex) or Path(data) == given else str(data)
     idx = data if isinstance(data, DatasetIndex) else discover(data, class_names=names, data_root=data_root)
     if tuple(idx.class_names) != tuple(names):
         raise DataError(f"data classes {list(idx.class_names)} differ from the checkpoint's {list(names)}")
@@ -89,10 +91,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
     out_dir.mkdir(parents=True, exist_ok=True)
     history = ckpt.meta.get("history") or []
     figures = _figures(out_dir, metrics, y, softmax(logits), names, history)
-    result = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "data": str(idx.root),
+    result = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "data": str(given),
+              "split_file": split_file,
               "split": split, "spec": ckpt.spec.to_dict(), "metrics": metrics, "figures": figures,
               "history": history, "skipped_images": [p for p, _ in idx.skipped],
-              "synthetic_data": _is_synthetic(idx.root), "copies_of_train_images": seen,
+              "unknown_classes": idx.unknown_classes,
+              "synthetic_data": images_origin(samples) == "synthetic", "copies_of_train_images": seen,
               "lookalikes_of_train_images": alike, "images_of_train_patients": of_patients,
               "washed_out_images": _washed_out(idx, samples)}
     md = render_markdown(result)
@@ -139,11 +143,6 @@ def _figures(out_dir: Path, metrics, y, probs, names, history) -> dict[str, str]
     return figs
 
 
-def _is_synthetic(root: Path) -> bool:
-    readme = Path(root) / "README.md"
-    return readme.is_file() and "SYNTHETIC" in readme.read_text(encoding="utf-8", errors="replace")
-
-
 def _explanations(ckpt, idx, samples, out_dir: Path, per_class: int, result: dict, **kw) -> str:
     from train.explain import run as explain_run
 
@@ -170,13 +169,19 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"the train split (the same radiograph re-encoded, resized or re-contrasted; perceptual hashes "
                   f"within {LOOKALIKE_BITS} of 256 bits): the model trained on them, so these metrics overstate how "
                   f"it does on unseen images. Keep each radiograph in one split.", ""]
+    if r.get("unknown_classes"):
+        left_out = ", ".join(f"`{n}` ({k} images)" for n, k in r["unknown_classes"].items())
+        lines += [f"> Left out: class folder(s) {left_out}, not classes of this model: these metrics cover only "
+                  f"its classes.", ""]
     if r.get("images_of_train_patients"):
         lines += [f"> {r['images_of_train_patients']} of these {m['n']} {r['split']} images are of patients who also "
                   f"have images in the train split: these metrics overstate how the model does on unseen patients. "
                   f"Keep each patient in one split (a split the toolkit generates does, from the CSV's patient "
                   f"column).", ""]
     lines += [f"- checkpoint: `{r['checkpoint']}` (sha256 `{r['checkpoint_sha256'][:16]}…`)",
-              f"- data: `{r['data']}`, split `{r['split']}`, {m['n']} images",
+              f"- data: `{r['data']}`, split `{r['split']}`"
+              + (f" (as training split it: `{r['split_file']}`)" if r.get("split_file") else "")
+              + f", {m['n']} images",
               f"- preprocessing: input {r['spec']['input_size']} px, resize {r['spec']['resize']}, "
               f"contrast stretch {r['spec']['contrast_stretch']}", "",
               f"**Accuracy {m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, "
