@@ -46,14 +46,27 @@ class BundleError(ToolkitError, RuntimeError):
     """A bundle that cannot be written as asked; the message names the folder or artifact."""
 
 
-def check_target(bundle_dir: Path, force: bool) -> None:
-    """Called before minutes of export, so a bundle that cannot be written fails first."""
+def check_target(bundle_dir: Path, force: bool, artifacts_dir: Path) -> None:
+    """Called before minutes of export, so a bundle that cannot be written fails first. The export folder is
+    refused: a bundle replaces the files of its names there (model.ptl, model.tflite, ...), which are the
+    exported models artifacts.json lists."""
     if bundle_dir.exists() and not bundle_dir.is_dir():
         raise BundleError(f"--out {bundle_dir} is a file, not a folder; choose a folder for the bundle")
+    if _same_folder(bundle_dir, artifacts_dir) or (bundle_dir / "artifacts.json").exists():
+        raise BundleError(f"--out {bundle_dir} is an export folder (artifacts.json): a bundle there would replace or "
+                          f"remove the exported models it lists; write the bundle to a folder of its own, e.g. your "
+                          f"app's assets/cxr/")
     if (bundle_dir / "manifest.json").exists() and not force:
         raise BundleError(f"--out {bundle_dir} already holds a bundle (manifest.json); pass --force to "
                           f"replace it or choose another --out")
     check_writable_dir(bundle_dir)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _stage(bundle_dir: Path) -> Path:
@@ -275,7 +288,7 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     from train.atomic import write_json, write_text
 
     artifacts_dir, bundle_dir = Path(artifacts_dir), Path(bundle_dir)
-    check_target(bundle_dir, force)
+    check_target(bundle_dir, force, artifacts_dir)
     source = read_source(artifacts_dir)
     models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified, runtime)
     room = sum(size_bytes(artifacts_dir / e.path) for e in models) + (8 << 20)  # models, vectors, manifest

@@ -182,6 +182,27 @@ def test_unwritable_or_file_target_is_a_clear_error(built, ckpt, tmp_path):
         bundle.write_bundle(art, blocker / "bundle")  # found before the models are read and scored
 
 
+def test_the_export_folder_is_refused_as_the_bundle_folder(built, tmp_path, tiny_checkpoint, synthetic_data, capsys):
+    """`--out artifacts/` (the export's --out) removed the exported models of bundle names that artifacts.json
+    still listed (--runtime pytorch_lite there deleted model.pte, model.tflite, ...)."""
+    from export.lite.__main__ import main as lite_main
+
+    art, _ = built
+    export = tmp_path / "artifacts"
+    shutil.copytree(art, export)
+    (export / "model.pte").write_bytes(b"an exported ExecuTorch program")
+    before = sorted(p.name for p in export.iterdir())
+    for out in (export, tmp_path / "." / "artifacts"):
+        with pytest.raises(bundle.BundleError, match=r"is an export folder \(artifacts.json\): a bundle there would "
+                                                     r"replace or remove the exported models"):
+            bundle.write_bundle(export, out, force=True)
+    assert sorted(p.name for p in export.iterdir()) == before
+    fresh = tmp_path / "fresh"  # export.lite with --out the same as --artifacts: refused before the export
+    assert lite_main(["--checkpoint", str(tiny_checkpoint), "--data", str(synthetic_data), "--artifacts",
+                      str(fresh), "--out", str(fresh)]) == 2
+    assert "is an export folder" in capsys.readouterr().err and not list(fresh.glob("model*"))
+
+
 def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):
     from export.manifest import ManifestError, read_manifest, record_source
 

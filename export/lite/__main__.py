@@ -67,7 +67,7 @@ def run_lite(a: argparse.Namespace) -> int:
                           "X-rays" + (" (these are SYNTHETIC)" if verify else "") + ", or --no-bundle to only "
                           "export")
     if a.bundle:
-        check_target(a.out, a.force)  # fail before minutes of export, not after
+        check_target(a.out, a.force, a.artifacts)  # fail before minutes of export, not after
     check_out_dir(a.artifacts, "--artifacts")
     record_source(a.artifacts, source_record(ckpt, data, verify))
     ran = ["lite"] + (["torchscript"] if a.torchscript else [])
