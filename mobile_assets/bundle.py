@@ -223,13 +223,31 @@ def size_advice(sizes: dict[str, int]) -> str | None:
     return advice
 
 
-def _samples(records: Sequence[dict[str, Any]], artifacts_dir: Path) -> list[Sample]:
+def _samples(records: Sequence[dict[str, Any]], artifacts_dir: Path, recorded_data: str | None,
+             data: Path | None) -> list[Sample] | None:
+    """The images the artifacts were verified on; where they are gone, the same files under `data` (the data
+    moved, or the export was copied to another machine); None where `data` is given and lacks them too."""
     samples = [Sample(Path(r["path"]), int(r["label"])) for r in records]
     missing = [str(s.path) for s in samples if not s.path.is_file()]
-    if missing:
+    if not missing:
+        return samples
+    if data is None:
         raise BundleError(f"{artifacts_dir}/artifacts.json: {len(missing)} verification images are gone (e.g. "
                           f"{missing[0]}); pass --data with the images, or export again")
-    return samples
+    old_root, new_root = _folder_of(Path(recorded_data or "")), _folder_of(data)
+    moved = [Sample(new_root / s.path.relative_to(old_root), s.label) if s.path.is_relative_to(old_root) else s
+             for s in samples]
+    if all(s.path.is_file() for s in moved):
+        log.info("the verification images are gone from %s; using the same files under %s", old_root, new_root)
+        return moved
+    log.warning("%d verification images are gone (e.g. %s) and not under --data %s: the test vectors are val "
+                "images of --data instead", len(missing), missing[0], data)
+    return None
+
+
+def _folder_of(data: Path) -> Path:
+    """The folder image paths are under: --data itself, or a labels CSV's folder."""
+    return data.parent if data.suffix.lower() == ".csv" else data
 
 
 def bundle_images(artifacts_dir: Path, source: dict[str, Any], data: Path | None,
@@ -239,7 +257,7 @@ def bundle_images(artifacts_dir: Path, source: dict[str, Any], data: Path | None
     from train.data import DataError, labelled_splits, seeded_subset
 
     spec = PreprocessSpec.from_dict(source["spec"])
-    vectors = _samples(source.get("eval_images") or [], artifacts_dir)
+    vectors = _samples(source.get("eval_images") or [], artifacts_dir, source.get("data"), data)
     data = data or (Path(source["data"]) if source.get("data") and Path(source["data"]).exists() else None)
     if data is None:
         return vectors, vectors or None, {"data": "the verification images in artifacts.json", "split": "val"}

@@ -29,6 +29,13 @@ def built(tmp_path_factory, tiny_checkpoint, synthetic_data):
     return root / "artifacts", root / "bundle"
 
 
+def _spec_of(artifacts_dir):
+    from export.manifest import read_source
+    from train.spec import PreprocessSpec
+
+    return PreprocessSpec.from_dict(read_source(artifacts_dir)["spec"])
+
+
 def _copy_bundle(src, dest):
     shutil.copytree(src, dest)
     return dest
@@ -202,6 +209,27 @@ def test_the_export_folder_is_refused_as_the_bundle_folder(built, tmp_path, tiny
                       str(fresh), "--out", str(fresh)]) == 2
     assert "is an export folder" in capsys.readouterr().err and not list(fresh.glob("model*"))
 
+
+def test_verification_images_that_moved_are_found_under_data(built, synthetic_data, tmp_path):
+    """The export copied to another machine, or the data folder renamed: the error said to pass --data, and with
+    --data it said the same. The recorded images are now looked up under --data by their path in the old folder."""
+    art, _ = built
+    export = tmp_path / "artifacts"
+    shutil.copytree(art, export)
+    doc = json.loads((export / "artifacts.json").read_text())
+    old, gone = str(synthetic_data), str(tmp_path / "gone" / "data")
+    doc["source"]["data"] = gone
+    for r in doc["source"]["eval_images"]:
+        r["path"] = r["path"].replace(old, gone)
+    (export / "artifacts.json").write_text(json.dumps(doc))
+    with pytest.raises(bundle.BundleError, match="verification images are gone .* pass --data with the images"):
+        bundle.write_bundle(export, tmp_path / "b0", include=["ptl_fp32"], test_vectors=1)
+    moved = shutil.copytree(synthetic_data, tmp_path / "moved" / "data")
+    bundle.write_bundle(export, tmp_path / "b1", data=moved, include=["ptl_fp32"], test_vectors=2)
+    spec = _spec_of(export)
+    recorded = [load_unit_image(r["path"].replace(gone, str(moved)), spec) for r in doc["source"]["eval_images"]]
+    first = np.fromfile(tmp_path / "b1" / "test_vectors" / "vector_00.bin", dtype="<f4").reshape(recorded[0].shape)
+    assert any(np.array_equal(first, x) for x in recorded)  # a verification image, found where it moved
 
 def test_no_verified_model_for_this_checkpoint(built, ckpt, tmp_path):
     from export.manifest import ManifestError, read_manifest, record_source
