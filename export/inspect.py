@@ -124,10 +124,13 @@ def render(info: dict[str, Any]) -> str:
              f"sha256 {info['sha256'][:16]}..."]
     lines += [f"  {k}: {v}" for k, v in info["summary"].items() if k not in ("files", "operators")]
     if meta:
-        lines.append(f"  metadata: {meta['artifact']}, classes {meta['classes']}, input {meta['input']['shape']} "
-                     f"{meta['input']['layout']} {meta['input']['dtype']} in {meta['input']['value_range']}, "
+        given = meta["input"]
+        shown = f"{given['shape']} {given['layout']} {given['dtype']}" + (
+            f" in {given['value_range']}" if given.get("value_range") is not None else "")
+        lines.append(f"  metadata: {meta['artifact']}, classes {meta['classes']}, input {shown}, "
                      f"normalization inside (mean {meta['normalization_inside_model']['mean']}), from checkpoint "
                      f"{str(meta['source_checkpoint_sha256'])[:12]}, toolkit {meta['toolkit_version']}, {meta['created']}")
+        lines.append(f"  outputs: {meta['outputs']}")
     else:
         lines.append(f"  note: {info['note']}")
     for c in info["manifest_checks"]:

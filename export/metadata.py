@@ -36,22 +36,48 @@ def toolkit_version() -> str:
 def embedded_metadata(ckpt: Checkpoint, name: str, layout: str | None = None) -> dict[str, Any]:
     """The dict embedded in entry `name`'s file (`layout` when an option changed the registered one)."""
     spec, v = ckpt.spec, variant(name)
-    layout = (layout or v.layout).upper()
-    n, c, h, w = spec.input_shape
+    inputs, outputs = io_contract(spec, name, layout)
     return {
         "toolkit": "cxr-mobile-export", "toolkit_version": toolkit_version(),
         "artifact": name, "format": format_of(name).name, "precision": v.precision,
         "classes": list(spec.class_names),
-        "input": {"shape": [n, h, w, c] if layout == "NHWC" else [n, c, h, w], "layout": layout, "dtype": "float32",
-                  "value_range": [0.0, 1.0], "resize": spec.resize, "size": spec.input_size,
-                  "colour": "grayscale radiograph repeated in 3 channels"},
+        "input": inputs,
         "normalization_inside_model": {"mean": list(spec.mean), "std": list(spec.std),
                                        "contrast_stretch": spec.contrast_stretch},
-        "outputs": "logits in the order of classes; softmax for probabilities",
+        "outputs": outputs,
         "source_checkpoint_sha256": ckpt.sha256,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "notice": RESEARCH_NOTICE,
     }
+
+
+def io_contract(spec: Any, name: str, layout: str | None = None) -> tuple[dict[str, Any], str]:
+    """What entry `name`'s file takes and returns. Most take the float tensor of the spec's preprocessing and
+    return logits; CoreML takes an image and adds a classifier, TorchServe takes encoded image bytes and answers
+    JSON, and the int8 .tflite returns int8 logits."""
+    v = variant(name)
+    layout = (layout or v.layout).upper()
+    n, c, h, w = spec.input_shape
+    tensor = {"shape": [n, h, w, c] if layout == "NHWC" else [n, c, h, w], "layout": layout, "dtype": "float32",
+              "value_range": [0.0, 1.0], "resize": spec.resize, "size": spec.input_size,
+              "colour": "grayscale radiograph repeated in 3 channels"}
+    logits = "logits in the order of classes; softmax for probabilities"
+    if v.runtime == "coreml":
+        return ({**tensor, "layout": "image", "dtype": "RGB image (CVPixelBuffer, 8 bits per channel)",
+                 "value_range": [0, 255], "colour": "any RGB image; scaled by 1/255 and made gray inside the model"},
+                "classLabel (the most probable class), classLabel_probs (class -> softmax probability) and "
+                "logits (float32, in the order of classes)")
+    if v.runtime == "torchserve":
+        return ({"shape": "one image per request", "layout": "encoded image",
+                 "dtype": "PNG or JPEG bytes (the request body, or multipart field 'data' or 'body')",
+                 "value_range": None, "resize": spec.resize, "size": spec.input_size,
+                 "colour": "grayscale or colour; the handler decodes, makes gray and resizes as the spec says"},
+                'JSON {"label": the most probable class, "probabilities": {class: softmax probability}}')
+    if v.runtime == "litert" and v.is_int8:
+        return tensor, ("int8 logits in the order of classes: logit = scale * (q - zero_point) with the output "
+                        "tensor's quantization parameters; dequantize before softmax (the top class needs no "
+                        "dequantizing)")
+    return tensor, logits
 
 
 def to_json(meta: dict[str, Any]) -> str:

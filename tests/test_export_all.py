@@ -69,7 +69,16 @@ def test_every_registered_file_exports_runs_and_is_recorded(exported, name, expo
     embedded = importlib.import_module(format_of(name).module).read_metadata(path)
     assert embedded == entry.details["embedded_metadata"] and embedded["artifact"] == name
     assert embedded["classes"] == list(ckpt.spec.class_names) and embedded["precision"] == v.precision
-    assert embedded["input"]["layout"] == v.layout and embedded["source_checkpoint_sha256"] == ckpt.sha256
+    assert embedded["source_checkpoint_sha256"] == ckpt.sha256
+    given = embedded["input"]  # what the file takes and returns, as the file itself does
+    if v.runtime == "coreml":  # an image input (ImageType, scale 1/255) and a classifier
+        assert (given["layout"], given["value_range"]) == ("image", [0, 255]) and "classLabel" in embedded["outputs"]
+    elif v.runtime == "torchserve":  # a served archive: encoded image bytes in, JSON out
+        assert given["dtype"].startswith("PNG or JPEG bytes") and embedded["outputs"].startswith("JSON")
+    else:
+        assert (given["layout"], given["dtype"], given["value_range"]) == (v.layout, "float32", [0.0, 1.0])
+        output = (entry.details.get("graph") or {}).get("output") or {}
+        assert ("dequantize before softmax" in embedded["outputs"]) == (output.get("dtype") == "int8")
     if v.runtime not in RUNNERS:  # served: checked through its own handler at export
         assert entry.verification["runtime"] == "torchserve handler" and entry.verification["n_images"] >= 1
         return
