@@ -114,7 +114,8 @@ def read_metadata(path: Path) -> dict[str, Any] | None:
 def describe(path: Path) -> dict[str, Any]:
     """Inputs and outputs with their fixed shapes, as ONNX Runtime loads them."""
     s = _session(path)
-    return {"format": "ORT (flatbuffer)",
+    kind = "ORT (flatbuffer)" if path.suffix == ".ort" else "ONNX (protobuf), batch fixed for phone accelerators"
+    return {"format": kind,
             "inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in s.get_inputs()],
             "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in s.get_outputs()]}
 

@@ -32,6 +32,8 @@ def test_batch_is_fixed_at_one_and_a_larger_batch_runs_image_by_image(exported, 
         assert runner.model.get_inputs()[0].shape == [1, 3, 32, 32]
         assert np.abs(runner.run(x) - ref).max() <= 1e-4  # 4 images, one at a time
     assert (out / "model_int8.ort").stat().st_size < 0.3 * (out / "model.ort").stat().st_size
+    assert om.describe(out / "model.ort")["format"] == "ORT (flatbuffer)"  # the bundled .onnx files were called so
+    assert om.describe(out / "model_mobile.onnx")["format"].startswith("ONNX (protobuf)")
 
 
 def test_ort_files_come_with_the_operator_config_and_their_own_verdicts(exported):
