@@ -52,14 +52,23 @@ def check_files(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
                 raise BundleError(
                     f"{path}: its line endings were turned into CRLF after bundling (git's core.autocrlf on "
                     f"Windows, or an editor), so an app reads every label with a trailing '\\r'. Tell git the "
-                    f"bundle's files are not text, a line `{bundle_dir.as_posix()}/** -text` in .gitattributes, "
-                    f"and copy the bundle again")
+                    f"bundle's files are not text, {_gitattributes_line(bundle_dir)}, and copy the bundle again")
             raise BundleError(f"{path}: its sha256 differs from manifest.json ({size} bytes, the manifest says "
                               f"{f['size_bytes']}): changed or cut short after bundling (a git LFS pointer is a few "
                               f"hundred bytes); copy it again from the bundle")
     listed = {f["path"] for f in manifest["files"]} | {"manifest.json"}
     return sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
                   if p.is_file() and p.relative_to(bundle_dir).as_posix() not in listed)
+
+
+def _gitattributes_line(bundle_dir: Path) -> str:
+    """Where and what to write: .gitattributes patterns are relative to the repository, not to where --check ran."""
+    folder = bundle_dir.resolve()
+    repo = next((d for d in (folder, *folder.parents) if (d / ".git").exists()), None)
+    if repo is None:
+        return "a line `assets/cxr/** -text` (the bundle's folder from your app repository's root) in its .gitattributes"
+    rel = folder.relative_to(repo).as_posix()
+    return f"a line `{rel + '/' if rel != '.' else ''}** -text` in {repo / '.gitattributes'}"
 
 
 def _crlf_converted(path: Path, sha256: str) -> bool:

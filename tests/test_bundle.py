@@ -424,7 +424,11 @@ def test_check_replays_a_copied_bundle_and_names_what_is_wrong(built, tmp_path, 
     (app / "labels.txt").write_bytes(labels.replace(b"\n", b"\r\n"))
     assert bundle_main(["--check", str(app)]) == 2
     err = capsys.readouterr().err
-    assert "labels.txt: its line endings were turned into CRLF" in err and "** -text` in .gitattributes" in err
+    assert "labels.txt: its line endings were turned into CRLF" in err and "a line `assets/cxr/** -text` (the " \
+        "bundle's folder from your app repository's root)" in err
+    (tmp_path / ".git").mkdir()  # the app's repository: its .gitattributes patterns are relative to its root
+    assert bundle_main(["--check", str(app)]) == 2
+    assert f"a line `assets/cxr/** -text` in {tmp_path / '.gitattributes'}" in capsys.readouterr().err
     (app / "labels.txt").unlink()
     assert bundle_main(["--check", str(app)]) == 2
     assert "labels.txt: listed in manifest.json but missing; copy the whole bundle folder" in capsys.readouterr().err
