@@ -60,7 +60,8 @@ def test_class_count_mismatch(tiny_checkpoint, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(load_checkpoint(tiny_checkpoint).state_dict, plain)
     spec3 = PreprocessSpec(class_names=("a", "b", "c"), input_size=32)
-    with pytest.raises(CheckpointError, match="4 outputs but there are 3 class names.*--classes"):
+    with pytest.raises(CheckpointError, match="4 outputs but there are 3 class names.*python -m train.convert "
+                                              "--weights .*plain.pt --out runs/imported/best.pt --classes NAME"):
         load_checkpoint(plain, spec3)
 
 

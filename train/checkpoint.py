@@ -104,7 +104,9 @@ def _check_head(state: dict[str, torch.Tensor], spec: PreprocessSpec, path: Path
     if n_out != spec.num_classes:
         raise CheckpointError(
             f"{path}: the model has {n_out} outputs but there are {spec.num_classes} class names "
-            f"{list(spec.class_names)}; pass --classes with {n_out} names in output order"
+            f"{list(spec.class_names)}; convert it once with its {n_out} class names in output order, "
+            f"`python -m train.convert --weights {path} --out runs/imported/best.pt --classes NAME ...` (and "
+            f"--size/--mean/--std as its training used), and pass that checkpoint"
         )
 
 
