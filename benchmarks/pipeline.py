@@ -26,6 +26,7 @@ from train.errors import ToolkitError, cli_errors
 log = logging.getLogger(__name__)
 
 OWNED = ("data", "run", "artifacts", "mobile_assets", "reports", "pipeline.json", "pipeline.md")
+MARKER = ".pipeline-run"  # written first: a folder holding it (or pipeline.json) is a pipeline run's
 
 
 class PipelineError(ToolkitError, ValueError):
@@ -157,6 +158,9 @@ def prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out} is a file; choose a folder")
     present = [n for n in OWNED if (out / n).exists()]
+    if present and not ((out / MARKER).exists() or (out / "pipeline.json").exists()):
+        raise PipelineError(f"--out {out} holds {', '.join(present)}, which no pipeline run wrote there (it has no "
+                            f"pipeline.json); the pipeline would replace them: choose another --out")
     if present and not force:
         raise PipelineError(f"--out {out} already holds a pipeline run ({', '.join(present)}); pass --force to "
                             f"replace it or choose another --out")
@@ -164,6 +168,8 @@ def prepare_out(out: Path, force: bool) -> None:
         p = out / n
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("python -m benchmarks.pipeline writes and replaces data/, run/, artifacts/, "
+                              "mobile_assets/, reports/ and pipeline.{json,md} in this folder\n")
 
 
 def run_pipeline(out: Path = Path("runs/demo"), *, epochs: int = 2, per_class: int = 40, input_size: int = 64,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import shutil
+
 import pytest
 
 from benchmarks import pipeline
@@ -73,13 +75,23 @@ def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
     _fake_stages(monkeypatch, [])
     out = tmp_path / "demo"
     (out / "artifacts").mkdir(parents=True)
+    (out / "data" / "COVID").mkdir(parents=True)  # a project folder with the user's own data/: not a run's
+    (out / "data" / "COVID" / "x.png").write_bytes(b"the user's image")
     (out / "keep.txt").write_text("user file")
+    for force in ([], ["--force"]):
+        assert main(["--out", str(out), "--quiet", *force]) == 2
+        assert "holds data, artifacts, which no pipeline run wrote there" in capsys.readouterr().err
+    assert (out / "data" / "COVID" / "x.png").exists()  # --force deleted it
+    shutil.rmtree(out / "data")
+    (out / "pipeline.json").write_text("{}")  # an earlier run's
     with pytest.raises(PipelineError, match="--force"):
         run_pipeline(out, progress=False)
     assert main(["--out", str(out), "--quiet"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["--out", str(out), "--force", "--quiet"]) == 1  # the fake export stage fails
     assert (out / "keep.txt").read_text() == "user file"  # --force removes only the pipeline's outputs
+    (out / "pipeline.json").unlink()  # a run stopped before it wrote pipeline.json is known by its marker
+    assert main(["--out", str(out), "--force", "--quiet"]) == 1
 
 
 def test_bad_settings_name_the_flag(tmp_path, capsys):
