@@ -55,6 +55,11 @@ def write_onnx(model: nn.Module, spec: PreprocessSpec, dest: str | Path, opset: 
     with atomic_path(dest) as tmp:
         program.save(str(tmp), external_data=False)
         proto = onnx.load(str(tmp))
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:  # torch's exporter falls back to what it wrote, with a warning lost in its log
+            raise ExportError(f"--opset {opset}: torch {torch.__version__} wrote opset {written} and could not "
+                              f"convert this model to {opset}; pass --opset {written} or higher, or convert "
+                              f"model.onnx yourself with onnx.version_converter and check it in your runtime")
         onnx.checker.check_model(proto, full_check=True)
     return {"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "exporter": "torch.onnx dynamo",
             "onnx_version": onnx.__version__}

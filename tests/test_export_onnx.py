@@ -99,3 +99,12 @@ def test_failed_proof_leaves_no_file(tmp_path, ckpt, monkeypatch):
 def test_cli_bad_checkpoint_exits_2(tmp_path, capsys):
     code = xonnx.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a")])
     assert code == 2 and "missing.pt" in capsys.readouterr().err
+
+
+def test_an_opset_torch_cannot_write_fails_instead_of_being_recorded(tmp_path, ckpt, samples):
+    """torch's exporter writes opset 18 and up: with --opset 17 it kept 18 (a warning lost in its log), and the
+    manifest said 17, so a user targeting an older runtime shipped a file it cannot load."""
+    rows = {r.name: r for r in xonnx.export_onnx(ckpt, tmp_path, eval_samples=samples[0], int8=(), opset=17)}
+    assert rows["onnx_fp32"].status == "failed"
+    assert "--opset 17: torch" in rows["onnx_fp32"].error and "wrote opset 18" in rows["onnx_fp32"].error
+    assert not list(tmp_path.glob("*.onnx"))
