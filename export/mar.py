@@ -128,11 +128,15 @@ def run_archiver(staging: Path, export_dir: Path, version: str) -> Path:
 
 
 def sample_payloads(ckpt: Checkpoint, eval_samples: list[Sample] | None) -> tuple[list[bytes], str]:
-    """Image bytes to verify with: the PNG/JPEG eval files as they are, else generated PNG/JPEG
-    (grayscale and RGB, several sizes), labelled as generated."""
-    files = [Path(s.path) for s in eval_samples or [] if Path(s.path).suffix.lower() in (".png", ".jpg", ".jpeg")]
+    """Image bytes to verify with: the eval images, PNG/JPEG files as they are and the other kinds the toolkit
+    reads (BMP, TIFF, GIF, WebP) as a client would send them, re-encoded as PNG; without eval images, generated
+    PNG/JPEG (grayscale and RGB, several sizes), labelled as generated."""
+    files = [Path(s.path) for s in eval_samples or []]
     if files:
-        return [f.read_bytes() for f in files], f"{len(files)} real PNG/JPEG files"
+        as_is = [f for f in files if f.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        payloads = [f.read_bytes() if f in as_is else _png_bytes(f) for f in files]
+        again = f", {len(files) - len(as_is)} of them re-encoded as PNG" if len(as_is) < len(files) else ""
+        return payloads, f"{len(files)} real image files{again}"
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -144,6 +148,20 @@ def sample_payloads(ckpt: Checkpoint, eval_samples: list[Sample] | None) -> tupl
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format=fmt)
         out.append(buf.getvalue())
     return out, f"{len(out)} GENERATED random PNG/JPEG images (grayscale and RGB; no --data given)"
+
+
+def _png_bytes(path: Path) -> bytes:
+    """An image the server would refuse (it reads PNG and JPEG) as the PNG a client would send instead."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        img = spec_module.upright(img)
+        if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+            img = spec_module.to_gray8(img)  # float or 32-bit: the 8-bit gray the model reads
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def reference_probs(ckpt: Checkpoint, payloads: list[bytes]) -> np.ndarray:
@@ -242,7 +260,7 @@ def export_mar(ckpt: Checkpoint, out_dir: Path, *, eval_samples: list[Sample] | 
     details: dict[str, Any] = {}
 
     def write(part: Path) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix=".mar-build-", dir=out_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".mar-build-", suffix=".partial", dir=out_dir) as tmp:
             staging = Path(tmp)
             details.update(stage_files(ckpt, staging, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
                                        workers=workers, threads=threads))

@@ -77,6 +77,45 @@ def test_archive_checked_on_generated_images_is_only_exported(tiny_checkpoint, t
     assert entry.verification["max_prob_diff"] <= TOL and (tmp_path / MAR_FILE).is_file()
 
 
+def test_real_images_of_other_kinds_are_sent_as_png_not_replaced_by_generated_ones(tiny_checkpoint, synthetic_index,
+                                                                                  tmp_path):
+    """Eval images as BMP or TIFF (which the toolkit reads): the check sent 8 generated images instead and the
+    archive was still recorded as verified on real images. They are sent as the PNG a client would send."""
+    from PIL import Image
+
+    from export.mar import sample_payloads
+    from train.data import Sample, seeded_subset
+
+    samples = []
+    for i, s in enumerate(seeded_subset(synthetic_index.samples, 3)):
+        dest = tmp_path / f"{i}.{('bmp', 'tif', 'png')[i]}"
+        Image.open(s.path).save(dest)
+        samples.append(Sample(dest, s.label))
+    payloads, said = sample_payloads(load_checkpoint(tiny_checkpoint), samples)
+    assert said == "3 real image files, 2 of them re-encoded as PNG" and payloads[2] == samples[2].path.read_bytes()
+    for data, s in zip(payloads, samples):
+        assert data.startswith(b"\x89PNG") and np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
+                                                              np.asarray(Image.open(s.path)))
+
+
+def test_the_archive_is_built_where_a_killed_worker_s_leftovers_are_cleaned(tiny_checkpoint, tmp_path, monkeypatch):
+    """A worker killed mid-build (the export's other job failing, a Ctrl-C) cannot clean up; the export removes
+    what atomic writes leave (`.*.partial*`), and the build folder, 86 MB at 224 px, was not named so."""
+    import export.mar as mar
+    from train.atomic import remove_partials
+
+    seen = []
+
+    def killed(staging, *a, **k):
+        seen.append((staging.name, remove_partials(tmp_path)))  # what the export's cleanup would remove
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(mar, "run_archiver", killed)
+    [entry] = export_mar(load_checkpoint(tiny_checkpoint), tmp_path, eval_samples=None)
+    [(build, removed)] = seen
+    assert entry.status == "failed" and build.startswith(".mar-build-") and removed == [build]
+
+
 def test_archive_is_verified_and_carries_the_spec_code(archive):
     ckpt, out, entry = archive
     assert entry.status == "verified", entry.error
