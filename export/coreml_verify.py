@@ -215,19 +215,31 @@ def verify_package(path: Path, graph: Any, spec: PreprocessSpec, variant: str, x
               "variant": variant,
               "passed": True, "interface": interface, "weights": weights,
               "drift_estimate": drift(graph, rebuilt, x, ref, labels)}
-    for k in ("n_images", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "max_prob_change"):
+    for k in FIGURES:
         result[k] = result["drift_estimate"][k]
     if platform.system() == "Darwin":
-        result.update(_predict_on_mac(path, x, ref))
+        result.update(_predict_on_mac(path, x, ref, result["drift_estimate"]))
     return result
 
 
-def _predict_on_mac(path: Path, x: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+FIGURES = ("n_images", "max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "max_prob_change")
+
+
+def _predict_on_mac(path: Path, x: np.ndarray, ref: np.ndarray, estimate: dict[str, Any]) -> dict[str, Any]:
+    """CoreML's own predict, held to the float16 estimate of the same package: its top-1 agreement with the float
+    model may fall short of the estimate's by one image (1% on large sets; other kernels round otherwise), not
+    more. Its figures become the entry's."""
     from export.runners import get_runner
 
     try:
         out = get_runner("coreml").load(path).run(x)
     except Exception as err:  # a mac without the CoreML framework, or an OS too old for the target
         return {"coreml_predict": f"failed: {type(err).__name__}: {err}"}
+    got = compare_logits(ref, out)
+    slack = max(1 / len(ref), 0.01)
+    if got["top1_agreement"] < estimate["top1_agreement"] - slack:
+        raise ExportError(f"{path.name}: CoreML's predict agrees with the float model's top class on "
+                          f"{got['top1_agreement']:.3f} of {len(ref)} images, the package's float16 estimate on "
+                          f"{estimate['top1_agreement']:.3f}: the package does not compute what was converted")
     return {"method": "executed in CoreML (macOS) and by weight reconstruction", "executed": True,
-            "label": "verified by CoreML predict on macOS", "coreml_predict": compare_logits(ref, out)}
+            "label": "verified by CoreML predict on macOS", "coreml_predict": got, **{k: got[k] for k in FIGURES}}

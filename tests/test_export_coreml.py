@@ -111,6 +111,39 @@ def test_tampered_source_fails_verification(exported, ckpt):
         verify_package(out / rows["coreml_fp16"].path, graph, ckpt.spec, "fp16", x, np.zeros((1, 4)), "t", None)
 
 
+def test_on_macos_coreml_s_own_predict_is_held_to_the_estimate(exported, ckpt, eval_samples, monkeypatch):
+    """On a Mac the package runs in CoreML: its predict was recorded but held to nothing, and the entry kept the
+    Linux estimate's figures, so a package that predicts wrongly was 'verified' with good-looking numbers. (Linux
+    cannot run CoreML: macOS and its runner are stood in for, with the float model's logits as CoreML's.)"""
+    import export.coreml_verify as cv
+    import export.runners as runners
+    from export.common import eval_inputs, reference_logits
+
+    out, rows = exported
+    inputs = eval_inputs(ckpt, eval_samples)
+    ref = reference_logits(ckpt, inputs.x)
+
+    class CoreMLGiving:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def load(self, path):
+            return self
+
+        def run(self, x):
+            return self.logits
+
+    monkeypatch.setattr(cv.platform, "system", lambda: "Darwin")
+    graph = xcm.CoreMLGraph(ckpt.build_deploy_model())
+    package = out / rows["coreml_fp16"].path
+    monkeypatch.setattr(runners, "get_runner", lambda name, **kw: CoreMLGiving(ref + 1e-3))
+    v = verify_package(package, graph, ckpt.spec, "fp16", inputs.x, ref, inputs, None)
+    assert v["executed"] and v["max_abs_logit_diff"] == pytest.approx(1e-3, rel=1e-3) and v["top1_agreement"] == 1.0
+    monkeypatch.setattr(runners, "get_runner", lambda name, **kw: CoreMLGiving(-ref))  # every top class wrong
+    with pytest.raises(xcm.ExportError, match="CoreML's predict agrees with the float model's top class on 0.000"):
+        verify_package(package, graph, ckpt.spec, "fp16", inputs.x, ref, inputs, None)
+
+
 def test_missing_library_is_a_failed_row(tmp_path, ckpt, monkeypatch):
     import builtins
 
