@@ -153,7 +153,8 @@ def sharded_eval(base: dict[str, Any], job_id: str, work: Path, settings: dict[s
     on its shard of the images, all at once. Logits are joined in image order; throughput is their sum."""
     from concurrent.futures import ThreadPoolExecutor
 
-    n = int(settings["threads_all"])
+    rows = np.load(base["images"], mmap_mode="r").shape[0]
+    n = max(1, min(int(settings["threads_all"]), rows))  # no worker without images (--max-images below cores)
     jobs = [{**base, "id": f"{job_id}-eval{k}", "phase": "eval", "shard": [k, n],
              "logits_out": str(work / f"{job_id}-{k}.logits.npy")} for k in range(n)]
     with ThreadPoolExecutor(n) as pool:  # the threads only wait on the worker processes

@@ -112,6 +112,10 @@ def test_a_runtime_that_gains_nothing_from_threads_is_scored_in_shards(artifacts
     assert res["eval_processes"] == 2 and res["throughput_images"] >= 7 and res["throughput_ips"] > 0
     expected = get_runner("onnxruntime", threads=1).load(artifacts / "model.onnx").run(images)
     np.testing.assert_allclose(np.load(tmp_path / "all.npy"), expected, atol=1e-5)  # shards joined in image order
+    np.save(tmp_path / "images.npy", images[:1])  # fewer images than cores (--max-images 1): a worker had none
+    res = sharded_eval(base, "t", tmp_path, {"threads_all": 2, "timeout": 300})
+    assert res.get("eval_processes") == 1, res
+    np.testing.assert_allclose(np.load(tmp_path / "all.npy"), expected[:1], atol=1e-5)
 
 
 def test_relative_paths_from_a_folder_outside_the_repo(artifacts, tiny_checkpoint, synthetic_data, tmp_path,
