@@ -163,7 +163,7 @@ def _cam(cam: int, ckpt, variants, eval_samples, out_dir: Path) -> tuple[str, di
     if target is None:
         return "\n## Grad-CAM float vs int8\n\nNo static int8 torch model was built.\n", {}
     torch_ao.set_engine(target.engine)
-    md, data = compare_float_int8(ckpt, target.module, eval_samples, out_dir / "cam", per_class=cam)
+    md, data = compare_float_int8(ckpt, target.module, eval_samples, out_dir, per_class=cam)  # beside report.md
     return md, {"int8_variant": target.name, **data}
 
 

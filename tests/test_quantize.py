@@ -116,6 +116,10 @@ def test_cam_comparison_is_appended(report):
     rep, out, _ = report
     assert rep["cam"]["int8_variant"] == "torch_static_int8_qnnpack" and "error" not in rep["cam"]
     assert "CAM" in (out / "report.md").read_text().split("## Gate")[1]
+    links = [line.split("](")[1].rstrip(")") for line in (out / "report.md").read_text().splitlines()
+             if line.startswith("![float vs int8 heatmaps](")]
+    assert links and all((out / link).is_file() for link in links)  # relative to report.md, as viewers read it
+    assert all((out / png).is_file() for png in rep["cam"]["pngs"]) and (out / rep["cam"]["grid"]).is_file()
 
 
 def test_calibration_uses_only_the_train_split(report, synthetic_data):
