@@ -177,9 +177,9 @@ def run_pipeline(out: Path = Path("runs/demo"), *, epochs: int = 2, per_class: i
                  progress: bool = True, formats: Sequence[str] | None = None) -> dict[str, Any]:
     """Every stage in order; returns and writes (<out>/pipeline.json, pipeline.md) the stage summary.
     `formats` (default every registered one) limits what the export stage writes."""
-    if epochs < 1 or per_class < 10 or input_size < 32:
-        raise PipelineError("--epochs must be >= 1, --per-class >= 10 (a split needs a few per class) and "
-                            "--input-size >= 32 (ResNet-18 downsamples 32x)")
+    if epochs < 1 or per_class < 10 or input_size < 32 or runs < 1:
+        raise PipelineError("--epochs must be >= 1, --per-class >= 10 (a split needs a few per class), "
+                            "--input-size >= 32 (ResNet-18 downsamples 32x) and --runs >= 1")
     if formats is not None:
         from export.registry import get_format
 

@@ -97,6 +97,8 @@ def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
 def test_bad_settings_name_the_flag(tmp_path, capsys):
     with pytest.raises(PipelineError, match="--input-size"):
         run_pipeline(tmp_path / "x", input_size=8, progress=False)
+    assert main(["--out", str(tmp_path / "r"), "--runs", "0", "--quiet"]) == 2  # not 2 minutes later, at the end
+    assert "--runs >= 1" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(["--out", str(tmp_path / "y"), "--formats", "onnx,tflite", "--quiet"]) == 2
     err = capsys.readouterr().err  # the file type a user types names the format that writes it
     assert "--formats tflite: unknown format; did you mean litert (it writes model.tflite, model_int8.tflite)? " \
