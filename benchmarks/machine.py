@@ -68,6 +68,7 @@ def machine_info() -> dict[str, Any]:
     mhz = float(info.get("cpu MHz", 0) or 0) or (freq.max or freq.current if freq else 0.0)
     fpc, assumption = flops_per_cycle(flags, info.get("vendor_id", ""), info.get("cpu family", ""))
     peak_core = mhz / 1000 * fpc if mhz else None
+    usable = usable_cores()  # the benchmark's all-core runs use these (affinity, a container's CPU quota)
     return {
         "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
         "machine": platform.machine(),
@@ -76,7 +77,7 @@ def machine_info() -> dict[str, Any]:
         "physical_cores": physical,
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical,
         "cpu_quota": cgroup.cpu_limit(),  # CPUs a container's quota allows (None: no quota)
-        "usable_cores": usable_cores(),
+        "usable_cores": usable,
         "cpu_mhz": round(mhz, 1) if mhz else None,
         "flags": sorted(f for f in INTERESTING_FLAGS if f in flags),
         "has_avx512": "avx512f" in flags,
@@ -85,7 +86,7 @@ def machine_info() -> dict[str, Any]:
         "fp32_flops_per_cycle": fpc,
         "peak_assumption": assumption,
         "peak_gflops_per_core": round(peak_core, 1) if peak_core else None,
-        "peak_gflops_all_cores": round(peak_core * physical, 1) if peak_core else None,
+        "peak_gflops_all_cores": round(peak_core * min(physical, usable), 1) if peak_core else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "libraries": library_versions(),
         "int8": cpu_description(),
