@@ -292,7 +292,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < least:
             raise ExportError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
-    ports = {"inference": args.inference_port, "management": args.management_port, "metrics": args.metrics_port}
+    ports = {"inference": args.inference_port, "management": args.management_port, "metrics": args.metrics_port,
+             "grpc_inference": args.grpc_inference_port, "grpc_management": args.grpc_management_port}
     return {"batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay, "workers": args.workers,
             "threads": args.threads, "serve_config": args.serve_config, "ports": ports,
             "enable_model_api": args.enable_model_api}
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inference-port", type=int, default=8080, help="127.0.0.1 port of the inference API")
     p.add_argument("--management-port", type=int, default=8081, help="127.0.0.1 port of the management API")
     p.add_argument("--metrics-port", type=int, default=8082, help="127.0.0.1 port of the metrics API")
+    p.add_argument("--grpc-inference-port", type=int, default=7070, help="127.0.0.1 port of the gRPC inference API")
+    p.add_argument("--grpc-management-port", type=int, default=7071,
+                   help="127.0.0.1 port of the gRPC management API")
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow registering/deleting models over the management API (off by default)")
     return run_cli(p, export_mar, argv, _options)

@@ -107,6 +107,11 @@ def request(port: int, method: str, path: str, body: bytes | None = None, token:
         conn.close()
 
 
+PORT_FLAGS = {"inference_address": "--inference-port", "management_address": "--management-port",
+              "metrics_address": "--metrics-port", "grpc_inference_port": "--grpc-inference-port",
+              "grpc_management_port": "--grpc-management-port"}  # python -m export.mar's flag for each port
+
+
 def configured_ports(config: dict[str, str]) -> dict[str, int]:
     """The TCP ports a config makes TorchServe listen on, by config key (workers use Unix sockets)."""
     ports = {key: _port(config[key]) for key in ("inference_address", "management_address", "metrics_address")
@@ -180,9 +185,10 @@ class TorchServe:
         busy = ports_in_use(configured_ports(self.config))
         if busy:
             taken = ", ".join(f"{HOST}:{port} ({key})" for key, port in busy.items())
+            flags = " ".join(f"{PORT_FLAGS[key]} N" for key in busy)
             raise ServeError(f"{taken} in {self.config_path} already in use by another process (another "
-                             f"TorchServe?): stop it, or write a config with free ports (python -m export.mar "
-                             f"--inference-port N --management-port N --metrics-port N) or edit the file")
+                             f"TorchServe?): stop it, or write a config with other ports (python -m export.mar "
+                             f"... {flags}) or edit the file")
         self.workdir.mkdir(parents=True, exist_ok=True)
         code, output = self._cli("--start", "--ncs", "--model-store", str(self.model_store),
                                  "--ts-config", str(self.config_path))

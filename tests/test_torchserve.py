@@ -242,16 +242,29 @@ def test_a_port_in_use_is_named_before_the_server_starts(archive, tmp_path):
     if check_available():
         pytest.skip(check_available())
     _, out, _ = archive
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = write_serve_config(tmp_path / "busy.properties", model_store=out,
-                                    ports={**free_ports(), "management": port})
-        ts = TorchServe(out, config, tmp_path / "work")
-        with pytest.raises(ServeError, match=f"127.0.0.1:{port} \\(management_address\\).*already in use"):
-            ts.start(timeout=30)
-    assert ts.java_pid is None and not (tmp_path / "work").exists()
+    for key, setting, flag in (("management", "management_address", "--management-port"),
+                               ("grpc_inference", "grpc_inference_port", "--grpc-inference-port")):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config = write_serve_config(tmp_path / "busy.properties", model_store=out,
+                                        ports={**free_ports(), key: port})
+            ts = TorchServe(out, config, tmp_path / "work")
+            with pytest.raises(ServeError, match=f"127.0.0.1:{port} \\({setting}\\).*already in use.*"
+                                                 f"python -m export.mar ... {flag} N\\)"):
+                ts.start(timeout=30)
+        assert ts.java_pid is None and not (tmp_path / "work").exists()
+    # the gRPC ports (another TorchServe's defaults, 7070 and 7071) can be chosen like the others
+    import argparse
+
+    from export.mar import _options
+
+    ports = _options(argparse.Namespace(batch_size=8, max_batch_delay=20, workers=1, threads=1, serve_config=None,
+                                        enable_model_api=False, inference_port=1, management_port=2,
+                                        metrics_port=3, grpc_inference_port=17070, grpc_management_port=17071))["ports"]
+    config = read_config(write_serve_config(tmp_path / "chosen.properties", model_store=out, ports=ports))
+    assert (config["grpc_inference_port"], config["grpc_management_port"]) == ("17070", "17071")
 
 
 @pytest.mark.torchserve
