@@ -58,6 +58,7 @@ def io_contract(spec: Any, name: str, layout: str | None = None) -> tuple[dict[s
     v = variant(name)
     layout = (layout or v.layout).upper()
     n, c, h, w = spec.input_shape
+    n = "batch" if v.batch == "dynamic" else int(v.batch)  # a file that takes any batch says so
     tensor = {"shape": [n, h, w, c] if layout == "NHWC" else [n, c, h, w], "layout": layout, "dtype": "float32",
               "value_range": [0.0, 1.0], "resize": spec.resize, "size": spec.input_size,
               "colour": "grayscale radiograph repeated in 3 channels"}

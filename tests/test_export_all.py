@@ -77,6 +77,7 @@ def test_every_registered_file_exports_runs_and_is_recorded(exported, name, expo
         assert given["dtype"].startswith("PNG or JPEG bytes") and embedded["outputs"].startswith("JSON")
     else:
         assert (given["layout"], given["dtype"], given["value_range"]) == (v.layout, "float32", [0.0, 1.0])
+        assert given["shape"][0] == ("batch" if v.batch == "dynamic" else 1)  # as the file takes it
         output = (entry.details.get("graph") or {}).get("output") or {}
         assert ("dequantize before softmax" in embedded["outputs"]) == (output.get("dtype") == "int8")
     if v.runtime not in RUNNERS:  # served: checked through its own handler at export
