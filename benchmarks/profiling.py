@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmarks.report import write_md_and_json
-from export.manifest import ManifestError, entries, read_source
+from export.manifest import ManifestError, entries, read_source, verify_file
 from export.registry import variant
 from train.atomic import check_writable_dir
 from train.errors import ToolkitError
@@ -58,8 +58,8 @@ def profile_each(artifacts: Path, runtime: str, what: str, profile: Callable[...
                            f"`python -m export` first")
     x, described = first_input(artifacts, chosen[0].details["spec"])
     out = {}
-    for e in chosen:
-        out[e.name] = {"file": e.path, **profile(artifacts / e.path, x, runs, threads)}
+    for e in chosen:  # each file as artifacts.json records it: a missing or changed one is named, not profiled
+        out[e.name] = {"file": e.path, **profile(verify_file(artifacts, e), x, runs, threads)}
         ms = out[e.name].get("forward_ms", out[e.name].get("run_ms"))
         print(f"{e.name}: {ms} ms per run (median)", flush=True)
     return out, described

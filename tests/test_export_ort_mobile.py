@@ -87,6 +87,18 @@ def test_ort_profile_shows_the_graph_onnx_runtime_runs(exported, tmp_path):
     assert "| QLinearConv | 20 |" in (tmp_path / "prof" / "profile.md").read_text()
 
 
+def test_ort_profile_names_a_missing_file(exported, tmp_path, capsys):
+    """A file artifacts.json lists but the folder lost: ONNX Runtime's raw NoSuchFile traceback before."""
+    import shutil
+
+    from benchmarks.ort_profile import main
+
+    out = shutil.copytree(exported[0], tmp_path / "art")
+    (out / "model.ort").unlink()
+    assert main(["--artifacts", str(out), "--out", str(tmp_path / "prof"), "--runs", "1"]) == 2
+    assert "model.ort is missing; export it again" in capsys.readouterr().err
+
+
 def test_reuses_this_exports_onnx_files_when_they_are_the_same_recipe(tmp_path, ckpt, export_samples):
     """After `python -m export`'s onnx format, the mobile int8 is model_int8_static.onnx with its batch fixed:
     the same integers, no second calibration. A fresh folder quantizes on its own."""
