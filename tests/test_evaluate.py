@@ -53,6 +53,20 @@ def test_metrics_known_case():
     assert m["loss"] == pytest.approx(-(7 * np.log(p_true) + 3 * np.log(p_wrong)) / 10, rel=1e-6)
 
 
+def test_macro_f1_averages_the_classes_the_split_has():
+    """A split without images of class C: C has no F1; averaged in as 0 it took a third off macro-F1."""
+    y = [0, 0, 1, 1]
+    logits = np.eye(3, dtype=np.float32)[y] * 5
+    m = classification_metrics(y, logits, NAMES)
+    assert m["macro_f1"] == 1.0 and m["macro_classes"] == ["A", "B"] and m["per_class"]["C"]["support"] == 0
+    md = evaluate.render_markdown({"metrics": m, "spec": {"class_names": NAMES, "input_size": 32, "resize": "bilinear",
+                                                          "contrast_stretch": False},
+                                   "checkpoint": "c.pt", "checkpoint_sha256": "0" * 64, "data": "d", "split": "val",
+                                   "synthetic_data": False, "skipped_images": [], "history": [],
+                                   "figures": {"confusion_matrix": "cm.png", "roc": "roc.png"}})
+    assert "macro-F1 1.0000 (over the 2 classes with images in this split)" in md
+
+
 def test_perfect_separation_auc_one():
     y = [0, 1, 2, 0, 1, 2]
     logits = np.eye(3, dtype=np.float32)[y] * 5

@@ -184,7 +184,9 @@ def render_markdown(r: dict[str, Any]) -> str:
               + f", {m['n']} images",
               f"- preprocessing: input {r['spec']['input_size']} px, resize {r['spec']['resize']}, "
               f"contrast stretch {r['spec']['contrast_stretch']}", "",
-              f"**Accuracy {m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, "
+              f"**Accuracy {m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}"
+              + (f" (over the {len(m['macro_classes'])} classes with images in this split)"
+                 if len(m.get("macro_classes", names)) < len(names) else "") + ", "
               f"macro one-vs-rest ROC AUC {_fmt(m['macro_auc'])}, mean cross-entropy {m['loss']:.4f}", "",
               "| class | precision | recall (sensitivity) | F1 | ROC AUC (one-vs-rest) | images |",
               "|---|---|---|---|---|---|"]
