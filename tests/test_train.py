@@ -106,6 +106,26 @@ def test_resume_continues_exactly(small_data, tmp_path):
         assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-4), k
 
 
+def test_a_diverging_run_stops_with_an_error_and_says_failed(small_data, tmp_path):
+    """--lr far too high: the val logits turned NaN and scikit-learn's ROC AUC raised a traceback, and
+    config.json said 'training' for good."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"training diverged in epoch 1: the model's outputs on the val images are "
+                                         r"not finite .* no checkpoint was saved .* lower --lr \(this run: 10000\)"):
+        train_model(small_data, run, **{**TINY, "optimizer": "sgd", "lr": 1e4, "evaluate": False})
+    assert json.loads((run / "config.json").read_text())["status"] == "failed"
+
+
+def test_the_run_s_report_plots_every_epoch_not_only_best_pt_s(small_data, tmp_path):
+    """The report evaluates best.pt, whose history ends at its own epoch: the curves stopped there, hiding the
+    epochs after it (where overfitting shows)."""
+    run = tmp_path / "run"
+    train_model(small_data, run, **{**TINY, "epochs": 3})
+    epochs = [h["epoch"] for h in json.loads((run / "history.json").read_text())]
+    plotted = [h["epoch"] for h in json.loads((run / "report" / "metrics.json").read_text())["history"]]
+    assert epochs == plotted == [1, 2, 3]
+
+
 def test_sampler_balance_and_sgd_cosine_layer4(small_data, tmp_path):
     best = train_model(small_data, tmp_path / "r", **dict(TINY, epochs=1), balance="sampler",
                        optimizer="sgd", schedule="cosine", freeze="layer4", evaluate=False)
@@ -143,6 +163,7 @@ def test_resume_from_a_folder_without_run_state_fails_naming_the_file(tmp_path, 
     (["--input-size", "8"], "input_size must be at least 16"),
     (["--val-frac", "2"], "--val-frac 2.0"),
     (["--workers", "-1"], "--workers must be 0"),
+    (["--stop-after", "0"], "--stop-after must be at least 1 epoch"),  # trained nothing, then said to resume
 ])
 def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys, flags, said):
     run = tmp_path / "run"

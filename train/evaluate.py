@@ -48,8 +48,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
                         out_dir: str | Path = Path("reports/evaluate"), explain_per_class: int = 0,
                         batch_size: int = 64, workers: int = 0, device: str = "auto",
                         progress: bool = True, data_root: str | Path | None = None,
-                        skip_bad: bool = False) -> dict[str, Any]:
-    """Predict every image of `split`, compute the metrics and write report.md, metrics.json and PNGs."""
+                        skip_bad: bool = False, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Predict every image of `split`, compute the metrics and write report.md, metrics.json and PNGs.
+    `history`: the training curves to plot (default: the checkpoint's, which for best.pt ends at its epoch)."""
     from train.checkpoint import load_checkpoint, training_split
     from train.distributed import resolve_device
     from train.metrics import classification_metrics, predict_logits, softmax
@@ -89,7 +90,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | DatasetIndex,
     metrics = classification_metrics(y, logits, names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = ckpt.meta.get("history") or []
+    history = history if history is not None else (ckpt.meta.get("history") or [])
     figures = _figures(out_dir, metrics, y, softmax(logits), names, history)
     result = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "data": str(given),
               "split_file": split_file,

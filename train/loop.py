@@ -56,6 +56,8 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
     run_state: on resume, out_dir's last.pt as read_run_state returned it, where the caller has read it already."""
     out_dir = Path(out_dir).resolve()
     cfg = {k: v for k, v in locals().items() if k in RUN_KEYS}
+    if stop_after is not None and stop_after < 1:
+        raise TrainError(f"--stop-after must be at least 1 epoch, got {stop_after}")
     check_writable_dir(out_dir)  # a run folder that cannot be written fails now, not at the first checkpoint
     require_free_space(out_dir, checkpoint_room(resume), f"the checkpoints of {out_dir}")
     if not resume:  # before the run folder exists: a mistyped setting or --data leaves nothing behind
@@ -222,29 +224,36 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
         _write_run_files(run, idx, generated, status="training")
     ddp_model = D.wrap(model, ctx)
     start = len(history)
-    for epoch in range(start, cfg["epochs"]):
-        if stop_after is not None and epoch - start >= stop_after:
-            log.info("stopping after %d epoch(s) as asked; continue with --resume", stop_after)
-            break
-        row = _train_epoch(ddp_model, loader, (criterion, opt, sched, scaler, dtype), ctx, epoch, cfg, progress)
-        D.broadcast_buffers(model, ctx)
-        val = _validate(model, idx.split("val"), spec, ctx, (workers, cfg["batch_size"], dtype), progress)
-        row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")},
-                   val_recall={c: m["recall"] for c, m in val["per_class"].items()})
-        history.append(row)
-        if val[BEST_METRIC] > best["score"]:
-            best = {"score": val[BEST_METRIC], "epoch": epoch + 1, "metrics": val}
-        _log_epoch(row, cfg["epochs"])
+    try:
+        for epoch in range(start, cfg["epochs"]):
+            if stop_after is not None and epoch - start >= stop_after:
+                log.info("stopping after %d epoch(s) as asked; continue with --resume", stop_after)
+                break
+            row = _train_epoch(ddp_model, loader, (criterion, opt, sched, scaler, dtype), ctx, epoch, cfg, progress)
+            D.broadcast_buffers(model, ctx)
+            val = _validate(model, idx.split("val"), spec, ctx, (workers, cfg["batch_size"], dtype), progress)
+            if val is None:
+                raise TrainError(_diverged(epoch + 1, row, cfg, best, out_dir))
+            row.update({f"val_{k}": val[k] for k in ("loss", "accuracy", "macro_f1")},
+                       val_recall={c: m["recall"] for c, m in val["per_class"].items()})
+            history.append(row)
+            if val[BEST_METRIC] > best["score"]:
+                best = {"score": val[BEST_METRIC], "epoch": epoch + 1, "metrics": val}
+            _log_epoch(row, cfg["epochs"])
+            if ctx.is_main:
+                _save(run, model, history, best, opt, sched, scaler, improved=best["epoch"] == epoch + 1)
+            D.barrier(ctx)
+    except Exception:  # config.json must not say "training" for a run that stopped
         if ctx.is_main:
-            _save(run, model, history, best, opt, sched, scaler, improved=best["epoch"] == epoch + 1)
-        D.barrier(ctx)
+            _write_run_files(run, idx, False, status="failed", history=history, best=best)
+        raise
     ddp_check = D.check_replicas(model, spec.input_size, ctx)
     best_path = out_dir / "best.pt"
     if ctx.is_main:
         done = len(history) >= cfg["epochs"]
         report = None
         if done and evaluate:
-            report = _final_report(best_path, idx, workers, progress, out_dir)
+            report = _final_report(best_path, idx, workers, progress, out_dir, history)
         _write_run_files(run, idx, False, status="finished" if done else "interrupted", history=history,
                          best=best, ddp_check=ddp_check, report=report)
     D.barrier(ctx)
@@ -324,7 +333,16 @@ def _validate(model, samples, spec, ctx: D.DistContext, loading: tuple[int, int,
     full = np.zeros((len(samples), spec.num_classes), dtype=np.float32)
     for ids, lg in parts:
         full[ids] = lg
+    if not np.isfinite(full).all():
+        return None  # diverged: no metric means anything
     return classification_metrics([s.label for s in samples], full, spec.class_names)
+
+
+def _diverged(epoch: int, row: dict[str, Any], cfg: dict[str, Any], best: dict[str, Any], out_dir: Path) -> str:
+    kept = (f"best.pt (epoch {best['epoch']}) and last.pt are kept" if best["epoch"] else "no checkpoint was saved")
+    return (f"training diverged in epoch {epoch}: the model's outputs on the val images are not finite (train loss "
+            f"{row['train_loss']:.4g}); {kept} in {out_dir}. Train again with a lower --lr (this run: {cfg['lr']:g})"
+            + (" or --amp bf16/off" if cfg.get("amp") == "fp16" else ""))
 
 
 def _log_epoch(row: dict[str, Any], epochs: int) -> None:
@@ -350,12 +368,13 @@ def _save(run: dict[str, Any], model, history, best, opt, sched, scaler, improve
                     run["out_dir"] / "last.pt")
 
 
-def _final_report(best_path: Path, idx, workers: int, progress: bool, out_dir: Path) -> dict[str, Any]:
+def _final_report(best_path: Path, idx, workers: int, progress: bool, out_dir: Path,
+                  history: list[dict[str, Any]]) -> dict[str, Any]:
     from train.evaluate import evaluate_checkpoint
 
     split = "test" if idx.split("test") else "val"
     result = evaluate_checkpoint(best_path, idx, split=split, out_dir=out_dir / "report", workers=workers,
-                                 progress=progress)
+                                 progress=progress, history=history)  # every epoch, not best.pt's up to its own
     log.info("report on the %s split: %s", split, out_dir / "report" / "report.md")
     return {"split": split, "path": str(out_dir / "report" / "report.md"),
             "accuracy": result["metrics"]["accuracy"], "macro_f1": result["metrics"]["macro_f1"]}
