@@ -540,6 +540,24 @@ def test_csv_rows_without_a_label_or_path_are_named_not_made_a_class(synthetic_d
     with pytest.raises(DataError, match=r"line 7: unknown label 'Tuberculosis'"):
         discover(tmp_path / "labels.csv", class_names=DEFAULT_CLASSES, data_root=synthetic_data)
 
+
+def test_a_runs_splits_csv_keeps_the_data_s_source_patient_and_cohort(synthetic_data, tmp_path):
+    """Explaining a run on the data it trained on reads the run's splits.csv, which kept only path, label and split:
+    the source and cohort audits said the data named none. A spreadsheet's CSV (byte-order mark, ';') gives the
+    cohorts as it gives the labels (the audit read it with plain csv and raised KeyError: 'path')."""
+    from train.data import assign_splits, write_splits_csv
+
+    rows = _rows(synthetic_data, False)
+    lines = ["path;label;Source;Cohort;Patient_ID"] + [f"{r['path']};{r['label']};site{i % 3};c{i % 2};p{i}"
+                                                       for i, r in enumerate(rows)]
+    (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    idx = discover(tmp_path / "labels.csv", data_root=synthetic_data)
+    assert [(s.source, s.cohort, s.patient) for s in idx.samples[:2]] == [("site0", "c0", "p0"), ("site1", "c1", "p1")]
+    write_splits_csv(assign_splits(idx), tmp_path / "splits.csv")
+    again = {s.path: s for s in discover(tmp_path / "splits.csv").samples}
+    assert all((again[s.path].source, again[s.path].cohort, again[s.path].patient) == (s.source, s.cohort, s.patient)
+               for s in idx.samples)
+
 def _corrupt(root: Path) -> tuple[Path, Path]:
     """One garbage file and one truncated PNG (a real image cut in half)."""
     garbage = root / "COVID" / "images" / "synthetic-garbage.png"

@@ -54,6 +54,7 @@ class Sample:
     split: str | None = None
     source: str | None = None
     patient: str | None = None  # from a CSV's patient column: a patient's images stay in one generated split
+    cohort: str | None = None  # from a CSV's cohort column (cxr4's): the explanation's per-cohort audit
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _read_csv(csv_path: Path, root: Path, class_names: Sequence[str] | None) -> 
                             f"{', '.join(k for k in SPLIT_NAMES if k not in SPLITS)})")
         patient = next((r[c] for c in PATIENT_COLUMNS if r.get(c)), None)
         samples.append(Sample(_csv_image_path(root, r["path"]), index[r["label"]], split, (r.get("source") or None),
-                              patient))
+                              patient, r.get("cohort") or None))
     return DatasetIndex(root, classes, samples, "csv")
 
 
@@ -551,12 +552,13 @@ def assign_splits(idx: DatasetIndex, seed: int = 0, val_frac: float = 0.15,
 def write_splits_csv(idx: DatasetIndex, dest: Path) -> None:
     from train.atomic import atomic_path
 
+    # the data's source, patient and cohort columns are kept: evaluations and explanations of the run read them
+    extra = [k for k in ("source", "patient", "cohort") if any(getattr(s, k) is not None for s in idx.samples)]
     with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        patients = any(s.patient is not None for s in idx.samples)  # kept, so evaluations can check them
-        w.writerow(["path", "label", "split", *(["patient"] if patients else [])])
+        w.writerow(["path", "label", "split", *extra])
         for s in idx.samples:
-            w.writerow([s.path, idx.class_names[s.label], s.split, *([s.patient or ""] if patients else [])])
+            w.writerow([s.path, idx.class_names[s.label], s.split, *(getattr(s, k) or "" for k in extra)])
 
 
 def check_images(idx: DatasetIndex, skip_bad: bool = False, progress: bool = True) -> DatasetIndex:

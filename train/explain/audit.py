@@ -3,7 +3,6 @@ of the accuracy the image's source (or cohort) alone could explain. Plain NumPy,
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import Counter
 from pathlib import Path
@@ -104,18 +103,6 @@ def group_table(samples: Sequence[Sample], preds: np.ndarray, groups: Sequence[s
     return dict(sorted(out.items()))
 
 
-def read_cohorts(index: DatasetIndex) -> dict[str, str] | None:
-    """path -> cohort from the dataset's labels.csv when it has a 'cohort' column (cxr4 does)."""
-    csv_path = index.root / "labels.csv"
-    if not index.layout.startswith("csv") or not csv_path.is_file():
-        return None
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if "cohort" not in (reader.fieldnames or []):
-            return None
-        return {str((index.root / r["path"]).resolve()): (r["cohort"] or "").strip() for r in reader}
-
-
 def source_audit(index: DatasetIndex, samples: Sequence[Sample], preds: np.ndarray) -> dict | None:
     """Per-source accuracy plus the source-only baseline; None when the data names no sources."""
     if not any(s.source for s in samples):
@@ -136,11 +123,10 @@ def source_audit(index: DatasetIndex, samples: Sequence[Sample], preds: np.ndarr
 
 
 def cohort_audit(index: DatasetIndex, samples: Sequence[Sample], preds: np.ndarray) -> dict | None:
-    cohorts = read_cohorts(index)
-    if cohorts is None:
+    """Accuracy per cohort where the data's CSV has a 'cohort' column (cxr4 does); None otherwise."""
+    if not any(s.cohort for s in samples):
         return None
-    groups = [cohorts.get(str(Path(s.path).resolve())) or None for s in samples]
-    return {"per_cohort": group_table(samples, preds, groups, index.class_names)}
+    return {"per_cohort": group_table(samples, preds, [s.cohort for s in samples], index.class_names)}
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], dest: Path) -> dict:
