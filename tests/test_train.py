@@ -126,6 +126,24 @@ def test_the_run_s_report_plots_every_epoch_not_only_best_pt_s(small_data, tmp_p
     assert epochs == plotted == [1, 2, 3]
 
 
+def test_a_run_resumes_on_its_data_moved_to_another_folder(small_data, tmp_path):
+    """--resume --data NEW was ignored without a word, so a run whose data folder moved could not go on (the
+    error named the old path). The same data under a new path resumes; other data is refused."""
+    import shutil
+
+    old = shutil.copytree(small_data, tmp_path / "old")
+    kw = dict(TINY, evaluate=False)
+    train_model(old, tmp_path / "run", stop_after=1, **kw)
+    new = old.rename(tmp_path / "new")
+    train_model(new, tmp_path / "run", resume=True, **kw)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["status"] == "finished" and config["train_config"]["data"] == str(new)
+    other = make_synthetic_dataset(tmp_path / "other", per_class=7, size=32, seed=9)  # other files
+    train_model(new, tmp_path / "run2", stop_after=1, **kw)
+    with pytest.raises(TrainError, match="changed since this run started"):
+        train_model(other, tmp_path / "run2", resume=True, **kw)
+
+
 def test_sampler_balance_and_sgd_cosine_layer4(small_data, tmp_path):
     best = train_model(small_data, tmp_path / "r", **dict(TINY, epochs=1), balance="sampler",
                        optimizer="sgd", schedule="cosine", freeze="layer4", evaluate=False)

@@ -138,7 +138,11 @@ def _resolve_config(cfg: dict[str, Any], out_dir: Path, state: dict[str, Any] | 
         if changed:
             log.warning("--resume uses the run's stored settings; ignoring %s (stored: %s)", changed,
                         {k: stored[k] for k in changed})
-        return {**LEGACY_DEFAULTS, **stored}
+        moved = cfg["data"] is not None and stored.get("data") and Path(cfg["data"]) != Path(stored["data"])
+        if moved:  # the folder moved or was copied: the same data wherever it is (the split fingerprint decides)
+            log.info("--resume: reading the data from %s, not %s where the run started; it must be the same data",
+                     cfg["data"], stored["data"])
+        return {**LEGACY_DEFAULTS, **stored, **({"data": str(Path(cfg["data"]).resolve())} if moved else {})}
     if last.exists():
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or "
                          f"choose another --out")
