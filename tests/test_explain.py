@@ -130,6 +130,9 @@ def test_bad_checkpoint_is_reported(tmp_path, data64, capsys):
 
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data64), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data64), "--int8", "--calib-size", "0",
+                 "--out", str(tmp_path / "x")]) == 2  # named first, not after the float work as a data problem
+    assert "--calib-size must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_write_explanations_without_sources(tiny_checkpoint, synthetic_data, tmp_path):

@@ -182,6 +182,7 @@ def test_resume_from_a_folder_without_run_state_fails_naming_the_file(tmp_path, 
     (["--val-frac", "2"], "--val-frac 2.0"),
     (["--workers", "-1"], "--workers must be 0"),
     (["--stop-after", "0"], "--stop-after must be at least 1 epoch"),  # trained nothing, then said to resume
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),  # after the image check, with a train.log
 ])
 def test_a_bad_setting_is_refused_before_the_run_folder_exists(tmp_path, capsys, flags, said):
     run = tmp_path / "run"

@@ -67,6 +67,8 @@ def train_model(data: str | Path | None, out_dir: str | Path, *, epochs: int = 1
         if weights == "imagenet":
             fetch_imagenet_weights()  # offline, the error comes now, not after the images are checked
     ctx = D.init(device, timeout_s=dist_timeout)
+    if not resume:
+        recipe.amp_dtype(cfg.get("amp") or "auto", ctx.device)  # --amp fp16 on a CPU: refused before train.log
     handler = _log_to_file(out_dir) if ctx.is_main else None
     failed = True
     try:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the report; a ToolkitError (bad checkpoint, data, engine) prints `error: ...` and exits 2."""
     a = build_parser().parse_args(argv)
+    if a.int8 and a.calib_size < 1:  # before the float work, with the flag's own name
+        raise DataError(f"--calib-size must be at least 1, got {a.calib_size}")
     check_writable_dir(a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     int8 = StaticInt8Comparison(a.data, a.engine, a.calib_size, a.seed) if a.int8 else None
