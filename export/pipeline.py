@@ -51,8 +51,9 @@ def export_format(name: str, ckpt: Checkpoint, out_dir: Path, *, eval_samples: l
         return list(function(ckpt, out_dir, eval_samples=eval_samples, calib_samples=calib_samples, **options))
     except Exception as err:  # one format's failure must not stop the others
         log.exception("%s export failed", name)
-        changed = [n for n in fmt.entries if read_manifest(out_dir)["artifacts"].get(n) != before.get(n)]
-        return _failed_rows(fmt, ckpt, out_dir, before, f"{type(err).__name__}: {err}", changed or fmt.entries)
+        # every file of the format: those it wrote keep their rows, the rest fail (an earlier export's row of a
+        # file this attempt never reached must not stay 'verified' beside a float file it was not made from)
+        return _failed_rows(fmt, ckpt, out_dir, before, f"{type(err).__name__}: {err}", fmt.entries)
 
 
 def format_options(names: Sequence[str], int8: str = "static", **shared: Any) -> dict[str, dict[str, Any]]:

@@ -173,6 +173,29 @@ def test_every_registered_format_becomes_rows(tmp_path, ckpt, monkeypatch):
     assert all(rows[n].status == "verified" for n in set(variants()) - failed)
 
 
+def test_a_format_that_fails_after_its_first_file_fails_the_files_it_never_reached(tmp_path, ckpt, monkeypatch):
+    """Re-exported into a folder holding an earlier export, a format that raised after its first file recorded
+    only that one: the earlier int8 rows stayed 'verified' beside a float file they were not made from, and the
+    command exited 0."""
+    entries = FORMATS["onnx"].entries
+    earlier = _fake_exporter(entries, fail=False)
+    earlier(ckpt, tmp_path)
+
+    def first_then_crash(ckpt, out_dir, **_):
+        (Path(out_dir) / "new.bin").write_bytes(b"this run's float file")
+        record(out_dir, ArtifactEntry(name=entries[0], format="fake", precision="fp32", runtime="torch-eager",
+                                      path="new.bin", status="verified", sha256=sha256_file(Path(out_dir) / "new.bin"),
+                                      size_bytes=21))
+        raise MemoryError("Unable to allocate 172. MiB")
+
+    monkeypatch.setattr(pipeline.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(export_onnx=first_then_crash))
+    rows = {r.name: r for r in pipeline.export_format("onnx", ckpt, tmp_path)}
+    assert rows[entries[0]].status == "verified" and set(rows) == set(entries)
+    assert all(rows[n].status == "failed" and "MemoryError" in rows[n].error for n in entries[1:])
+    assert all(read_manifest(tmp_path)["artifacts"][n]["status"] == "failed" for n in entries[1:])
+
+
 def test_format_options_follow_the_registry():
     opts = pipeline.format_options(["onnx", "lite", "coreml"], "dynamic", x86_isa="avx2")
     assert opts == {"onnx": {"int8": ("dynamic",), "x86_isa": "avx2"},
