@@ -12,7 +12,7 @@ from export.cli import add_common_args, add_x86_isa_arg, run_cli
 from export.manifest import read_manifest
 from export.parallel import resolve_jobs
 from export.pipeline import export_all, format_options, timing_table
-from export.registry import FORMATS, INT8_CHOICES, get_format
+from export.registry import FORMATS, INT8_CHOICES, RegistryError, get_format
 from train.errors import cli_errors
 
 
@@ -42,9 +42,11 @@ def _jobs(value: str) -> str | int:
 
 def _formats(value: str) -> list[str]:
     names = list(FORMATS) if value.strip() == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    if not names:  # nothing to do would still rewrite artifacts.json's source block and exit 0
+        raise RegistryError(f"--formats {value!r} names no format; choose from all, {', '.join(FORMATS)}")
     for name in names:
         get_format(name)  # names the flag and lists the registered formats
-    return names
+    return list(dict.fromkeys(names))  # a format named twice is exported once, not by two workers at once
 
 
 def _options(args: argparse.Namespace) -> dict:

@@ -207,6 +207,11 @@ def test_format_options_follow_the_registry():
 def test_cli_rejects_unknown_format(capsys):
     assert export_main(["--checkpoint", "x.pt", "--formats", "onnx,tflite"]) == 2
     assert "tflite" in capsys.readouterr().err
+    assert export_main(["--checkpoint", "x.pt", "--formats", ","]) == 2  # exported nothing and exited 0
+    assert "--formats ',' names no format" in capsys.readouterr().err
+    from export.__main__ import _formats
+
+    assert _formats("torchscript, onnx,torchscript") == ["torchscript", "onnx"]  # not two workers on one file
 
 
 def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
