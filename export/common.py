@@ -25,7 +25,7 @@ from export.registry import BASE_TOOLS, format_of, tools, variant
 from quantize.targets import MIN_TOP1_AGREEMENT
 from train.atomic import atomic_path, require_free_space, sha256_file, size_bytes
 from train.checkpoint import Checkpoint
-from train.data import Sample, images_origin, load_batch
+from train.data import Sample, file_digest, images_origin, load_batch
 from train.errors import ToolkitError
 from train.metrics import compare_logits
 
@@ -115,10 +115,13 @@ def require_calibration(calib_samples: Sequence[Sample] | None, what: str, alter
 
 
 def calib_inputs_note(samples: Sequence[Sample] | None) -> str:
-    """How the calibration set is described in manifests and reports."""
+    """How the calibration set is described in manifests and reports, with a short digest of its files' bytes:
+    two int8 files calibrated alike say so, and a file is reused only for the same images (export.ort_mobile)."""
     require_calibration(samples, "static int8", "export without static int8")
     origin = images_origin(samples)
-    return f"{len(samples)} {'images' if origin == 'real' else 'SYNTHETIC images'} from the train split"
+    digest = hashlib.sha256("".join(f"{file_digest(s.path)}{s.label}\n" for s in samples).encode()).hexdigest()
+    return (f"{len(samples)} {'images' if origin == 'real' else 'SYNTHETIC images'} from the train split "
+            f"(set {digest[:12]})")
 
 
 def calib_inputs(ckpt: Checkpoint, samples: Sequence[Sample] | None) -> tuple[np.ndarray, str]:

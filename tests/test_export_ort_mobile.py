@@ -99,7 +99,8 @@ def test_ort_profile_names_a_missing_file(exported, tmp_path, capsys):
     assert "model.ort is missing; export it again" in capsys.readouterr().err
 
 
-def test_reuses_this_exports_onnx_files_when_they_are_the_same_recipe(tmp_path, ckpt, export_samples):
+def test_reuses_this_exports_onnx_files_when_they_are_the_same_recipe(tmp_path, ckpt, export_samples,
+                                                                        synthetic_data):
     """After `python -m export`'s onnx format, the mobile int8 is model_int8_static.onnx with its batch fixed:
     the same integers, no second calibration. A fresh folder quantizes on its own."""
     from export.onnx import export_onnx
@@ -112,6 +113,16 @@ def test_reuses_this_exports_onnx_files_when_they_are_the_same_recipe(tmp_path, 
     x = load_batch(export_samples[0], ckpt.spec)
     same = get_runner("onnxruntime").load(tmp_path / "model_int8_static.onnx").run(x)
     assert np.array_equal(get_runner("onnxruntime").load(tmp_path / "model_int8_mobile.onnx").run(x), same)
+    # as many calibration images, other ones (another --data): calibrated here, not reused as 'the same images'
+    from train.data import labelled_splits
+
+    calibrated = {s.path for s in export_samples[1]}
+    others = [s for s in labelled_splits(synthetic_data, ckpt.spec.class_names).split("train")
+              if s.path not in calibrated][:len(calibrated)]
+    assert len(others) == len(calibrated)
+    rows = {r.name: r for r in om.export_ort(ckpt, tmp_path, eval_samples=export_samples[0], calib_samples=others,
+                                             variants=("int8",))}
+    assert "reused" not in rows["ort_int8"].details["quantization"], rows["ort_int8"].details["quantization"]
 
 
 def test_a_fresh_folder_quantizes_itself(exported):
