@@ -76,6 +76,11 @@ def test_static_int8_file_carries_the_rewrite_unless_the_stem_stays_float(prepro
     kept = static_int8_onnx(preprocessed_onnx, tmp_path / "k.onnx", x, nodes_to_exclude=[info["stem"]["rewritten"]])
     assert kept["stem"] is None and "SpaceToDepth" not in [n.op_type for n in onnx.load(str(tmp_path / "k.onnx")).graph.node]
     assert kept["float_weighted_ops"]  # the stem convolution, left in float as asked
+    from quantize.onnx_rt import weighted_nodes
+
+    middle = weighted_nodes(preprocessed_onnx)[5:7]  # their input comes dequantized from an int8 Add or conv
+    fallback = static_int8_onnx(preprocessed_onnx, tmp_path / "m.onnx", x, nodes_to_exclude=middle)
+    assert fallback["float_weighted_ops"] == {"Conv": 2} and fallback["qdq_weight_ops"]["Conv"] == 18  # said 20, 0
 
 
 def test_undo_gives_the_phone_graph_the_same_integers(preprocessed_onnx, tmp_path):
