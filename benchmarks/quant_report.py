@@ -208,12 +208,13 @@ def _add_latency(results: dict[str, dict], variants: list, images: np.ndarray, r
     return latency
 
 
-def _split_index(data: str | Path, class_names: Sequence[str], seed: int) -> tuple[Any, str]:
+def _split_index(data: str | Path, class_names: Sequence[str]) -> tuple[Any, str]:
     """The data's images and where their split comes from: the data's own folders, else the stratified seeded
-    split training makes for such data (so the report scores the images training held out)."""
-    index = labelled_splits(data, class_names, seed=seed)
+    split every stage makes for such data (seed 0, as training does by default). --seed draws the calibration
+    images only: a split made with it put training images among the scored ones."""
+    index = labelled_splits(data, class_names)
     if index.split_generated:
-        return index, f"generated: stratified seeded split (seed {seed}), as training does for such data"
+        return index, "generated: stratified seeded split (seed 0), as training does for such data"
     return index, "given by the data"
 
 
@@ -241,7 +242,7 @@ def run_quantization_report(checkpoint: str | Path, data: str | Path, *, split: 
 
     _check_args(calib_method, engines, reduce_range, latency_runs)
     ckpt = load_checkpoint(checkpoint)
-    index, split_note = _split_index(training_split(ckpt, data), ckpt.spec.class_names, seed)
+    index, split_note = _split_index(training_split(ckpt, data), ckpt.spec.class_names)
     torch.set_num_threads(threads)
     eval_samples, images, labels, split_total = _eval_images(index, split, max_images, seed, ckpt.spec, progress)
     calib_samples, calib = load_calibration(index, calib_size, ckpt.spec, seed=seed, progress=progress)

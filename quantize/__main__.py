@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated layer names to rank (default: every conv/linear layer, e.g. conv1,fc)")
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per variant (default 30)")
     p.add_argument("--threads", type=int, default=2, help="torch/ORT threads for evaluation (timing uses 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0); a split the data "
+                   "lacks is made with seed 0, as every stage makes it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 

@@ -122,6 +122,16 @@ def test_cam_comparison_is_appended(report):
     assert all((out / png).is_file() for png in rep["cam"]["pngs"]) and (out / rep["cam"]["grid"]).is_file()
 
 
+def test_the_report_scores_the_split_every_stage_makes_whatever_the_calibration_seed(synthetic_data):
+    """--seed (calibration sampling) also made the val/test split of data without one: with --seed 1 the scored
+    'val' images were other images than the ones training and every other stage held out."""
+    from benchmarks.quant_report import _split_index
+
+    index, note = _split_index(synthetic_data, None)
+    assert note.startswith("generated: stratified seeded split (seed 0)")
+    assert {s.path for s in index.split("val")} == {s.path for s in assign_splits(discover(synthetic_data)).split("val")}
+
+
 def test_calibration_uses_only_the_train_split(report, synthetic_data):
     rep = report[0]
     index = assign_splits(discover(synthetic_data), seed=rep["calibration"]["seed"])
