@@ -21,7 +21,8 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 def _subset(d: dict[str, Any]) -> str:
     total = d.get("split_images") or d["n_images"]
-    return f" (seeded stratified subset of {total})" if d["n_images"] < total else ""
+    return (f" (a seeded subset of {total} with classes in turn, as equal as the split allows: accuracy weighs "
+            f"each class about equally, not as the whole split does)" if d["n_images"] < total else "")
 
 
 def _summary(rep: dict[str, Any]) -> list[str]:

@@ -377,3 +377,16 @@ def test_resize_parity_report_puts_the_toolkits_resize_first(tiny_checkpoint, sy
     assert {r["resizer"] for r in others} >= {"Dart image: linear", "Dart image: average", "PIL area"}
     assert max(r["max_gray_levels"] for r in others) > 0
     assert "| Dart image: linear |" in capsys.readouterr().out
+
+
+def test_a_quantization_report_subset_says_it_weighs_classes_equally():
+    """--max-images draws classes in turn (train.data.seeded_subset): 50 of each class of cxr4's 400/60/300/59 val
+    images. The report called it 'stratified', which reads as proportional to the split."""
+    from benchmarks.quant_render import _subset
+    from train.data import Sample, seeded_subset
+
+    val = [Sample(Path(f"{c}{i}.png"), c) for c, n in enumerate((400, 60, 300, 59)) for i in range(n)]
+    picked = seeded_subset(val, 200)
+    assert [sum(s.label == c for s in picked) for c in range(4)] == [50, 50, 50, 50]
+    said = _subset({"n_images": 200, "split_images": 819})
+    assert "classes in turn" in said and "stratified" not in said and _subset({"n_images": 819}) == ""

@@ -633,7 +633,8 @@ def load_batch(samples: Sequence[Sample], spec: PreprocessSpec) -> np.ndarray:
 
 
 def seeded_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
-    """A reproducible stratified-ish sample of at most n: shuffled per class, then interleaved."""
+    """A reproducible sample of at most n: shuffled per class, then one of each class in turn, so classes are
+    as equal as the samples allow (class-balanced, not proportional to the classes' shares)."""
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
