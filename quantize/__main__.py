@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ReportError(f"--x86-isa {args.x86_isa} and --reduce-range {args.reduce_range} disagree; "
                           f"pass only --x86-isa")
     x86_isa = args.x86_isa or legacy or "auto"
-    for flag, value, lo in (("--calib-size", args.calib_size, 1), ("--fallback-layers", args.fallback_layers, 0),
+    for flag, value, lo in (("--calib-size", args.calib_size, 1), ("--fallback-layers", args.fallback_layers, 1),
                             ("--max-images", args.max_images if args.max_images is not None else 1, 1),
                             ("--threads", args.threads, 1)):
         if value < lo:

@@ -220,6 +220,8 @@ def test_untraceable_model_gives_clear_error():
 def test_cli_rejects_bad_flags(tmp_path, tiny_checkpoint, synthetic_data, capsys):
     assert _cli(tiny_checkpoint, synthetic_data, tmp_path, "--calib-size", "0") == 2
     assert "--calib-size" in capsys.readouterr().err
+    assert _cli(tiny_checkpoint, synthetic_data, tmp_path, "--fallback-layers", "0") == 2  # built a 1-layer one
+    assert "--fallback-layers must be at least 1, got 0" in capsys.readouterr().err
     assert _cli(tmp_path / "nope.pt", synthetic_data, tmp_path) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
