@@ -75,13 +75,22 @@ def measure(checkpoint: Path, data: Path, images: int, size: int) -> dict[str, A
     from tqdm import tqdm
 
     from train.checkpoint import load_checkpoint, training_split
-    from train.data import images_origin, labelled_splits, seeded_subset
+    from dataclasses import replace
+
+    from train.data import DataError, check_images, images_origin, labelled_splits, seeded_subset
     from train.metrics import compare_logits
     from train.spec import to_gray8, upright
 
     ckpt = load_checkpoint(checkpoint)
     index = labelled_splits(training_split(ckpt, data), ckpt.spec.class_names)
-    samples = seeded_subset(index.split("val") or index.split("test"), images, seed=1)
+    held_out = index.split("val") or index.split("test")
+    if not held_out:
+        raise DataError(f"--data {data}: no val or test images to compare the resizers on")
+    checked = check_images(replace(index, samples=seeded_subset(held_out, images, seed=1)), skip_bad=True,
+                           progress=False)  # an unreadable image is left out with a warning naming it
+    samples = checked.samples
+    if not samples:
+        raise DataError(f"--data {data}: none of the chosen val or test images could be read")
     funcs, n = resizers(ckpt.spec.resize), ckpt.spec.input_size
     shrunk: dict[str, list[np.ndarray]] = {name: [] for name in funcs}
     for s in tqdm(samples, desc="resizing", unit="img"):

@@ -379,6 +379,25 @@ def test_resize_parity_report_puts_the_toolkits_resize_first(tiny_checkpoint, sy
     assert "| Dart image: linear |" in capsys.readouterr().out
 
 
+def test_resize_parity_leaves_out_an_unreadable_image_and_names_missing_val_images(tiny_checkpoint, synthetic_data,
+                                                                                   tmp_path, capsys):
+    """An unreadable val image ended the command with PIL's traceback, data without val or test images with
+    numpy's 'need at least one array to stack'."""
+    from benchmarks.resize_parity import main
+    from train.data import labelled_splits
+
+    data = shutil.copytree(synthetic_data, tmp_path / "data")
+    val = labelled_splits(data).split("val")
+    val[0].path.write_bytes(b"not an image")
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--images", "100", "--size", "64",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "resize_parity.json").read_text())["images"] == len(val) - 1
+    only_train = tmp_path / "only_train"
+    shutil.copytree(synthetic_data, only_train / "train")
+    assert main(["--checkpoint", str(tiny_checkpoint), "--data", str(only_train), "--out", str(tmp_path / "t")]) == 2
+    assert "no val or test images to compare the resizers on" in capsys.readouterr().err
+
+
 def test_a_quantization_report_subset_says_it_weighs_classes_equally():
     """--max-images draws classes in turn (train.data.seeded_subset): 50 of each class of cxr4's 400/60/300/59 val
     images. The report called it 'stratified', which reads as proportional to the split."""
