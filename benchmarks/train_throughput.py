@@ -123,6 +123,10 @@ def plain_side(idx, cfg: dict):
 
 def run(data: str, *, batches: int = 40, warmup: int = 3, batch_size: int = 32, workers: int = 2,
         input_size: int = 224, rounds: int = 2, threads: int | None = None) -> dict:
+    for flag, value, least in (("--batches", batches, 1), ("--rounds", rounds, 1), ("--batch-size", batch_size, 1),
+                               ("--warmup", warmup, 0), ("--workers", workers, 0)):
+        if value < least:  # a ZeroDivisionError or torch's ValueError otherwise, after the data is read
+            raise ThroughputError(f"{flag} must be at least {least}, got {value}")
     if threads:
         torch.set_num_threads(threads)
     sides = {"plain_torchvision": plain_side, "toolkit": toolkit_side}

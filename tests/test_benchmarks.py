@@ -350,6 +350,9 @@ def test_train_throughput_times_both_sides_on_the_same_train_split(synthetic_dat
     assert tt.main(args + ["--batches", "40", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: the train split has" in err and "--batches" in err and "Traceback" not in err
+    for flag in ("--rounds", "--batch-size"):  # ZeroDivisionError and torch's ValueError before
+        assert tt.main(["--data", str(synthetic_data), flag, "0"]) == 2
+        assert f"error: {flag} must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_dart_resize_twins_do_what_copy_resize_does():
