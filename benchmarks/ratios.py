@@ -20,9 +20,9 @@ from train.errors import cli_errors
 DEFAULT_OUT = Path("reports/ratios")
 
 
-def load_runners(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every measurable row's file loaded in its own runtime at 1 thread, by row name; and why each other row is
-    not timed (failed in the export, altered since, no runner here, or it does not load)."""
+def load_runners(rows: list[dict[str, Any]], x: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every measurable row's file loaded in its own runtime at 1 thread and run once on `x`, by row name; and why
+    each other row is not timed (failed in the export, altered since, no runner here, does not load or run)."""
     from tqdm import tqdm
 
     from export.runners import get_runner
@@ -33,10 +33,16 @@ def load_runners(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, 
             skipped[r["name"]] = r.get("reason") or r.get("note") or "not runnable here"
             continue
         try:
-            runners[r["name"]] = get_runner(r["job"]["runtime"], threads=1, engine=r["job"]["engine"]).load(
-                r["job"]["path"])
+            runner = get_runner(r["job"]["runtime"], threads=1, engine=r["job"]["engine"]).load(r["job"]["path"])
         except Exception as err:  # a file that does not load is reported, and the others are still timed
             skipped[r["name"]] = f"does not load: {type(err).__name__}: {str(err).strip()[:200]}"
+            continue
+        try:
+            runner.run(x)
+        except Exception as err:  # e.g. another checkpoint's file of another input size in the same folder
+            skipped[r["name"]] = f"does not run on this input: {type(err).__name__}: {str(err).strip()[:200]}"
+            continue
+        runners[r["name"]] = runner
     return runners, skipped
 
 
@@ -54,14 +60,15 @@ def measure(artifacts: Path, checkpoint: Path, rounds: int, warmup: int) -> dict
     rows = plan_rows(artifacts, checkpoint, ckpt, None)
     x, described = first_input(artifacts, ckpt.spec.to_dict())  # one float32 image, (1, 3, H, W)
     machine = machine_info()  # before any timing: it records the load average at the start
-    runners, skipped = load_runners(rows)
+    runners, skipped = load_runners(rows, x)
     if not runners:
         raise BenchmarkError(f"--artifacts {artifacts}: no file could be timed ({skipped})")
     print(f"timing {len(runners)} files, {rounds} rounds, each file once per round", flush=True)
     latency = time_interleaved({name: (lambda r=runner: r.run(x)) for name, runner in runners.items()},
                                runs=rounds, warmup=warmup)
     measured = [{**{k: r[k] for k in ("name", "precision", "runtime", "engine", "status")}, "measured": True,
-                 "latency_1t": latency[r["name"]]} for r in rows if r["name"] in latency]
+                 "latency_1t": latency[r["name"]], **({"note": r["note"]} if r.get("note") else {})}
+                for r in rows if r["name"] in latency]
     machine["gemm_ceiling"] = gemm_ceiling()
     return {"artifacts_dir": str(artifacts), "checkpoint": str(checkpoint), "input": described, "rounds": rounds,
             "warmup": warmup, "machine": machine, "rows": measured, "not_timed": skipped,
@@ -81,7 +88,8 @@ def markdown(result: dict[str, Any]) -> str:
         lat = r["latency_1t"]
         lines.append(f"| {r['name']} | {r['runtime']} ({r.get('engine') or 'default'}) | {lat['p50_ms']:.2f} | "
                      f"{lat['min_ms']:.2f} | {lat['p90_ms']:.2f} |")
-    lines += [""] + [f"Not timed: `{name}`: {why}" for name, why in result.get("not_timed", {}).items()]
+    lines += [""] + [f"Note: `{r['name']}`: {r['note']}" for r in result["rows"] if r.get("note")]
+    lines += [f"Not timed: `{name}`: {why}" for name, why in result.get("not_timed", {}).items()]
     return "\n".join(lines + ratio_table(result) + [""])
 
 

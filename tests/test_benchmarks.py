@@ -320,13 +320,19 @@ def test_ratios_report_files_it_cannot_time_and_time_the_rest(artifacts, tiny_ch
     (broken / "model.torchscript.pt").write_bytes(b"not a TorchScript archive")
     record(broken, _entry(broken, "torchscript_fp32", "torchscript", "torchscript", broken / "model.torchscript.pt",
                           load_checkpoint(tiny_checkpoint).sha256))  # recorded as it is: it fails only on load
+    from dataclasses import replace  # another checkpoint's 64 px file exported into the same folder: a traceback
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    write_onnx(ckpt.build_deploy_model(), replace(ckpt.spec, input_size=64), broken / "model.onnx")
+    record(broken, _entry(broken, "onnx_fp32", "onnx", "onnxruntime", broken / "model.onnx", "another checkpoint"))
     out = tmp_path / "ratios"
     assert ratios_main(["--artifacts", str(broken), "--checkpoint", str(tiny_checkpoint), "--rounds", "2",
                         "--warmup", "0", "--out", str(out)]) == 0
     data = json.loads((out / "ratios.json").read_text())
-    assert {r["name"] for r in data["rows"]} == {BASELINE, "onnx_fp32"}
-    assert set(data["not_timed"]) == {"ptl_fp32", "torchscript_fp32"}
+    assert {r["name"] for r in data["rows"]} == {BASELINE}
+    assert set(data["not_timed"]) == {"ptl_fp32", "torchscript_fp32", "onnx_fp32"}
     assert data["not_timed"]["torchscript_fp32"].startswith("does not load")
+    assert data["not_timed"]["onnx_fp32"].startswith("does not run on this input")
     assert "Not timed: `ptl_fp32`" in (out / "ratios.md").read_text()
 
 
