@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from export.common import ExportError, require_calibration
-from export.manifest import ArtifactEntry, record_source
+from export.manifest import ArtifactEntry, entries, record_source
 from export.pipeline import source_record
 from quantize.torch_ao import X86_ISA_CHOICES
 from train.atomic import check_writable_dir
@@ -172,5 +172,16 @@ def run_cli(parser: argparse.ArgumentParser, export: Callable[..., list[Artifact
     record_source(args.out, source_record(ckpt, data, eval_samples))
     rows = export(ckpt, args.out, eval_samples=eval_samples, calib_samples=calib_samples, **opts)
     print_entries(rows)
+    _warn_other_checkpoints(Path(args.out), ckpt, {e.name for e in rows})
     return 1 if any(e.status == "failed" for e in rows) else 0
+
+
+def _warn_other_checkpoints(out: Path, ckpt: Checkpoint, exported: set[str]) -> None:
+    """A subset of formats exported into a folder holding another checkpoint's export: its other rows stay, while
+    the folder's source block (spec, verification images) now describes this checkpoint."""
+    other = [e.name for e in entries(out) if e.name not in exported and e.source_checkpoint_sha256 != ckpt.sha256]
+    if other:
+        log.warning("%s/artifacts.json also lists %d file(s) exported from another checkpoint (%s); the benchmark "
+                    "notes them and the bundle skips them. Export every format again, or use another --out",
+                    out, len(other), ", ".join(other))
 

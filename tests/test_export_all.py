@@ -224,6 +224,23 @@ def test_cli_exports_selected_format(tmp_path, tiny_checkpoint, capsys):
     assert source["checkpoint_sha256"] and source["eval_images"] == [] and source["data"] is None
 
 
+def test_a_subset_exported_over_another_checkpoint_s_export_says_what_stays(tmp_path, tiny_checkpoint, caplog):
+    """The folder's source block now describes the new checkpoint while the other format's rows stay: said."""
+    import logging
+
+    from train.checkpoint import load_checkpoint, make_checkpoint_dict, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    other = tmp_path / "other.pt"
+    save_checkpoint(make_checkpoint_dict({k: v + 0.01 if v.is_floating_point() else v
+                                          for k, v in ckpt.state_dict.items()}, ckpt.spec), other)
+    assert export_main(["--checkpoint", str(other), "--out", str(tmp_path / "a"), "--formats", "torchscript"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "a"), "--formats",
+                            "onnx", "--int8", "none"]) == 0
+    assert "also lists 1 file(s) exported from another checkpoint (torchscript_fp32)" in caplog.text
+
+
 @pytest.mark.slow
 def test_the_parallel_export_records_its_run_and_keeps_reuse(exported):
     """Two jobs: every format timed, the run recorded, and ORT Mobile (registered to start after onnx) still
