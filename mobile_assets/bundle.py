@@ -309,8 +309,8 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     check_target(bundle_dir, force, artifacts_dir)
     source = read_source(artifacts_dir)
     models = pick_models(artifacts_dir, source.get("checkpoint_sha256"), include, allow_unverified, runtime)
-    room = sum(size_bytes(artifacts_dir / e.path) for e in models) + (8 << 20)  # models, vectors, manifest
-    require_free_space(bundle_dir, room, f"the bundle {bundle_dir}")
+    sizes = runtime_sizes(models, artifacts_dir)
+    require_free_space(bundle_dir, sum(sizes.values()) + (8 << 20), f"the bundle {bundle_dir}")  # + vectors, manifest
     spec = PreprocessSpec.from_dict(source["spec"])
     vector_images, metric_images, eval_info = bundle_images(artifacts_dir, source, data, metrics_size)
     stage = _stage(bundle_dir)
@@ -332,7 +332,7 @@ def write_bundle(artifacts_dir: str | Path, bundle_dir: str | Path, *, data: Pat
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote the Flutter bundle to %s (%d models)", bundle_dir, len(models))
-    advice = size_advice(runtime_sizes(models, artifacts_dir))
+    advice = size_advice(sizes)
     if advice:
         log.warning("%s", advice)
     return bundle_dir

@@ -116,6 +116,27 @@ def test_a_diverging_run_stops_with_an_error_and_says_failed(small_data, tmp_pat
     assert json.loads((run / "config.json").read_text())["status"] == "failed"
 
 
+def test_a_run_stopped_by_ctrl_c_says_interrupted_and_resumes(small_data, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which the CLI turns into KeyboardInterrupt) in epoch 2 left 'training' in config.json."""
+    import train.loop as loop
+
+    real, calls = loop._train_epoch, []
+
+    def stopped_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "_train_epoch", stopped_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(small_data, tmp_path / "run", **{**TINY, "evaluate": False})
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(loop, "_train_epoch", real)
+    train_model(small_data, tmp_path / "run", resume=True, **{**TINY, "evaluate": False})
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "finished"
+
+
 def test_the_run_s_report_plots_every_epoch_not_only_best_pt_s(small_data, tmp_path):
     """The report evaluates best.pt, whose history ends at its own epoch: the curves stopped there, hiding the
     epochs after it (where overfitting shows)."""

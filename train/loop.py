@@ -249,9 +249,10 @@ def _run(cfg: dict[str, Any], out_dir: Path, ctx: D.DistContext, *, workers: int
             if ctx.is_main:
                 _save(run, model, history, best, opt, sched, scaler, improved=best["epoch"] == epoch + 1)
             D.barrier(ctx)
-    except Exception:  # config.json must not say "training" for a run that stopped
-        if ctx.is_main:
-            _write_run_files(run, idx, False, status="failed", history=history, best=best)
+    except BaseException as err:  # config.json must not say "training" for a run that stopped
+        if ctx.is_main:  # Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt): --resume goes on
+            _write_run_files(run, idx, False, status="interrupted" if isinstance(err, KeyboardInterrupt) else
+                             "failed", history=history, best=best)
         raise
     ddp_check = D.check_replicas(model, spec.input_size, ctx)
     best_path = out_dir / "best.pt"
