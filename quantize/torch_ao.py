@@ -194,7 +194,8 @@ def resolve_x86_isa(choice: str = "auto", runtime: str = "torch") -> str:
 
 
 def weight_reduce_range(engine: str, choice: str = "auto") -> bool:
-    """Whether weights are quantized to 7 bits (-64..63) instead of 8, for x86 CPUs without VNNI.
+    """Whether weights are quantized to 7 bits (scaled to -64..63; rounding reaches +64 at most) instead of 8,
+    for x86 CPUs without VNNI.
 
     FBGEMM's and oneDNN's x86 kernels without VNNI sum pairs of u8 x s8 products in int16, which can
     saturate; with 7-bit weights it cannot (2 x 255 x 64 < 32768), on any x86-64 CPU. This is ONNX Runtime's
