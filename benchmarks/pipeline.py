@@ -159,8 +159,9 @@ def prepare_out(out: Path, force: bool) -> None:
         raise PipelineError(f"--out {out} is a file; choose a folder")
     present = [n for n in OWNED if (out / n).exists()]
     if present and not ((out / MARKER).exists() or (out / "pipeline.json").exists()):
-        raise PipelineError(f"--out {out} holds {', '.join(present)}, which no pipeline run wrote there (it has no "
-                            f"pipeline.json); the pipeline would replace them: choose another --out")
+        raise PipelineError(f"--out {out} holds {', '.join(present)}, not known to be a pipeline run's (no "
+                            f"pipeline.json or {MARKER}); the pipeline would replace them: choose another --out, or "
+                            f"remove them yourself where an earlier, interrupted pipeline wrote them")
     if present and not force:
         raise PipelineError(f"--out {out} already holds a pipeline run ({', '.join(present)}); pass --force to "
                             f"replace it or choose another --out")

@@ -80,7 +80,7 @@ def test_existing_run_needs_force(tmp_path, monkeypatch, capsys):
     (out / "keep.txt").write_text("user file")
     for force in ([], ["--force"]):
         assert main(["--out", str(out), "--quiet", *force]) == 2
-        assert "holds data, artifacts, which no pipeline run wrote there" in capsys.readouterr().err
+        assert "holds data, artifacts, not known to be a pipeline run's" in capsys.readouterr().err
     assert (out / "data" / "COVID" / "x.png").exists()  # --force deleted it
     shutil.rmtree(out / "data")
     (out / "pipeline.json").write_text("{}")  # an earlier run's
