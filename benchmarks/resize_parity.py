@@ -74,9 +74,9 @@ def measure(checkpoint: Path, data: Path, images: int, size: int) -> dict[str, A
     from PIL import Image
     from tqdm import tqdm
 
-    from train.checkpoint import load_checkpoint, training_split
     from dataclasses import replace
 
+    from train.checkpoint import load_checkpoint, training_split
     from train.data import DataError, check_images, images_origin, labelled_splits, seeded_subset
     from train.metrics import compare_logits
     from train.spec import to_gray8, upright

@@ -34,6 +34,7 @@ from export.common import reference_logits, write_proven
 from export.manifest import ArtifactEntry, record
 from export.metadata import METADATA_FILE, embedded_metadata, from_json
 from export.registry import variant
+from export.serve import DEFAULT_PORTS, LISTENING, port_flag
 from train.atomic import write_json, write_text
 from train import spec as spec_module
 from train.checkpoint import Checkpoint
@@ -292,8 +293,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None and value < least:
             raise ExportError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
-    ports = {"inference": args.inference_port, "management": args.management_port, "metrics": args.metrics_port,
-             "grpc_inference": args.grpc_inference_port, "grpc_management": args.grpc_management_port}
+    ports = {name: getattr(args, f"{name}_port") for name in LISTENING}
     return {"batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay, "workers": args.workers,
             "threads": args.threads, "serve_config": args.serve_config, "ports": ports,
             "enable_model_api": args.enable_model_api}
@@ -313,12 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default 1: more threads than free cores is many times "
                         "slower, and batching already keeps the core busy)")
-    p.add_argument("--inference-port", type=int, default=8080, help="127.0.0.1 port of the inference API")
-    p.add_argument("--management-port", type=int, default=8081, help="127.0.0.1 port of the management API")
-    p.add_argument("--metrics-port", type=int, default=8082, help="127.0.0.1 port of the metrics API")
-    p.add_argument("--grpc-inference-port", type=int, default=7070, help="127.0.0.1 port of the gRPC inference API")
-    p.add_argument("--grpc-management-port", type=int, default=7071,
-                   help="127.0.0.1 port of the gRPC management API")
+    for name in LISTENING:  # --inference-port ... --grpc-management-port
+        p.add_argument(port_flag(name), type=int, default=DEFAULT_PORTS[name],
+                       help=f"127.0.0.1 port of the {name.replace('grpc_', 'gRPC ')} API "
+                            f"(default {DEFAULT_PORTS[name]})")
     p.add_argument("--enable-model-api", action="store_true",
                    help="allow registering/deleting models over the management API (off by default)")
     return run_cli(p, export_mar, argv, _options)

@@ -31,7 +31,16 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # every address this module binds or calls
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc_inference": 7070, "grpc_management": 7071, "worker": 9000}
+# The TCP ports TorchServe listens on (workers use Unix sockets), by name in DEFAULT_PORTS: the config setting
+# that holds each, and `python -m export.mar`'s flag that chooses it (port_flag).
+LISTENING = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address",
+             "grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 KEY_FILE = "key_file.json"
+
+
+def port_flag(name: str) -> str:
+    """export.mar's flag for a port of LISTENING: --inference-port, --grpc-inference-port, ..."""
+    return f"--{name.replace('_', '-')}-port"
 
 
 class ServeError(ToolkitError, RuntimeError):
@@ -107,17 +116,10 @@ def request(port: int, method: str, path: str, body: bytes | None = None, token:
         conn.close()
 
 
-PORT_FLAGS = {"inference_address": "--inference-port", "management_address": "--management-port",
-              "metrics_address": "--metrics-port", "grpc_inference_port": "--grpc-inference-port",
-              "grpc_management_port": "--grpc-management-port"}  # python -m export.mar's flag for each port
-
-
 def configured_ports(config: dict[str, str]) -> dict[str, int]:
-    """The TCP ports a config makes TorchServe listen on, by config key (workers use Unix sockets)."""
-    ports = {key: _port(config[key]) for key in ("inference_address", "management_address", "metrics_address")
-             if key in config}
-    ports.update({key: int(config[key]) for key in ("grpc_inference_port", "grpc_management_port") if key in config})
-    return ports
+    """The TCP ports a config makes TorchServe listen on, by config key (LISTENING)."""
+    return {key: _port(config[key]) if key.endswith("_address") else int(config[key])
+            for key in LISTENING.values() if key in config}
 
 
 def ports_in_use(ports: dict[str, int]) -> dict[str, int]:
@@ -185,7 +187,7 @@ class TorchServe:
         busy = ports_in_use(configured_ports(self.config))
         if busy:
             taken = ", ".join(f"{HOST}:{port} ({key})" for key, port in busy.items())
-            flags = " ".join(f"{PORT_FLAGS[key]} N" for key in busy)
+            flags = " ".join(f"{port_flag(name)} N" for name, key in LISTENING.items() if key in busy)
             raise ServeError(f"{taken} in {self.config_path} already in use by another process (another "
                              f"TorchServe?): stop it, or write a config with other ports (python -m export.mar "
                              f"... {flags}) or edit the file")

@@ -53,6 +53,7 @@ def graph_summary(path: str | Path) -> dict[str, Any]:
     integer = Counter(n.op_type for n in graph.node if n.op_type in INTEGER_OPS)
     qdq_weight = Counter(n.op_type for n in graph.node if n.op_type not in QDQ_OPS
                          and any(i in dq_from_init for i in n.input))
+
     def int8_weight(n) -> bool:  # a dequantized activation alone (from an int8 Add before it) is not int8
         return len(n.input) > 1 and n.input[1] in dq_from_init
 
